@@ -1,0 +1,457 @@
+"""Tests: parity with Hugging Face transformers on every T5 family, and everything else t5.py and
+convert_hf.py promise. Runs on CPU, and on CUDA as well when it is available.
+
+Reference checkpoints are tiny random models built from transformers' configs, saved the way the
+hub ships them, converted with the real command-line path, and compared in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import convert_hf
+import t5
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HERE = Path(__file__).parent
+
+# Tiny configs with odd sizes (a d_ff of 37 catches shape bugs). `untied` families get their own
+# lm_head weight and "tie_word_embeddings": false, as the hub's v1.1 / Flan / mT5 / UMT5 / ByT5 do.
+FAMILIES = {
+    # v1.0 with num_heads * d_kv != d_model, as in t5-3b / t5-11b
+    "t5-v1.0": (transformers.T5Config, dict(vocab_size=101, d_model=32, d_kv=12, d_ff=37, num_layers=2,
+                                            num_heads=3, feed_forward_proj="relu"), False),
+    # v1.1 / Flan: non-default buckets, max distance and eps, so the test sees them honoured
+    "t5-v1.1": (transformers.T5Config, dict(vocab_size=103, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                            num_decoder_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+                                            relative_attention_num_buckets=10, relative_attention_max_distance=13,
+                                            layer_norm_epsilon=1e-5), True),
+    "mt5": (transformers.MT5Config, dict(vocab_size=107, d_model=24, d_kv=8, d_ff=37, num_layers=2,
+                                         num_heads=3, feed_forward_proj="gated-gelu"), True),
+    "umt5": (transformers.UMT5Config, dict(vocab_size=109, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+                                           num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=12,
+                                           relative_attention_max_distance=20), True),
+    # ByT5: byte vocabulary, encoder three times deeper than the decoder
+    "byt5": (transformers.T5Config, dict(vocab_size=384, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+                                         num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu"), True),
+}
+HF_MODELS = {transformers.T5Config: transformers.T5ForConditionalGeneration,
+             transformers.MT5Config: transformers.MT5ForConditionalGeneration,
+             transformers.UMT5Config: transformers.UMT5ForConditionalGeneration}
+ATOL = 1e-4  # float32; the two implementations sum in different orders (fused vs separate projections)
+
+
+def build_hf_checkpoint(folder: Path, family: str, seed: int = 0) -> Path:
+    """Save a seeded random Hugging Face model as the hub ships it."""
+    config_cls, kwargs, untied = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = HF_MODELS[config_cls](config_cls(**kwargs)).eval()
+    with torch.no_grad():  # norms are initialised to 1: perturb them so a misplaced norm shows
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    if untied:
+        state = load_file(folder / "model.safetensors")
+        state["lm_head.weight"] = torch.randn(kwargs["vocab_size"], kwargs["d_model"]) * kwargs["d_model"] ** -0.5
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("scale_decoder_outputs", None)
+        config["tie_word_embeddings"] = False
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+class Family:
+    """A family's Hugging Face reference (reloaded with from_pretrained) and our converted folder."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        hf_dir = build_hf_checkpoint(root / "hf", name)
+        self.ours_dir = root / "ours"
+        assert convert_hf.main([str(hf_dir), str(self.ours_dir)]) == 0
+        self.hf = HF_MODELS[FAMILIES[name][0]].from_pretrained(hf_dir).eval()
+        self.hf_dir = hf_dir
+        self.vocab = FAMILIES[name][1]["vocab_size"]
+        if FAMILIES[name][2]:  # the trap: make sure the reference really has its own lm_head
+            assert not torch.equal(self.hf.lm_head.weight, self.hf.shared.weight)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    return Family(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int = 1, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (never the pad id) right-padded to the longest length, and the padding mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(2, vocab, (len(lengths), width), generator=g)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    return ids.masked_fill(~mask, pad), mask.long()
+
+
+def assert_close_where(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, atol: float) -> None:
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep].cpu(), ref[keep].cpu(), atol=atol, rtol=0)
+
+
+########################################################################################
+# Parity with Hugging Face
+########################################################################################
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encoder_parity(family: Family, device: str) -> None:
+    """Encoder hidden states match, with a padding mask (unequal lengths) and without one. The
+    lengths reach past max_distance so the far, shared buckets are exercised."""
+    ours = t5.load(family.ours_dir, encoder_only=True, device=device)
+    hf = family.hf.get_encoder().to(device)
+    ids, mask = padded_batch(family.vocab, [41, 17, 3])
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = ours(ids, mask)
+        assert_close_where(out, ref, mask, ATOL)
+        assert (out[~mask.bool()] == 0).all(), "padded positions must come out as zeros"
+        full = torch.ones_like(mask)
+        assert_close_where(ours(ids), hf(input_ids=ids).last_hidden_state, full, ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seq2seq_parity(family: Family, device: str) -> None:
+    """Encoder-decoder logits match for a padded batch with a padded decoder batch."""
+    ours = t5.load(family.ours_dir, device=device)
+    hf = family.hf.to(device)
+    ids, mask = padded_batch(family.vocab, [23, 9, 14], seed=2)
+    dec, dec_mask = padded_batch(family.vocab, [11, 4, 16], seed=3)
+    ids, mask, dec, dec_mask = (x.to(device) for x in (ids, mask, dec, dec_mask))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        out = ours(ids, dec, input_mask=mask, decoder_mask=dec_mask)
+    assert isinstance(out, t5.T5Output) and out.loss is None
+    assert out.logits.shape == ref.shape
+    assert_close_where(out.logits, ref, dec_mask, ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packing_mask_matches_separate_runs(family: Family, device: str) -> None:
+    """Three sequences packed in one row with a block-diagonal (b, q, k) mask give each the same
+    encoder output as running it alone; the unused tail is zero."""
+    ours = t5.load(family.ours_dir, encoder_only=True, device=device)
+    lengths = [7, 12, 5]
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(2, family.vocab, (1, n), generator=g).to(device) for n in lengths]
+    packed = torch.zeros(1, 30, dtype=torch.long, device=device)
+    segment = torch.zeros(1, 30, dtype=torch.long, device=device)
+    start = 0
+    for i, seq in enumerate(seqs):
+        packed[:, start:start + seq.shape[1]] = seq
+        segment[:, start:start + seq.shape[1]] = i + 1
+        start += seq.shape[1]
+    mask = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] > 0)
+    with torch.no_grad():
+        out = ours(packed, mask)
+        start = 0
+        for seq in seqs:
+            alone = ours(seq)
+            torch.testing.assert_close(out[:, start:start + seq.shape[1]], alone, atol=1e-5, rtol=0)
+            start += seq.shape[1]
+    assert (out[:, start:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_invariance(device: str, tmp_path: Path) -> None:
+    """A prompt's encoder output at its real tokens does not depend on how much padding follows it
+    or on what else is in the batch (the guarantee text-to-image users rely on)."""
+    fam = Family(tmp_path, "t5-v1.1")
+    ours = t5.load(fam.ours_dir, encoder_only=True, device=device)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(2, fam.vocab, (1, 19), generator=g).to(device)
+    with torch.no_grad():
+        alone = ours(prompt)
+        for width in (77, 128, 512):
+            ids = torch.zeros(1, width, dtype=torch.long, device=device)
+            ids[:, :19] = prompt
+            mask = (torch.arange(width, device=device) < 19)[None]
+            out = ours(ids, mask)
+            torch.testing.assert_close(out[:, :19], alone, atol=1e-5, rtol=0)
+            assert (out[:, 19:] == 0).all()
+        others = torch.randint(2, fam.vocab, (3, 64), generator=g).to(device)
+        ids = torch.cat([torch.nn.functional.pad(prompt, (0, 64 - 19)), others])
+        mask = torch.ones_like(ids)
+        mask[0, 19:] = 0
+        torch.testing.assert_close(ours(ids, mask)[:1, :19], alone, atol=1e-5, rtol=0)
+
+
+########################################################################################
+# Loading
+########################################################################################
+
+
+def test_encoder_only_load_reads_no_decoder_tensor(family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors
+
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self) -> Spy:
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return self.f.keys()
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    encoder = t5.load(family.ours_dir, encoder_only=True)
+    assert isinstance(encoder, t5.T5Encoder)
+    assert read and all(key.startswith("encoder.") for key in read)
+    assert len(read) == len(encoder.state_dict())
+
+
+def test_load_dtype_and_eval(family: Family) -> None:
+    model = t5.load(family.ours_dir, dtype=torch.bfloat16)
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_load_errors(family: Family, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="convert_hf.py"):
+        t5.load(tmp_path)
+    # a tensor missing from the file
+    broken = tmp_path / "missing"
+    broken.mkdir()
+    (broken / "config.json").write_text((family.ours_dir / "config.json").read_text())
+    state = load_file(family.ours_dir / "model.safetensors")
+    extra = dict(state, **{"decoder.stray.weight": torch.zeros(1)})
+    del state["encoder.final_norm.weight"]
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \['encoder.final_norm.weight'\]"):
+        t5.load(broken)
+    # an unexpected tensor
+    save_file(extra, broken / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensors \['decoder.stray.weight'\]"):
+        t5.load(broken)
+    # a config field we do not know
+    config = json.loads((family.ours_dir / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(dict(config, rotary=True)))
+    with pytest.raises(ValueError, match=r"unknown T5Config fields \['rotary'\]"):
+        t5.load(broken)
+
+
+def test_config_roundtrip_and_validation(tmp_path: Path) -> None:
+    config = t5.T5Config(vocab_size=384, num_encoder_layers=12, num_decoder_layers=4, ffn="gated-gelu",
+                         num_buckets=16, max_distance=64, eps=1e-5)
+    config.save(tmp_path / "config.json")
+    assert t5.T5Config.load(tmp_path / "config.json") == config
+    with pytest.raises(ValueError, match="ffn must be one of"):
+        t5.T5Config(ffn="swiglu")
+    with pytest.raises(ValueError, match="num_decoder_layers must be a positive int"):
+        t5.T5Config(num_decoder_layers=0)
+    with pytest.raises(ValueError, match="eos_token_id=500 is outside"):
+        t5.T5Config(vocab_size=384, eos_token_id=500)
+
+
+########################################################################################
+# Bad input
+########################################################################################
+
+
+def test_bad_input_errors(family: Family) -> None:
+    model = t5.load(family.ours_dir)
+    ids, mask = padded_batch(family.vocab, [6, 4])
+    dec = ids[:, :3]
+    with pytest.raises(ValueError, match=r"input_mask must have shape \(batch, seq\) = \(2, 6\) or \(batch, q, k\) = \(2, 6, 6\), got \(2, 5\)"):
+        model.encoder(ids, mask[:, :5])
+    with pytest.raises(ValueError, match=r"got \(1, 6\)"):
+        model.encoder(ids, mask[:1])  # would broadcast silently
+    with pytest.raises(ValueError, match="must be bool or integer"):
+        model.encoder(ids, mask.float())
+    with pytest.raises(ValueError, match=f"token id {family.vocab}, outside \\[0, {family.vocab}\\)"):
+        model.encoder(ids.masked_fill(mask == 0, family.vocab), mask)
+    with pytest.raises(ValueError, match="token id -1"):
+        model(ids, dec.clamp(max=0) - 1)
+    with pytest.raises(ValueError, match="must be a \\(batch, seq\\) integer tensor"):
+        model.encoder(ids.float())
+    with pytest.raises(ValueError, match="must be a \\(batch, seq\\) integer tensor"):
+        model.encoder(ids[0])
+    with pytest.raises(ValueError, match=r"decoder_mask must have shape .* got \(2, 4\)"):
+        model(ids, dec, input_mask=mask, decoder_mask=mask[:, :4])
+    with pytest.raises(ValueError, match="needs an explicit cross_mask"):
+        model(ids, dec, input_mask=mask[:, None, :].expand(2, 6, 6))
+    with pytest.raises(ValueError, match=r"labels must have the decoder's shape \(2, 3\)"):
+        model(ids, dec, labels=ids)
+
+
+########################################################################################
+# Converter
+########################################################################################
+
+
+def test_convert_cli_subprocess(family: Family, tmp_path: Path) -> None:
+    """The script runs as a command with the runtime requirements (it never imports transformers)."""
+    out = tmp_path / "out"
+    code = ("import sys, runpy; sys.modules['transformers'] = None; sys.argv = ['convert_hf.py'] + sys.argv[1:]; "
+            "runpy.run_path('convert_hf.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, str(family.hf_dir), str(out), "--dtype", "bfloat16"],
+                            cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    state = load_file(out / "model.safetensors")
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    reference = load_file(family.ours_dir / "model.safetensors")
+    assert state.keys() == reference.keys()
+    for key in state:
+        assert torch.equal(state[key], reference[key].to(torch.bfloat16)), key
+
+
+def test_convert_state_dict_matches_cli(family: Family) -> None:
+    config, state = convert_hf.convert_state_dict(json.loads((family.hf_dir / "config.json").read_text()),
+                                                  load_file(family.hf_dir / "model.safetensors"))
+    assert config == t5.T5Config.load(family.ours_dir / "config.json")
+    written = load_file(family.ours_dir / "model.safetensors")
+    assert state.keys() == written.keys()
+    assert all(torch.equal(state[k], written[k]) for k in state)
+
+
+def test_convert_v10_folds_output_scale(tmp_path: Path) -> None:
+    """T5 v1.0: lm_head is the shared embedding times d_model**-0.5, stored as its own tensor."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.0")
+    _, state = convert_hf.convert_state_dict(json.loads((hf_dir / "config.json").read_text()),
+                                             load_file(hf_dir / "model.safetensors"))
+    shared = load_file(hf_dir / "model.safetensors")["shared.weight"]
+    torch.testing.assert_close(state["lm_head.weight"], shared * 32**-0.5)
+    assert state["encoder.embedding.weight"].data_ptr() != state["decoder.embedding.weight"].data_ptr() \
+        or torch.equal(state["encoder.embedding.weight"], shared)
+
+
+def test_convert_sharded_and_bin(family: Family, tmp_path: Path) -> None:
+    """A sharded safetensors checkpoint and a pytorch_model.bin convert to the same tensors."""
+    full = load_file(family.hf_dir / "model.safetensors")
+    reference = load_file(family.ours_dir / "model.safetensors")
+    keys = sorted(full)
+    for kind in ("sharded", "bin"):
+        src = tmp_path / kind
+        src.mkdir()
+        (src / "config.json").write_text((family.hf_dir / "config.json").read_text())
+        if kind == "sharded":
+            halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+            for name, part in halves.items():
+                save_file({k: full[k] for k in part}, src / name, metadata={"format": "pt"})
+            index = {"metadata": {}, "weight_map": {k: n for n, part in halves.items() for k in part}}
+            (src / "model.safetensors.index.json").write_text(json.dumps(index))
+        else:
+            torch.save(full, src / "pytorch_model.bin")
+        (src / "spiece.model").write_bytes(b"not really a sentencepiece model")
+        out = tmp_path / f"{kind}-out"
+        assert convert_hf.main([str(src), str(out)]) == 0
+        state = load_file(out / "model.safetensors")
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in state)
+        assert (out / "spiece.model").read_bytes() == b"not really a sentencepiece model"
+
+
+def test_convert_encoder_only(family: Family, tmp_path: Path) -> None:
+    """--encoder-only keeps the encoder; a T5EncoderModel checkpoint converts encoder-only by
+    itself; the full loader then says what to do."""
+    out = tmp_path / "enc"
+    assert convert_hf.main([str(family.hf_dir), str(out), "--encoder-only"]) == 0
+    state = load_file(out / "model.safetensors")
+    assert state and all(k.startswith("encoder.") for k in state)
+    with pytest.raises(ValueError, match="encoder_only=True"):
+        t5.load(out)
+    encoder = t5.load(out, encoder_only=True)
+    ids, mask = padded_batch(family.vocab, [9, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ids, mask), t5.load(family.ours_dir, encoder_only=True)(ids, mask))
+
+    enc_cls = {"mt5": transformers.MT5EncoderModel, "umt5": transformers.UMT5EncoderModel}.get(
+        family.name, transformers.T5EncoderModel)
+    hf_enc = tmp_path / "hf-enc"
+    enc_cls.from_pretrained(family.hf_dir).save_pretrained(hf_enc)
+    out2 = tmp_path / "enc2"
+    assert convert_hf.main([str(hf_enc), str(out2)]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(t5.load(out2, encoder_only=True)(ids, mask), encoder(ids, mask))
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("longt5", "unsupported architecture 'longt5': LongT5"),
+    ("switch_transformers", "unsupported architecture 'switch_transformers'"),
+    ("t5gemma", "unsupported architecture 't5gemma'"),
+    ("bart", "unsupported architecture 'bart'"),
+])
+def test_convert_rejects_other_architectures(model_type: str, message: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type, "d_model": 32}))
+    assert convert_hf.main([str(src), str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_rejects_unknown_ffn_and_heads() -> None:
+    with pytest.raises(convert_hf.ConversionError, match="unsupported feed_forward_proj 'gated-silu'"):
+        convert_hf.config_from_hf({"model_type": "t5", "feed_forward_proj": "gated-silu"})
+    with pytest.raises(convert_hf.ConversionError, match="T5ForQuestionAnswering"):
+        convert_hf.config_from_hf({"model_type": "t5", "architectures": ["T5ForQuestionAnswering"]})
+
+
+def test_convert_missing_and_unexpected_tensors(family: Family) -> None:
+    hf_config = json.loads((family.hf_dir / "config.json").read_text())
+    state = load_file(family.hf_dir / "model.safetensors")
+    broken = {k: v for k, v in state.items() if k != "decoder.block.0.layer.1.EncDecAttention.k.weight"}
+    with pytest.raises(convert_hf.ConversionError,
+                       match=r"missing 1 tensor\(s\): decoder.block.0.layer.1.EncDecAttention.k.weight"):
+        convert_hf.convert_state_dict(hf_config, broken)
+    extra = dict(state, **{"encoder.block.0.layer.1.DenseReluDense.wi_2.weight": torch.zeros(1)})
+    with pytest.raises(convert_hf.ConversionError,
+                       match=r"1 unexpected tensor\(s\): encoder.block.0.layer.1.DenseReluDense.wi_2.weight"):
+        convert_hf.convert_state_dict(hf_config, extra)
+    wrong = dict(state, **{"encoder.final_layer_norm.weight": torch.ones(5)})
+    with pytest.raises(convert_hf.ConversionError, match="encoder.final_norm.weight: made a \\(5,\\) tensor"):
+        convert_hf.convert_state_dict(hf_config, wrong)
+
+
+def test_convert_refuses_overwrite_and_fails_atomically(family: Family, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert convert_hf.main([str(family.hf_dir), str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    # a checkpoint that fails half-way through writing leaves OUT as it was, and no temp folder
+    src = tmp_path / "truncated"
+    src.mkdir()
+    (src / "config.json").write_text((family.hf_dir / "config.json").read_text())
+    state = load_file(family.hf_dir / "model.safetensors")
+    state["decoder.final_layer_norm.weight"] = torch.ones(3)  # found wrong only when its turn comes
+    save_file(state, src / "model.safetensors")
+    assert convert_hf.main([str(src), str(out), "--force"]) == 1
+    assert "decoder.final_norm.weight: made a (3,) tensor" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (out / "keep.txt").read_text() == "precious" and not (out / "model.safetensors").exists()
+    # with --force a good conversion replaces it
+    assert convert_hf.main([str(family.hf_dir), str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
