@@ -40,6 +40,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import torch
@@ -570,6 +571,268 @@ def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Te
         if int(positions.min()) < 0 or int(positions.max()) >= max_len:
             raise ValueError(f"decoder position {int(positions.max())} is past the cache's max_len {max_len}")
     return positions
+
+
+########################################################################################
+# Sampler
+########################################################################################
+
+
+class Generation(NamedTuple):
+    tokens: Tensor  # (b, n) generated ids, decoder start / prompt excluded; pad after a row's EOS
+    lengths: Tensor  # (b,) tokens generated per row, its EOS included
+    scores: Tensor  # (b,) sum of the chosen tokens' log-probs (beam search: divided by length**length_penalty)
+
+
+def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, positions: Tensor) -> Tensor:
+    """One cached decoder call: tokens (b*n, t) at positions (t,) -> next-token logits (b*n, v), float32.
+
+    Shapes never change from step to step (the cache is static and the position is a tensor), so
+    this function is what to `torch.compile` or capture in a CUDA graph."""
+    hidden = model.decoder(tokens, memory, cache=cache, positions=positions)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+def next_token(logits: Tensor, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> Tensor:
+    """Logits (b, v) -> token ids (b,): argmax, or a sample after temperature, top-k and top-p
+    (in that order, as Hugging Face applies them). Sampling uses the exponential-race trick
+    (argmax of p / Exp(1) noise draws from p) so it needs no device sync."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+class _Start(NamedTuple):
+    memory: Memory
+    cache: KVCache
+    prompt: Tensor  # (b*n, t) decoder prefix, the decoder start token last or padded on the left
+    prompt_mask: Tensor | None  # (b*n, t) or None
+
+
+def _start(model: T5, input_ids: Tensor, input_mask: Tensor | None, decoder_input_ids: Tensor | None,
+           decoder_mask: Tensor | None, n: int, max_new_tokens: int) -> _Start:
+    """Encode once, project the cross-attention keys/values once (shared by the n rows of each
+    input), and allocate the decoder cache for the prefix plus max_new_tokens."""
+    if input_mask is not None and input_mask.dim() != 2:
+        raise ValueError("generation takes a (batch, seq) padding input_mask")
+    batch = input_ids.shape[0]
+    if decoder_input_ids is None:
+        if decoder_mask is not None:
+            raise ValueError("decoder_mask without decoder_input_ids")
+        decoder_input_ids = torch.full((batch, 1), model.config.decoder_start_token_id, device=input_ids.device)
+    if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch:
+        raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, got {tuple(decoder_input_ids.shape)}")
+    memory = model.decoder.remember(model.encoder(input_ids, input_mask), input_mask)
+    prompt = decoder_input_ids.repeat_interleave(n, dim=0)
+    prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
+    cache = make_cache(model.config, batch * n, prompt.shape[1] + max_new_tokens, device=input_ids.device,
+                       dtype=memory.kv.dtype)
+    return _Start(memory, cache, prompt, prompt_mask)
+
+
+def _check_generate_args(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int | None,
+                         top_p: float | None, num_beams: int, num_return_sequences: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature} (use do_sample=False for greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if num_beams < 1 or num_return_sequences < 1:
+        raise ValueError(f"num_beams and num_return_sequences must be at least 1, got {num_beams}, {num_return_sequences}")
+
+
+def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int, min_new_tokens: int,
+            do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, num_return_sequences: int,
+            generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None
+            ) -> Iterator[tuple[Tensor, Tensor]]:
+    """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
+    _check_generate_args(max_new_tokens, min_new_tokens, temperature, top_k, top_p, 1, num_return_sequences)
+    config = model.config
+    memory, cache, prompt, prompt_mask = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
+                                                num_return_sequences, max_new_tokens)
+    positions = torch.arange(prompt.shape[1], device=prompt.device)
+    hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)  # prefill, one call
+    logits = model.lm_head(hidden[:, -1]).float()
+    position = positions[-1:] + 1  # advanced in place: one position tensor for the whole decode
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for step in range(max_new_tokens):
+        if step < min_new_tokens:
+            logits[:, config.eos_token_id] = -math.inf
+        token = next_token(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=generator)
+        logprob = logits.log_softmax(dim=-1).gather(-1, rearrange(token, "b -> b 1"))[:, 0]
+        token = token.masked_fill(finished, config.pad_token_id)
+        yield token, logprob.masked_fill(finished, 0.0)
+        finished |= token == config.eos_token_id
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            return
+        logits = decode_step(model, rearrange(token, "b -> b 1"), memory, cache, position)
+        position += 1
+
+
+@torch.inference_mode()
+def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
+           min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, num_return_sequences: int = 1, generator: torch.Generator | None = None,
+           decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None) -> Iterator[Tensor]:
+    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
+
+    Arguments as for `generate`. A row that has produced EOS yields pad from then on; the stream
+    ends when every row has, or after max_new_tokens."""
+    for token, _ in _decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences,
+                            generator=generator, decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask):
+        yield token
+
+
+@torch.inference_mode()
+def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
+             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | Literal["never"] = False, num_return_sequences: int = 1,
+             generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+             decoder_mask: Tensor | None = None) -> Generation:
+    """Generate up to max_new_tokens per row. Keyword names and meanings follow Hugging Face's
+    `generate`, except that top_k defaults to no limit.
+
+    - greedy (default); sampling with do_sample=True, after temperature, top_k and top_p, drawing
+      from `generator` when given (same seed, same tokens); num_return_sequences samples per input
+      share one encoding (rows of one input are adjacent in the output).
+    - beam search with num_beams > 1, length_penalty and early_stopping (True, False or "never")
+      as Hugging Face defines them; returns the best beam of each input.
+    - min_new_tokens: EOS is forbidden before that many tokens.
+    - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
+      that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
+
+    input_ids (b, s) with an optional (b, s) padding input_mask.
+    """
+    if num_beams > 1:
+        if do_sample or num_return_sequences != 1:
+            raise ValueError("beam search returns the best beam: do_sample and num_return_sequences are for sampling")
+        return _beam_search(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                            early_stopping=early_stopping, decoder_input_ids=decoder_input_ids,
+                            decoder_mask=decoder_mask)
+    steps = list(_decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         num_return_sequences=num_return_sequences, generator=generator,
+                         decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask))
+    tokens = torch.stack([token for token, _ in steps], dim=1)
+    scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
+    return Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
+
+
+def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
+    """(b, n) generated tokens -> (b,) count up to and including the first EOS (n if none)."""
+    is_eos = tokens == eos_token_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, tokens.shape[1])
+    return first
+
+
+@torch.inference_mode()
+def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int,
+                 min_new_tokens: int, num_beams: int, length_penalty: float, early_stopping: bool | str,
+                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> Generation:
+    """Beam search with Hugging Face's semantics.
+
+    Each step, every input's num_beams running beams propose their 2*num_beams best continuations
+    (by summed log-prob). Candidates that end in EOS (or reach max_new_tokens) and rank within the
+    first num_beams become finished hypotheses scored sum / length**length_penalty; the best
+    num_beams unfinished candidates keep running. An input stops improving when all its finished
+    slots are full and its best running beam, scored at the current length (early_stopping=False),
+    or at max_new_tokens for a positive length_penalty (early_stopping="never"), cannot beat the
+    worst finished one; early_stopping=True stops as soon as num_beams hypotheses are finished.
+    """
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    _check_generate_args(max_new_tokens, min_new_tokens, 1.0, None, None, num_beams, 1)
+    config = model.config
+    batch, beams = input_ids.shape[0], num_beams
+    memory, cache, prompt, prompt_mask = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
+                                                beams, max_new_tokens)
+    device = prompt.device
+    positions = torch.arange(prompt.shape[1], device=device)
+    logits = model.lm_head(model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)[:, -1]).float()
+    position = positions[-1:] + 1
+
+    running = torch.full((batch, beams, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -math.inf  # all beams start identical: let only the first one propose
+    done = torch.full_like(running, config.pad_token_id)
+    done_scores = torch.full((batch, beams), -math.inf, device=device)
+    done_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
+    done_full = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, dtype=torch.bool, device=device)
+    rank = torch.arange(2 * beams, device=device)
+    for step in range(max_new_tokens):
+        logprobs = logits.log_softmax(dim=-1)
+        if step < min_new_tokens:
+            logprobs[:, config.eos_token_id] = -math.inf
+        vocab = logprobs.shape[-1]
+        totals = rearrange(logprobs, "(b n) v -> b n v", n=beams) + rearrange(running_scores, "b n -> b n 1")
+        top_scores, top = rearrange(totals, "b n v -> b (n v)").topk(2 * beams, dim=-1)  # (b, 2n), best first
+        parent, token = top // vocab, top % vocab
+        candidates = running.gather(1, repeat_beams(parent, max_new_tokens)).clone()
+        candidates[:, :, step] = token
+        ends = (token == config.eos_token_id) | (step + 1 == max_new_tokens)
+
+        # finished hypotheses: candidates that end here and rank within the first num_beams
+        length = step + 1
+        finishing = ends & (rank < beams) & rearrange(improvable, "b -> b 1")
+        if early_stopping is True:
+            finishing &= ~rearrange(done_full.all(dim=1), "b -> b 1")
+        new_scores = torch.where(finishing, top_scores / length**length_penalty, -math.inf)
+        merged = torch.cat([done_scores, new_scores], dim=1).topk(beams, dim=-1).indices
+        done_scores = torch.cat([done_scores, new_scores], dim=1).gather(1, merged)
+        done = torch.cat([done, candidates], dim=1).gather(1, repeat_beams(merged, max_new_tokens))
+        done_lengths = torch.cat([done_lengths, torch.full_like(new_scores, length, dtype=torch.long)], 1).gather(1, merged)
+        done_full = torch.cat([done_full, finishing], dim=1).gather(1, merged)
+
+        # running beams: the best num_beams candidates that did not end
+        keep = torch.where(ends, -math.inf, top_scores).topk(beams, dim=-1).indices
+        running_scores = torch.where(ends, -math.inf, top_scores).gather(1, keep)
+        running = candidates.gather(1, repeat_beams(keep, max_new_tokens))
+        parents = rearrange(parent.gather(1, keep) + rearrange(torch.arange(batch, device=device) * beams, "b -> b 1"),
+                            "b n -> (b n)")
+
+        # can an input's running beams still beat its worst finished hypothesis?
+        best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
+        best_possible = running_scores[:, 0] / best_length**length_penalty
+        improvable &= ~done_full.all(dim=1) | (best_possible > done_scores.min(dim=1).values)
+        stop = not bool(improvable.any()) or (early_stopping is True and bool(done_full.all())) or bool(ends.all())
+        if stop or step + 1 == max_new_tokens:
+            break
+        cache.kv.copy_(cache.kv.index_select(2, parents))  # each beam continues its parent's cache
+        logits = decode_step(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
+        position += 1
+
+    best_length = done_lengths[:, 0]
+    width = int(best_length.max())
+    tokens = done[:, 0, :width].masked_fill(rearrange(torch.arange(width, device=device), "n -> 1 n")
+                                            >= rearrange(best_length, "b -> b 1"), config.pad_token_id)
+    return Generation(tokens, best_length, done_scores[:, 0])
+
+
+def repeat_beams(index: Tensor, width: int) -> Tensor:
+    """(b, k) beam indices -> (b, k, width), to gather whole token rows along the beam axis."""
+    return rearrange(index, "b k -> b k 1").expand(-1, -1, width)
 
 
 ########################################################################################

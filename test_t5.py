@@ -30,8 +30,8 @@ FAMILIES = {
     "t5-v1.0": (transformers.T5Config, dict(vocab_size=101, d_model=32, d_kv=12, d_ff=37, num_layers=2,
                                             num_heads=3, feed_forward_proj="relu"), False),
     # v1.1 / Flan: non-default buckets, max distance and eps, so the test sees them honoured
-    "t5-v1.1": (transformers.T5Config, dict(vocab_size=103, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                            num_decoder_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+    "t5-v1.1": (transformers.T5Config, dict(vocab_size=103, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+                                            num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                                             relative_attention_num_buckets=10, relative_attention_max_distance=13,
                                             layer_norm_epsilon=1e-5), True),
     "mt5": (transformers.MT5Config, dict(vocab_size=107, d_model=24, d_kv=8, d_ff=37, num_layers=2,
@@ -49,8 +49,9 @@ HF_MODELS = {transformers.T5Config: transformers.T5ForConditionalGeneration,
 ATOL = 1e-4  # float32; the two implementations sum in different orders (fused vs separate projections)
 
 
-def build_hf_checkpoint(folder: Path, family: str, seed: int = 0) -> Path:
-    """Save a seeded random Hugging Face model as the hub ships it."""
+def build_hf_checkpoint(folder: Path, family: str, seed: int = 0, eos_boost: float = 1.0) -> Path:
+    """Save a seeded random Hugging Face model as the hub ships it. eos_boost scales the EOS row of
+    the output embedding, so that generation stops rows at different steps."""
     config_cls, kwargs, untied = FAMILIES[family]
     torch.manual_seed(seed)
     model = HF_MODELS[config_cls](config_cls(**kwargs)).eval()
@@ -67,15 +68,23 @@ def build_hf_checkpoint(folder: Path, family: str, seed: int = 0) -> Path:
         config.pop("scale_decoder_outputs", None)
         config["tie_word_embeddings"] = False
         (folder / "config.json").write_text(json.dumps(config))
+    if eos_boost != 1.0:
+        state = load_file(folder / "model.safetensors")
+        state["lm_head.weight" if untied else "shared.weight"][kwargs.get("eos_token_id", 1)] *= eos_boost
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+for _, _kwargs, _ in FAMILIES.values():  # as the hub's config.json files say
+    _kwargs.setdefault("decoder_start_token_id", 0)
 
 
 class Family:
     """A family's Hugging Face reference (reloaded with from_pretrained) and our converted folder."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, eos_boost: float = 1.0) -> None:
         self.name = name
-        hf_dir = build_hf_checkpoint(root / "hf", name)
+        hf_dir = build_hf_checkpoint(root / "hf", name, eos_boost=eos_boost)
         self.ours_dir = root / "ours"
         assert convert_hf.main([str(hf_dir), str(self.ours_dir)]) == 0
         self.hf = HF_MODELS[FAMILIES[name][0]].from_pretrained(hf_dir).eval()
@@ -455,3 +464,228 @@ def test_convert_refuses_overwrite_and_fails_atomically(family: Family, tmp_path
     # with --force a good conversion replaces it
     assert convert_hf.main([str(family.hf_dir), str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+########################################################################################
+# Decoding: static cache, greedy, beams, sampling
+########################################################################################
+
+GENERATION_FAMILIES = ["t5-v1.0", "t5-v1.1", "umt5", "byt5"]
+
+
+@pytest.fixture(scope="module", params=GENERATION_FAMILIES)
+def gen_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """A family whose EOS row of lm_head is scaled up x3, so rows stop at different steps."""
+    return Family(tmp_path_factory.mktemp(f"gen-{request.param}"), request.param, eos_boost=3.0)
+
+
+def greedy_with_cache(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, steps: int,
+                      max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode through the low-level pieces; returns (decoder inputs (b, steps), logits (b, steps, v))."""
+    memory = model.decoder.remember(model.encoder(ids, mask), mask)
+    cache = t5.make_cache(model.config, ids.shape[0], max_len or steps, device=ids.device)
+    token = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, device=ids.device)
+    inputs, logits = [], []
+    for step in range(steps):
+        inputs.append(token)
+        logits.append(t5.decode_step(model, token, memory, cache, torch.tensor([step], device=ids.device)))
+        token = logits[-1].argmax(-1, keepdim=True)
+    return torch.cat(inputs, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["t5-v1.0", "t5-v1.1", "umt5"])
+def test_cached_logits_match_uncached(name: str, device: str, tmp_path: Path) -> None:
+    """32 greedy steps through the static cache give the same logits at every step as one
+    uncached teacher-forced pass over the same tokens (padded batch)."""
+    fam = Family(tmp_path, name)
+    model = t5.load(fam.ours_dir, device=device)
+    ids, mask = (x.to(device) for x in padded_batch(fam.vocab, [15, 6, 22], seed=8))
+    with torch.no_grad():
+        inputs, cached = greedy_with_cache(model, ids, mask, 32)
+        uncached = model(ids, inputs, input_mask=mask).logits
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_matches_hf(gen_family: Family, device: str) -> None:
+    """Greedy tokens equal Hugging Face generate(do_sample=False) on a padded batch of 4, rows
+    stopping at their own EOS."""
+    model = t5.load(gen_family.ours_dir, device=device)
+    ids, mask = (x.to(device) for x in padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7))
+    with torch.no_grad():
+        ref = gen_family.hf.to(device).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
+    out = t5.generate(model, ids, mask, max_new_tokens=32)
+    assert isinstance(out, t5.Generation)
+    assert out.tokens.shape == (4, ref.shape[1] - 1)
+    for row in range(4):
+        n = int(out.lengths[row])
+        assert out.tokens[row, :n].tolist() == ref[row, 1:n + 1].tolist()
+        assert (out.tokens[row, n:] == model.config.pad_token_id).all()
+
+
+BEAM_SETTINGS = [(False, 1.0), (True, 1.0), ("never", 2.0), (False, -1.0)]
+
+
+@pytest.mark.parametrize("early_stopping, length_penalty", BEAM_SETTINGS)
+def test_beam_search_matches_hf(gen_family: Family, early_stopping: bool | str, length_penalty: float) -> None:
+    """num_beams=4 returns Hugging Face's best sequences and scores, for each early_stopping mode."""
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7)
+    with torch.no_grad():
+        ref = gen_family.hf.cpu().generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24,
+                                           num_beams=4, early_stopping=early_stopping, length_penalty=length_penalty,
+                                           output_scores=True, return_dict_in_generate=True)
+    out = t5.generate(model, ids, mask, max_new_tokens=24, num_beams=4, early_stopping=early_stopping,
+                      length_penalty=length_penalty)
+    for row in range(4):
+        n = int(out.lengths[row])
+        assert out.tokens[row, :n].tolist() == ref.sequences[row, 1:n + 1].tolist()
+    # scores are sums of float32 log-probs, divided by length**length_penalty
+    torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-3, rtol=1e-5)
+
+
+def test_generation_stops_rows_at_eos(gen_family: Family) -> None:
+    """The EOS-prone models really do stop rows at different steps, so the tests above see it."""
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7)
+    greedy = t5.generate(model, ids, mask, max_new_tokens=32)
+    beams = t5.generate(model, ids, mask, max_new_tokens=24, num_beams=4, early_stopping=True)
+    assert len(set(greedy.lengths.tolist()) | set(beams.lengths.tolist())) > 1
+
+
+def test_min_new_tokens(gen_family: Family) -> None:
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7)
+    out = t5.generate(model, ids, mask, max_new_tokens=12, min_new_tokens=12)
+    assert out.tokens.shape == (4, 12) and (out.lengths == 12).all()
+    assert (out.tokens[:, :11] != model.config.eos_token_id).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_reproducible_and_top_k_1_is_greedy(gen_family: Family, device: str) -> None:
+    model = t5.load(gen_family.ours_dir, device=device)
+    ids, mask = (x.to(device) for x in padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7))
+
+    def sample(seed: int, **kwargs: object) -> t5.Generation:
+        g = torch.Generator(device).manual_seed(seed)
+        return t5.generate(model, ids, mask, max_new_tokens=16, do_sample=True, generator=g, **kwargs)
+
+    first, again, other = sample(0, temperature=1.5), sample(0, temperature=1.5), sample(1, temperature=1.5)
+    assert torch.equal(first.tokens, again.tokens)
+    assert not torch.equal(first.tokens, other.tokens)
+    greedy = t5.generate(model, ids, mask, max_new_tokens=16)
+    assert torch.equal(sample(3, top_k=1).tokens, greedy.tokens)
+    assert torch.equal(sample(4, top_p=1e-6).tokens, greedy.tokens)  # only the most likely token survives
+    many = sample(5, num_return_sequences=3, top_k=20, top_p=0.9)
+    assert many.tokens.shape[0] == 12 and many.lengths.shape == (12,)
+    assert len({tuple(row.tolist()) for row in many.tokens[:3]}) > 1  # three samples of one input differ
+
+
+def test_top_k_top_p_filtering() -> None:
+    """next_token never draws outside the top-k set or the top-p nucleus."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: t5.next_token(logits, do_sample=True, temperature=1.0, generator=g, **{"top_k": None, "top_p": None, **kw})
+    assert set(draw(top_k=2).tolist()) == {0, 1}
+    assert set(draw(top_p=0.7).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(draw(top_p=0.81).tolist()) == {0, 1, 2}
+    counts = torch.bincount(draw(), minlength=4) / 2000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+def test_stream_yields_what_generate_returns(gen_family: Family) -> None:
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7)
+    streamed = torch.stack(list(t5.stream(model, ids, mask, max_new_tokens=20)), dim=1)
+    assert torch.equal(streamed, t5.generate(model, ids, mask, max_new_tokens=20).tokens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_left_padded_decoder_prompts_and_chunked_prefill(gen_family: Family, device: str) -> None:
+    """Decoder prompts of different lengths, left-padded in one batch and prefilled in one call,
+    continue exactly as each prompt does alone; T5's positions are relative, so the left padding
+    changes nothing once it is masked."""
+    model = t5.load(gen_family.ours_dir, device=device)
+    ids, mask = (x.to(device) for x in padded_batch(gen_family.vocab, [13, 7, 20], seed=9))
+    g = torch.Generator().manual_seed(10)
+    start = model.config.decoder_start_token_id
+    prompts = [torch.randint(2, gen_family.vocab, (n,), generator=g) for n in (5, 1, 3)]
+    width = max(len(p) for p in prompts) + 1
+    batch = torch.zeros(3, width, dtype=torch.long)
+    batch_mask = torch.zeros(3, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, width - len(p) - 1:] = torch.cat([torch.tensor([start]), p])
+        batch_mask[row, width - len(p) - 1:] = 1
+    together = t5.generate(model, ids, mask, max_new_tokens=10, min_new_tokens=10,
+                           decoder_input_ids=batch.to(device), decoder_mask=batch_mask.to(device))
+    for row, p in enumerate(prompts):
+        alone = t5.generate(model, ids[row:row + 1, :int(mask[row].sum())], max_new_tokens=10, min_new_tokens=10,
+                            decoder_input_ids=torch.cat([torch.tensor([start]), p])[None].to(device))
+        assert torch.equal(together.tokens[row], alone.tokens[0])
+        torch.testing.assert_close(together.scores[row], alone.scores[0], atol=1e-4, rtol=0)
+
+
+def peak_bytes(fn: object) -> int:
+    """Peak of the bytes allocated (and not yet freed) while fn runs, from the profiler's memory
+    events on CPU, or the CUDA allocator's statistics."""
+    if torch.cuda.is_available() and getattr(fn, "device", "cpu") == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0  # allocations are counted at the start of the op that made them, frees as "[memory]" events
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_memory_is_flat(family: Family, device: str) -> None:
+    """Once the cache exists, decoding 256 tokens needs no more memory than decoding 16: nothing
+    grows with the generated length."""
+    model = t5.load(family.ours_dir, device=device)
+    ids, mask = (x.to(device) for x in padded_batch(family.vocab, [13, 7], seed=11))
+    with torch.inference_mode():
+        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        cache = t5.make_cache(model.config, 2, 256, device=device)
+
+        def decode(steps: int) -> object:
+            def run() -> None:
+                token = torch.zeros(2, 1, dtype=torch.long, device=device)
+                position = torch.zeros(1, dtype=torch.long, device=device)
+                for _ in range(steps):
+                    token = t5.decode_step(model, token, memory, cache, position).argmax(-1, keepdim=True)
+                    position += 1
+            run.device = device
+            return run
+
+        short, long = peak_bytes(decode(16)), peak_bytes(decode(256))
+    assert 0 < long <= short
+
+
+def test_cache_errors(family: Family) -> None:
+    model = t5.load(family.ours_dir)
+    ids, mask = padded_batch(family.vocab, [5, 3])
+    memory = model.decoder.remember(model.encoder(ids, mask), mask)
+    cache = t5.make_cache(model.config, 2, 4)
+    token = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="decoder position 4 is past the cache's max_len 4"):
+        t5.decode_step(model, token, memory, cache, torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"positions must be a \(1,\) int64 tensor"):
+        t5.decode_step(model, token, memory, cache, torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="not a multiple of the memory's batch 2"):
+        t5.decode_step(model, torch.zeros(3, 1, dtype=torch.long), memory, cache, torch.tensor([0]))
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        t5.generate(model, ids, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        t5.generate(model, ids, mask, max_new_tokens=3, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="early_stopping must be"):
+        t5.generate(model, ids, mask, max_new_tokens=3, num_beams=2, early_stopping="sometimes")
