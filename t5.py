@@ -36,11 +36,12 @@ Shape legend (einops names used throughout):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
 import torch
@@ -422,7 +423,7 @@ class Memory(NamedTuple):
     once (by `T5Decoder.remember`) and shared by all beams or samples of an input."""
 
     kv: Tensor  # (l, 2, b, h, s, e)
-    attend: Tensor | None  # bool (b, t|1, s): which encoder positions each decoder query may see
+    bias: Tensor | None  # additive mask (b, 1, t|1, s): which encoder positions each decoder query may see
 
 
 class T5Decoder(nn.Module):
@@ -448,7 +449,8 @@ class T5Decoder(nn.Module):
         if cross_mask is not None:
             queries = cross_mask.shape[1] if cross_mask.dim() == 3 else 1
             attend = check_mask(cross_mask, batch, queries, seq, "cross_mask")
-        return Memory(torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]), attend)
+        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers])
+        return Memory(kv, cross_attention_bias(attend, kv.dtype))
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
@@ -463,8 +465,8 @@ class T5Decoder(nn.Module):
         batch, length = input_ids.shape
         if memory.kv.shape[2] == 0 or batch % memory.kv.shape[2]:
             raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.kv.shape[2]}")
-        if memory.attend is not None and memory.attend.shape[1] not in (1, length):
-            raise ValueError(f"cross_mask covers {memory.attend.shape[1]} decoder positions, the input has {length}")
+        if memory.bias is not None and memory.bias.shape[2] not in (1, length):
+            raise ValueError(f"cross_mask covers {memory.bias.shape[2]} decoder positions, the input has {length}")
         x = self.embedding(input_ids).float()
         dtype = x_dtype(self)
         if cache is None:
@@ -486,10 +488,9 @@ class T5Decoder(nn.Module):
                 & rearrange(cache.attend, "b k -> b 1 k")
             layer_caches = cache.kv
         self_bias = attention_bias(self.position_bias(positions, keys), attend, dtype)
-        cross_bias = cross_attention_bias(memory.attend, dtype)
         layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), memory.kv, layer_caches)
         for layer, layer_bias, cross_kv, layer_cache in layers:
-            x = layer(x, layer_bias, cross_kv, cross_bias, layer_cache, positions)
+            x = layer(x, layer_bias, cross_kv, memory.bias, layer_cache, positions)
         return self.final_norm(x)
 
 
@@ -574,6 +575,66 @@ def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Te
 
 
 ########################################################################################
+# FLOPs
+########################################################################################
+
+
+class Flops(NamedTuple):
+    """Matmul FLOPs of a forward pass by component (a multiply-add counts as 2 FLOPs). Norms,
+    softmax, activations and embedding lookups are left out: they are O(tokens * width), not
+    O(tokens * width^2), and FlopCounterMode does not count them either."""
+
+    attn_proj: int  # Q/K/V and output projections, self and cross
+    attn_scores: int  # q.k scores and the weighted sum of values
+    ffn: int  # feed-forward in- and out-projections
+    lm_head: int  # output projection to the vocabulary
+
+    @property
+    def total(self) -> int:
+        return self.attn_proj + self.attn_scores + self.ffn + self.lm_head
+
+
+def _ffn_flops(config: T5Config, tokens: int) -> int:
+    """Per layer: in-projection d -> f (two of them when gated) and out-projection f -> d."""
+    ins = 2 if config.ffn == "gated-gelu" else 1
+    return 2 * tokens * config.d_model * config.d_ff * (ins + 1)
+
+
+def encoder_flops(config: T5Config, batch: int, seq: int) -> Flops:
+    """Encoder forward over (batch, seq). Per layer, with N = batch*seq tokens and i = inner_dim:
+    QKV 2*N*d*3i, output 2*N*i*d, scores and values 2 * 2*batch*h*seq*seq*d_kv (dense: padding
+    and masks do not save work in SDPA), FFN as `_ffn_flops`."""
+    tokens, i, layers = batch * seq, config.inner_dim, config.num_encoder_layers
+    proj = 2 * tokens * config.d_model * 4 * i
+    scores = 2 * 2 * batch * config.num_heads * seq * seq * config.d_kv
+    return Flops(layers * proj, layers * scores, layers * _ffn_flops(config, tokens), 0)
+
+
+def decoder_flops(config: T5Config, batch: int, tgt: int, src: int, *, keys: int | None = None,
+                  cross_kv: bool = True, lm_head_positions: int | None = None) -> Flops:
+    """Decoder forward of `tgt` tokens per row over an encoding of `src` positions, plus lm_head.
+
+    Per layer, with N = batch*tgt and i = inner_dim: self QKV + output 2*N*d*4i; cross Q + output
+    2*N*d*2i; cross K/V 2*batch*src*d*2i (once per encoding: cross_kv=False for cached steps);
+    self scores/values 2*2*batch*h*tgt*keys*d_kv, keys = tgt uncached or the cache's max_len
+    (SDPA attends over the whole static buffer); cross scores/values 2*2*batch*h*tgt*src*d_kv.
+    lm_head: 2*batch*positions*d*v, over every position unless lm_head_positions says otherwise."""
+    keys = tgt if keys is None else keys
+    tokens, i, d, layers = batch * tgt, config.inner_dim, config.d_model, config.num_decoder_layers
+    proj = 2 * tokens * d * 6 * i + (2 * batch * src * d * 2 * i if cross_kv else 0)
+    scores = 2 * 2 * batch * config.num_heads * tgt * (keys + src) * config.d_kv
+    positions = tgt if lm_head_positions is None else lm_head_positions
+    return Flops(layers * proj, layers * scores, layers * _ffn_flops(config, tokens),
+                 2 * batch * positions * d * config.vocab_size)
+
+
+def decode_step_flops(config: T5Config, batch: int, src: int, max_len: int) -> Flops:
+    """One cached decode step (`decode_step`): one token per row attending over a static cache
+    of max_len slots, cross K/V already computed, lm_head on that token."""
+    return decoder_flops(config, batch, 1, src, keys=max_len, cross_kv=False)
+
+
+########################################################################################
 # Sampler
 ########################################################################################
 
@@ -591,6 +652,12 @@ def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, posit
     this function is what to `torch.compile` or capture in a CUDA graph."""
     hidden = model.decoder(tokens, memory, cache=cache, positions=positions)
     return model.lm_head(hidden[:, -1]).float()
+
+
+@functools.cache
+def compiled_decode_step() -> Callable[[T5, Tensor, Memory, KVCache, Tensor], Tensor]:
+    """`decode_step` under torch.compile (whole graph, static shapes), compiled on first use."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=False)
 
 
 def next_token(logits: Tensor, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -659,9 +726,10 @@ def _check_generate_args(max_new_tokens: int, min_new_tokens: int, temperature: 
 
 def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int, min_new_tokens: int,
             do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, num_return_sequences: int,
-            generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None
-            ) -> Iterator[tuple[Tensor, Tensor]]:
+            generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None,
+            compile: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
+    step_fn = compiled_decode_step() if compile else decode_step
     _check_generate_args(max_new_tokens, min_new_tokens, temperature, top_k, top_p, 1, num_return_sequences)
     config = model.config
     memory, cache, prompt, prompt_mask = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
@@ -682,7 +750,7 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_
         finished |= token == config.eos_token_id
         if step + 1 == max_new_tokens or bool(finished.all()):
             return
-        logits = decode_step(model, rearrange(token, "b -> b 1"), memory, cache, position)
+        logits = step_fn(model, rearrange(token, "b -> b 1"), memory, cache, position)
         position += 1
 
 
@@ -690,7 +758,8 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_
 def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
            min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, num_return_sequences: int = 1, generator: torch.Generator | None = None,
-           decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None) -> Iterator[Tensor]:
+           decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None,
+           compile: bool = False) -> Iterator[Tensor]:
     """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
 
     Arguments as for `generate`. A row that has produced EOS yields pad from then on; the stream
@@ -698,7 +767,8 @@ def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, ma
     for token, _ in _decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                             top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences,
-                            generator=generator, decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask):
+                            generator=generator, decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask,
+                            compile=compile):
         yield token
 
 
@@ -708,7 +778,7 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, 
              top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | Literal["never"] = False, num_return_sequences: int = 1,
              generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
-             decoder_mask: Tensor | None = None) -> Generation:
+             decoder_mask: Tensor | None = None, compile: bool = False) -> Generation:
     """Generate up to max_new_tokens per row. Keyword names and meanings follow Hugging Face's
     `generate`, except that top_k defaults to no limit.
 
@@ -720,6 +790,7 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, 
     - min_new_tokens: EOS is forbidden before that many tokens.
     - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
       that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
+    - compile=True runs the decode step under torch.compile (compiled once per batch shape).
 
     input_ids (b, s) with an optional (b, s) padding input_mask.
     """
@@ -729,11 +800,11 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, 
         return _beam_search(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
                             early_stopping=early_stopping, decoder_input_ids=decoder_input_ids,
-                            decoder_mask=decoder_mask)
+                            decoder_mask=decoder_mask, compile=compile)
     steps = list(_decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          num_return_sequences=num_return_sequences, generator=generator,
-                         decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask))
+                         decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask, compile=compile))
     tokens = torch.stack([token for token, _ in steps], dim=1)
     scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
     return Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
@@ -749,7 +820,7 @@ def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
 @torch.inference_mode()
 def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int,
                  min_new_tokens: int, num_beams: int, length_penalty: float, early_stopping: bool | str,
-                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> Generation:
+                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None, compile: bool) -> Generation:
     """Beam search with Hugging Face's semantics.
 
     Each step, every input's num_beams running beams propose their 2*num_beams best continuations
@@ -820,7 +891,8 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
         if stop or step + 1 == max_new_tokens:
             break
         cache.kv.copy_(cache.kv.index_select(2, parents))  # each beam continues its parent's cache
-        logits = decode_step(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
+        step_fn = compiled_decode_step() if compile else decode_step
+        logits = step_fn(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
         position += 1
 
     best_length = done_lengths[:, 0]

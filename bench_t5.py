@@ -1,0 +1,311 @@
+"""Benchmark t5.py side by side with its peers, in one run, on the same inputs.
+
+    python bench_t5.py                      # encoder + generation tables, float32 on CPU
+    python bench_t5.py --quick              # t5-v1_1-small only, fewer repeats: under a minute
+    python bench_t5.py --sections encoder --models t5-v1_1-base --repeats 7
+    python bench_t5.py --device cuda --dtype bfloat16
+
+Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache
+too) and, when installed, CTranslate2 (float32 on CPU). Models are random-weight models at the
+real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
+convert_hf.py. Implementations are timed round-robin (one run of each in turn, `--repeats`
+times) so that a noisy machine hurts all of them alike; tables give the median with min-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+import convert_hf
+import t5
+
+SHAPES = {  # the hub checkpoints' config.json fields that matter
+    "t5-v1_1-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                          feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "t5-v1_1-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                         feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                     feed_forward_proj="relu", tie_word_embeddings=True),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Timing(NamedTuple):
+    median: float  # seconds
+    low: float
+    high: float
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def round_robin(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, Timing]:
+    """Time each function `repeats` times, taking turns, after `warmup` untimed runs of each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+    for r in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()))
+    return {name: Timing(statistics.median(t), min(t), max(t)) for name, t in times.items()}
+
+
+def gemm_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's matmul peak in FLOP/s, measured with one large torch.mm (best of repeats)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class Models(NamedTuple):
+    ours: t5.T5
+    hf: dict[str, torch.nn.Module]  # attention implementation -> model
+    hf_dir: Path
+    config: t5.T5Config
+
+
+def build_models(name: str, root: Path, device: str, dtype: torch.dtype) -> Models:
+    """A seeded random model at `name`'s shapes: saved as the hub ships it, converted, loaded both ways."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    fields = dict(SHAPES[name])
+    tied = fields.pop("tie_word_embeddings")
+    torch.manual_seed(0)
+    hf_dir = root / name
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(decoder_start_token_id=0, **fields))
+    model.save_pretrained(hf_dir)
+    del model
+    if not tied:  # v1.1: its own lm_head, and "tie_word_embeddings": false, as on the hub
+        state = load_file(hf_dir / "model.safetensors")
+        state["lm_head.weight"] = torch.randn(fields["vocab_size"], fields["d_model"]) * fields["d_model"] ** -0.5
+        save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((hf_dir / "config.json").read_text())
+        config.pop("scale_decoder_outputs", None)
+        config["tie_word_embeddings"] = False
+        (hf_dir / "config.json").write_text(json.dumps(config))
+    convert_hf.convert(str(hf_dir), root / f"{name}-ours", force=True)
+    ours = t5.load(root / f"{name}-ours", device=device, dtype=dtype)
+    hf = {impl: transformers.T5ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation=impl, dtype=dtype)
+          .to(device).eval() for impl in ("eager", "sdpa")}
+    return Models(ours, hf, hf_dir, ours.config)
+
+
+########################################################################################
+# Encoder
+########################################################################################
+
+
+def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argparse.Namespace, peak: float) -> list[str]:
+    ids = torch.randint(2, models.config.vocab_size, (batch, seq), device=args.device)
+    mask = torch.ones_like(ids)
+    encoder = models.ours.encoder
+    fns: dict[str, Callable[[], object]] = {"t5.py eager": lambda: encoder(ids, mask)}
+    if not args.no_compile:
+        compiled = torch.compile(encoder, fullgraph=True, dynamic=False)
+        log(f"  compiling the encoder for {batch}x{seq} ...")
+        with torch.inference_mode():
+            compiled(ids, mask)
+        fns["t5.py compiled"] = lambda: compiled(ids, mask)
+    for impl, hf in models.hf.items():
+        fns[f"HF {impl}"] = (lambda hf=hf: hf.encoder(input_ids=ids, attention_mask=mask))
+    with torch.inference_mode():
+        times = round_robin(fns, args.repeats, args.device)
+    flops = t5.encoder_flops(models.config, batch, seq).total
+    hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
+    rows = []
+    for impl, t in times.items():
+        rows.append(f"| {name} | {batch}x{seq} | {impl} | {t.median * 1e3:.1f} ({t.low * 1e3:.1f}-{t.high * 1e3:.1f}) | "
+                    f"{batch * seq / t.median:,.0f} | {flops / t.median / 1e9:.1f} | {flops / t.median / peak:.0%} | "
+                    f"{hf_best / t.median:.2f}x |")
+    return rows
+
+
+########################################################################################
+# Generation
+########################################################################################
+
+
+def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
+    """Time CTranslate2 float32 on CPU (runs in its own process: see `ctranslate2_timing`).
+
+    The model is converted in memory from the Hugging Face one, with a stand-in vocabulary that
+    names tokens by id, so no tokenizer is needed."""
+    import ctranslate2
+    import transformers
+    from ctranslate2.converters.converter import Converter
+    from ctranslate2.converters.transformers import T5Loader
+
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    # CTranslate2 reads tie_word_embeddings (always True in transformers 5) to decide the v1.0 output
+    # rescale; give it the checkpoint's own answer so that its log-probs are right as well.
+    hf.config.tie_word_embeddings = bool(json.loads((hf_dir / "config.json").read_text()).get("tie_word_embeddings", True))
+    vocab = [f"t{i}" for i in range(hf.config.vocab_size)]
+    vocab[0], vocab[1], vocab[2] = "<pad>", "</s>", "<unk>"
+
+    class Vocabulary:  # what CTranslate2's T5 loader asks of a tokenizer
+        pad_token, eos_token, unk_token = "<pad>", "</s>", "<unk>"
+
+        def get_vocab(self) -> dict[str, int]:
+            return {token: i for i, token in enumerate(vocab)}
+
+        def convert_ids_to_tokens(self, i: int) -> str:
+            return vocab[i]
+
+    class InMemory(Converter):
+        def _load(self) -> object:
+            return T5Loader()(hf, Vocabulary())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        InMemory().convert(tmp, force=True)
+        translator = ctranslate2.Translator(tmp, device="cpu", compute_type="float32",
+                                            intra_threads=torch.get_num_threads())
+        source = [[vocab[i] for i in row] for row in ids]
+        run = lambda: translator.translate_batch(source, beam_size=1, max_decoding_length=new_tokens,
+                                                 min_decoding_length=new_tokens)
+        times = round_robin({"CTranslate2 fp32": run}, repeats, "cpu")["CTranslate2 fp32"]
+    out.write_text(json.dumps(times._asdict()))
+
+
+def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> Timing | None:
+    """CTranslate2 in a child process, timed after the PyTorch implementations: its idle worker
+    threads keep spinning, and in the same process (or interleaved) they halve everyone's speed.
+    None when ctranslate2 is not installed."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("ctranslate2") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "job.json"
+        spec.write_text(json.dumps({"hf_dir": str(models.hf_dir), "ids": ids.tolist(), "new_tokens": new_tokens,
+                                    "repeats": repeats, "out": str(Path(tmp) / "times.json")}))
+        subprocess.run([sys.executable, __file__, "--ctranslate2-worker", str(spec)], check=True)
+        return Timing(**json.loads((Path(tmp) / "times.json").read_text()))
+
+
+def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespace) -> list[str]:
+    new = args.new_tokens
+    ids = torch.randint(3, models.config.vocab_size, (batch, args.input_tokens), device=args.device)
+    mask = torch.ones_like(ids)
+    ours = models.ours
+    fns: dict[str, Callable[[], object]] = {
+        "t5.py eager": lambda: t5.generate(ours, ids, mask, max_new_tokens=new, min_new_tokens=new)}
+    if not args.no_compile:
+        log("  compiling the decode step ...")
+        t5.generate(ours, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
+        fns["t5.py compiled step"] = lambda: t5.generate(ours, ids, mask, max_new_tokens=new, min_new_tokens=new,
+                                                         compile=True)
+    for impl, hf in models.hf.items():
+        fns[f"HF {impl}"] = (lambda hf=hf: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                                       max_new_tokens=new, min_new_tokens=new))
+    fns["HF sdpa static cache"] = lambda: models.hf["sdpa"].generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+        cache_implementation="static")
+    with torch.inference_mode():
+        times = round_robin(fns, args.repeats, args.device)
+    if args.device == "cpu" and ours.lm_head.weight.dtype == torch.float32 and not args.no_ctranslate2:
+        ct2 = ctranslate2_timing(models, ids, new, args.repeats)
+        if ct2 is not None:
+            times["CTranslate2 fp32 (own process, after)"] = ct2
+    hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
+    rows = []
+    for impl, t in times.items():
+        rows.append(f"| {name} | {batch} | {impl} | {t.median / new * 1e3:.2f} ({t.low / new * 1e3:.2f}-"
+                    f"{t.high / new * 1e3:.2f}) | {batch * new / t.median:,.0f} | {hf_best / t.median:.2f}x |")
+    return rows
+
+
+########################################################################################
+# Main
+########################################################################################
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--sections", default="encoder,generate", help="comma list of: encoder, generate")
+    parser.add_argument("--models", default=",".join(SHAPES), help=f"comma list of: {', '.join(SHAPES)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each implementation")
+    parser.add_argument("--batches", default="1,8", help="generation batch sizes")
+    parser.add_argument("--input-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
+    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, 3 repeats, no compile: under a minute")
+    parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ctranslate2_worker:
+        job = json.loads(args.ctranslate2_worker.read_text())
+        return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
+    if args.quick:
+        args.models, args.repeats, args.no_compile = "t5-v1_1-small", 3, True
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    sections = args.sections.split(",")
+    import transformers
+
+    peak = gemm_peak(args.device, dtype)
+    print(f"# t5.py benchmark, {time.strftime('%Y-%m-%d')}\n")
+    print(f"device {args.device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; matmul peak (2048^3 torch.mm): {peak / 1e9:.0f} GFLOP/s\n")
+    encoder_rows, generate_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name in args.models.split(","):
+            log(f"building {name} ...")
+            models = build_models(name, root, args.device, dtype)
+            if "encoder" in sections:
+                for batch, seq in ((1, 512), (8, 128)):
+                    log(f"encoder {name} {batch}x{seq}")
+                    encoder_rows += bench_encoder(models, name, batch, seq, args, peak)
+            if "generate" in sections:
+                for batch in map(int, args.batches.split(",")):
+                    log(f"generate {name} batch {batch}")
+                    generate_rows += bench_generate(models, name, batch, args)
+            del models
+    if encoder_rows:
+        print("## Encoder forward\n")
+        print("| model | batch x seq | implementation | ms median (min-max) | tokens/s | GFLOP/s | % of peak | vs best HF |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(encoder_rows) + "\n")
+    if generate_rows:
+        print(f"## Generation: {args.input_tokens} input tokens, exactly {args.new_tokens} new tokens, greedy\n")
+        print("ms per step = whole generate call (encoder and prefill included) / new tokens.\n")
+        print("| model | batch | implementation | ms per step median (min-max) | tokens/s | vs best HF |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(generate_rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
