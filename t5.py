@@ -284,8 +284,7 @@ class DecoderSelfAttention(nn.Module):
         """x (b, t, d), bias (b|1, h, t, k) additive, cache (2, b, h, k, e), positions (t,) -> (b, t, d)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
         if cache is not None:
-            cache[0].index_copy_(2, positions, k.to(cache.dtype))
-            cache[1].index_copy_(2, positions, v.to(cache.dtype))
+            cache[:, :, :, positions] = torch.stack([k, v]).to(cache.dtype)
             k, v = cache[0], cache[1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
