@@ -100,8 +100,9 @@ EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tok
 ########################################################################################
 
 
-def config_from_hf(hf: Mapping) -> tuple[T5Config, bool]:
-    """A raw Hugging Face config.json dict -> (our T5Config, whether lm_head is scaled by d_model**-0.5)."""
+def config_from_hf(hf: Mapping, tokenizer_config: Mapping | None = None) -> tuple[T5Config, bool]:
+    """A raw Hugging Face config.json dict (and tokenizer_config.json, when there is one) ->
+    (our T5Config, whether lm_head is scaled by d_model**-0.5)."""
     model_type = hf.get("model_type")
     if model_type in UNSUPPORTED_MODEL_TYPES:
         raise ConversionError(f"unsupported architecture {model_type!r}: {UNSUPPORTED_MODEL_TYPES[model_type]}")
@@ -119,6 +120,10 @@ def config_from_hf(hf: Mapping) -> tuple[T5Config, bool]:
         raise ConversionError(f"unsupported feed_forward_proj {proj!r}: real T5 checkpoints use {sorted(FFN_FROM_HF)}")
     eos = fields.get("eos_token_id", 1)
     pad = fields.get("pad_token_id", 0)
+    tokenizer_config = tokenizer_config or {}
+    # ByT5 reads UTF-8 bytes; its folders say so in tokenizer_config.json (or have only its vocabulary size)
+    is_bytes = tokenizer_config.get("tokenizer_class") == "ByT5Tokenizer" or (
+        not tokenizer_config and fields["vocab_size"] == 384)
     config = T5Config(
         vocab_size=fields["vocab_size"], d_model=fields["d_model"], d_kv=fields["d_kv"], d_ff=fields["d_ff"],
         num_heads=fields["num_heads"], num_encoder_layers=fields["num_layers"],
@@ -129,6 +134,8 @@ def config_from_hf(hf: Mapping) -> tuple[T5Config, bool]:
         eps=fields.get("layer_norm_epsilon", 1e-6), pad_token_id=pad,
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         decoder_start_token_id=fields.get("decoder_start_token_id", pad),
+        tokenizer="bytes" if is_bytes else "sentencepiece",
+        extra_ids=tokenizer_config.get("extra_ids", 125 if is_bytes else 100),
     )
     # T5 v1.0 ties the output embedding to the input one and rescales the decoder output by
     # d_model**-0.5; v1.1 and later say "tie_word_embeddings": false. transformers 5 saves that
@@ -142,12 +149,12 @@ def config_from_hf(hf: Mapping) -> tuple[T5Config, bool]:
 ########################################################################################
 
 
-def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only: bool = False
-                    ) -> tuple[T5Config, dict[str, Source], bool]:
+def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only: bool = False,
+                    tokenizer_config: Mapping | None = None) -> tuple[T5Config, dict[str, Source], bool]:
     """Decide how every one of our tensors is made. Returns (config, {our name: Source},
     encoder_only). A checkpoint without decoder tensors (…EncoderModel) converts encoder-only.
     Raises ConversionError naming every missing or unexpected Hugging Face tensor."""
-    config, scale_lm_head = config_from_hf(hf_config)
+    config, scale_lm_head = config_from_hf(hf_config, tokenizer_config)
     hf_keys = set(hf_keys)
     if not any(k.startswith("decoder.") for k in hf_keys):
         encoder_only = True
@@ -202,9 +209,11 @@ def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Siz
 
 
 def convert_state_dict(hf_config: Mapping, hf_state: Mapping[str, Tensor], *, encoder_only: bool = False,
-                       dtype: torch.dtype | None = None) -> tuple[T5Config, dict[str, Tensor]]:
+                       dtype: torch.dtype | None = None, tokenizer_config: Mapping | None = None
+                       ) -> tuple[T5Config, dict[str, Tensor]]:
     """A Hugging Face config dict + state dict -> (our T5Config, our state dict), in memory."""
-    config, plan, encoder_only = plan_conversion(hf_config, hf_state.keys(), encoder_only=encoder_only)
+    config, plan, encoder_only = plan_conversion(hf_config, hf_state.keys(), encoder_only=encoder_only,
+                                                 tokenizer_config=tokenizer_config)
     shapes = expected_shapes(config, encoder_only)
     state = {name: build(source, hf_state, dtype) for name, source in plan.items()}
     for name, tensor in state.items():
@@ -313,9 +322,12 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found")
     hf_config = json.loads(config_path.read_text())
-    config_from_hf(hf_config)  # unsupported architectures fail before any tensor is read
+    tokenizer_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_path.read_text()) if tokenizer_path.is_file() else None
+    config_from_hf(hf_config, tokenizer_config)  # unsupported architectures fail before any tensor is read
     tensors = CheckpointTensors(folder)
-    config, plan, encoder_only = plan_conversion(hf_config, tensors.keys(), encoder_only=encoder_only)
+    config, plan, encoder_only = plan_conversion(hf_config, tensors.keys(), encoder_only=encoder_only,
+                                                 tokenizer_config=tokenizer_config)
     shapes = expected_shapes(config, encoder_only)
     dtype = dtype or tensors[next(iter(plan.values())).keys[0]].dtype  # default: the embedding's dtype
     if dtype not in SAFETENSORS_DTYPES:

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -77,6 +78,8 @@ class T5Config:
     pad_token_id: int = 0  # padding id, also the usual decoder start
     eos_token_id: int = 1  # end of sequence (Pile-T5: 2)
     decoder_start_token_id: int = 0  # first decoder input token
+    tokenizer: Literal["sentencepiece", "bytes"] = "sentencepiece"  # ByT5: UTF-8 bytes offset by 3
+    extra_ids: int = 100  # sentinels <extra_id_0>.. counted down from the end of the vocabulary (ByT5: 125)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
@@ -88,6 +91,10 @@ class T5Config:
             raise ValueError(f"T5Config.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if self.num_buckets < 4:
             raise ValueError(f"T5Config.num_buckets must be at least 4, got {self.num_buckets}")
+        if self.tokenizer not in ("sentencepiece", "bytes"):
+            raise ValueError(f"T5Config.tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}")
+        if not 0 <= self.extra_ids <= self.vocab_size:
+            raise ValueError(f"T5Config.extra_ids must be in [0, vocab_size], got {self.extra_ids}")
         if not self.eps > 0:
             raise ValueError(f"T5Config.eps must be positive, got {self.eps!r}")
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
@@ -904,6 +911,142 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
 def repeat_beams(index: Tensor, width: int) -> Tensor:
     """(b, k) beam indices -> (b, k, width), to gather whole token rows along the beam axis."""
     return rearrange(index, "b k -> b k 1").expand(-1, -1, width)
+
+
+########################################################################################
+# Tokenizers
+########################################################################################
+
+SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+class Tokenizer:
+    """Text <-> ids for a T5 checkpoint: sentencepiece pieces (or ByT5's bytes) plus T5's sentinels
+    `<extra_id_0>`, `<extra_id_1>`, ... whose ids count down from the end of the vocabulary
+    (`<extra_id_0>` is the last id). The text between sentinels is encoded piece by piece, as
+    Hugging Face's T5Tokenizer does; EOS is appended by default."""
+
+    def __init__(self, config: T5Config) -> None:
+        self.pad_id, self.eos_id = config.pad_token_id, config.eos_token_id
+        self.extra_ids = config.extra_ids
+        self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; set by subclasses to their vocabulary's end
+
+    def _encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_text(self, ids: list[int], continues: bool) -> str:
+        """Ids without special tokens -> text; `continues` when text was written before them."""
+        raise NotImplementedError
+
+    def _is_special(self, i: int) -> bool:
+        return i in (self.pad_id, self.eos_id, self.unk_id) or self.sentinel_index(i) is not None
+
+    def sentinel(self, index: int) -> int:
+        """The id of <extra_id_{index}>."""
+        if not 0 <= index < self.extra_ids:
+            raise ValueError(f"<extra_id_{index}> does not exist: this vocabulary has {self.extra_ids} sentinels")
+        return self.first_sentinel - index
+
+    def sentinel_index(self, i: int) -> int | None:
+        index = self.first_sentinel - i
+        return index if 0 <= index < self.extra_ids else None
+
+    def encode(self, text: str, *, eos: bool = True) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for match in SENTINEL.finditer(text):
+            if int(match.group(1)) < self.extra_ids:
+                ids += self._encode_text(text[start:match.start()]) + [self.sentinel(int(match.group(1)))]
+                start = match.end()
+        ids += self._encode_text(text[start:])
+        return ids + [self.eos_id] if eos else ids
+
+    def encode_batch(self, texts: list[str], *, eos: bool = True, device: torch.device | str | None = None
+                     ) -> tuple[Tensor, Tensor]:
+        """Texts -> ids (b, s) right-padded with pad, and the padding mask (b, s), 1 = real token."""
+        rows = [self.encode(text, eos=eos) for text in texts]
+        width = max(1, max(len(row) for row in rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        return ids.to(device), mask.to(device)
+
+    def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
+        """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped, or written as
+        <pad>, </s>, <unk>, <extra_id_N> with skip_special_tokens=False."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        parts, run = [], []
+        for i in ids:
+            if not self._is_special(i):
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._decode_text(run, continues=bool(parts)))
+                run = []
+            if not skip_special_tokens:
+                index = self.sentinel_index(i)
+                parts.append(f"<extra_id_{index}>" if index is not None else
+                             {self.pad_id: "<pad>", self.eos_id: "</s>", self.unk_id: "<unk>"}[i])
+        if run:
+            parts.append(self._decode_text(run, continues=bool(parts)))
+        return "".join(parts)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, config: T5Config, model_file: str | Path) -> None:
+        import sentencepiece
+
+        super().__init__(config)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.unk_id = self.sp.unk_id()
+        self.first_sentinel = self.sp.get_piece_size() + self.extra_ids - 1
+        if self.first_sentinel >= config.vocab_size:
+            raise ValueError(f"{model_file}: {self.sp.get_piece_size()} pieces + {self.extra_ids} sentinels do not fit "
+                             f"the model's vocabulary of {config.vocab_size}")
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def _decode_text(self, ids: list[int], continues: bool) -> str:
+        # sentencepiece drops the word-boundary space of the first piece; keep it mid-text
+        space = " " if continues and self.sp.id_to_piece(ids[0]).startswith("\u2581") else ""
+        return space + self.sp.decode(ids)
+
+
+class ByteTokenizer(Tokenizer):
+    """ByT5: each UTF-8 byte b is id b + 3 (after pad, EOS and unknown). Sentinels count down from
+    the end of the vocabulary as in T5's span corruption; Hugging Face's ByT5Tokenizer numbers
+    them up from 259 instead."""
+
+    OFFSET = 3
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.unk_id = 2
+        if config.vocab_size < 256 + self.OFFSET + self.extra_ids:
+            raise ValueError(f"a byte vocabulary needs {256 + self.OFFSET} ids plus sentinels, the model has "
+                             f"{config.vocab_size}")
+
+    def _encode_text(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def _decode_text(self, ids: list[int], continues: bool) -> str:
+        return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", errors="ignore")
+
+
+def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
+    """The tokenizer of a converted checkpoint folder: spiece.model (or tokenizer.model), or bytes
+    for ByT5, as its config says."""
+    path = Path(path)
+    config = config or T5Config.load(path / "config.json")
+    if config.tokenizer == "bytes":
+        return ByteTokenizer(config)
+    for name in ("spiece.model", "tokenizer.model"):
+        if (path / name).is_file():
+            return SentencePieceTokenizer(config, path / name)
+    raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of this checkpoint)")
 
 
 ########################################################################################

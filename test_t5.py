@@ -769,3 +769,80 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
             token = expected.argmax(-1, keepdim=True)
             position += 1
         torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, atol=1e-5, rtol=1e-5)
+
+
+########################################################################################
+# Tokenizers
+########################################################################################
+
+TOKENIZER_TEXTS = ["hello world", "", "  hello   world  ", "kato rimo <extra_id_0> ne", "<extra_id_0>",
+                   "a<extra_id_1>b", "hello <extra_id_0> world <extra_id_99>", "東京 😀 straße", "\tfox\n dog",
+                   "x  <extra_id_3>  y", "unknown ZZZ ü", "ｆｕｌｌ width ①", "<extra_id_100> is plain text here",
+                   "  ", "\n\n"]
+
+
+@pytest.fixture(scope="module")
+def spiece_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentencepiece model trained here, with T5's special pieces (pad 0, EOS 1, unknown 2, no BOS)."""
+    import random
+
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spiece")
+    rng = random.Random(0)
+    syllables = ["ka", "to", "ri", "mo", "ne", "su", "la", "pe", "qu", "ix", "ön", "ça", "東", "京", "😀", "ß"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    words += "hello world the fox".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=200, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+        minloglevel=2)
+    return folder
+
+
+def test_sentencepiece_tokenizer_matches_hf(spiece_folder: Path) -> None:
+    """Our ids equal transformers' T5Tokenizer (legacy=False) on sentinels, unicode, the empty
+    string and whitespace runs; sentinels count down from the end of the vocabulary."""
+    hf = transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False)
+    config = t5.T5Config(vocab_size=300)
+    ours = t5.load_tokenizer(spiece_folder, config)
+    assert ours.sentinel(0) == 299 and ours.sentinel(99) == 200
+    assert hf.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [299, 200]
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
+    assert ours.encode("hello", eos=False) == hf("hello", add_special_tokens=False).input_ids
+    ids = ours.encode("hello <extra_id_0> world")
+    assert ours.decode(ids, skip_special_tokens=False) == "hello<extra_id_0> world</s>"
+    batch, mask = ours.encode_batch(["hello world", "", "fox"])
+    assert batch.shape == mask.shape == (3, 3)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert batch[1].tolist() == [1, 0, 0]
+
+
+def test_byte_tokenizer_matches_hf_except_sentinel_numbering() -> None:
+    """ByT5: bytes offset by 3, as in transformers' ByT5Tokenizer. The one documented difference:
+    we number sentinels down from the end of the vocabulary (<extra_id_0> = 383), as T5's span
+    corruption did in pre-training; ByT5Tokenizer numbers them up from 259."""
+    hf = transformers.ByT5Tokenizer()
+    config = t5.T5Config(vocab_size=384, tokenizer="bytes", extra_ids=125)
+    ours = t5.load_tokenizer(Path("unused"), config)
+    for text in TOKENIZER_TEXTS:
+        if "<extra_id_" in text:  # sentinels: the documented difference, checked below
+            continue
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
+    assert ours.encode("a<extra_id_0>b") == [100, 383, 101, 1]
+    assert hf("a<extra_id_0>b").input_ids == [100, 259, 101, 1]
+    assert ours.decode([100, 383, 101, 1], skip_special_tokens=False) == "a<extra_id_0>b</s>"
+
+
+def test_tokenizer_errors(spiece_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no spiece.model"):
+        t5.load_tokenizer(tmp_path, t5.T5Config())
+    with pytest.raises(ValueError, match="200 pieces \\+ 100 sentinels do not fit"):
+        t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=250))
+    with pytest.raises(ValueError, match="<extra_id_100> does not exist"):
+        t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300)).sentinel(100)
