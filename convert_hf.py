@@ -135,6 +135,7 @@ def config_from_hf(hf: Mapping, tokenizer_config: Mapping | None = None) -> tupl
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
         decoder_start_token_id=fields.get("decoder_start_token_id", pad),
         tokenizer="bytes" if is_bytes else "sentencepiece",
+        dropout=fields.get("dropout_rate", 0.1),
         extra_ids=tokenizer_config.get("extra_ids", 125 if is_bytes else 100),
     )
     # T5 v1.0 ties the output embedding to the input one and rescales the decoder output by

@@ -35,11 +35,14 @@ Shape legend (einops names used throughout):
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
 import math
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -47,6 +50,7 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -80,6 +84,7 @@ class T5Config:
     decoder_start_token_id: int = 0  # first decoder input token
     tokenizer: Literal["sentencepiece", "bytes"] = "sentencepiece"  # ByT5: UTF-8 bytes offset by 3
     extra_ids: int = 100  # sentinels <extra_id_0>.. counted down from the end of the vocabulary (ByT5: 125)
+    dropout: float = 0.0  # training only: embeddings, attention weights, FFN hidden, block outputs
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
@@ -95,6 +100,8 @@ class T5Config:
             raise ValueError(f"T5Config.tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}")
         if not 0 <= self.extra_ids <= self.vocab_size:
             raise ValueError(f"T5Config.extra_ids must be in [0, vocab_size], got {self.extra_ids}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"T5Config.dropout must be in [0, 1), got {self.dropout}")
         if not self.eps > 0:
             raise ValueError(f"T5Config.eps must be positive, got {self.eps!r}")
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
@@ -264,13 +271,15 @@ class EncoderSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.scale = config.d_kv**-0.5 if config.scale_qk else 1.0
+        self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x (b, s, d), bias (b|1, h, s, s) additive -> (b, s, d)."""
         q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.num_heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h s e -> b s (h e)"))
 
 
@@ -283,6 +292,7 @@ class DecoderSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.scale = config.d_kv**-0.5 if config.scale_qk else 1.0
+        self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
@@ -293,7 +303,8 @@ class DecoderSelfAttention(nn.Module):
         if cache is not None:
             cache[:, :, :, positions] = torch.stack([k, v]).to(cache.dtype)
             k, v = cache[0], cache[1]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
 
 
@@ -306,6 +317,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.scale = config.d_kv**-0.5 if config.scale_qk else 1.0
+        self.dropout = config.dropout
         self.q = nn.Linear(config.d_model, config.inner_dim, bias=False)
         self.kv = nn.Linear(config.d_model, 2 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
@@ -320,7 +332,8 @@ class CrossAttention(nn.Module):
         q = rearrange(self.q(x), "(b n) t (h e) -> b h (n t) e", b=batch, h=self.num_heads)
         if bias is not None and bias.shape[-2] != 1:  # a per-query mask repeats for each of the n rows
             bias = bias.repeat(1, 1, x.shape[0] // batch, 1)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=self.scale)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h (n t) e -> (b n) t (h e)", n=x.shape[0] // batch))
 
 
@@ -330,10 +343,11 @@ class ReluFFN(nn.Module):
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.wo(F.relu(self.wi(x)))
+        return self.wo(self.dropout(F.relu(self.wi(x))))
 
 
 class GegluFFN(nn.Module):
@@ -342,11 +356,12 @@ class GegluFFN(nn.Module):
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.wi = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)  # rows: [gate; up]
+        self.dropout = nn.Dropout(config.dropout)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.wi(x).chunk(2, dim=-1)
-        return self.wo(F.gelu(gate, approximate="tanh") * up)
+        return self.wo(self.dropout(F.gelu(gate, approximate="tanh") * up))
 
 
 def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
@@ -360,11 +375,12 @@ class EncoderLayer(nn.Module):
         self.attn = EncoderSelfAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
+        self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x: float32 residual stream (b, s, d); bias (b|1, h, s, s)."""
-        x = x + self.attn(self.attn_norm(x), bias).float()
-        return x + self.ffn(self.ffn_norm(x)).float()
+        x = x + self.dropout(self.attn(self.attn_norm(x), bias)).float()
+        return x + self.dropout(self.ffn(self.ffn_norm(x))).float()
 
 
 class DecoderLayer(nn.Module):
@@ -376,13 +392,14 @@ class DecoderLayer(nn.Module):
         self.cross_attn = CrossAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
+        self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
 
     def forward(self, x: Tensor, self_bias: Tensor, cross_kv: Tensor, cross_bias: Tensor | None,
                 cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """x: float32 residual stream (b, t, d); see the attention classes for the rest."""
-        x = x + self.self_attn(self.self_attn_norm(x), self_bias, cache, positions).float()
-        x = x + self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias).float()
-        return x + self.ffn(self.ffn_norm(x)).float()
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache, positions)).float()
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)).float()
+        return x + self.dropout(self.ffn(self.ffn_norm(x))).float()
 
 
 ########################################################################################
@@ -402,6 +419,8 @@ class T5Encoder(nn.Module):
                                                   bidirectional=True)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(layers))
         self.final_norm = RMSNorm(config.d_model, config.eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
 
     def forward(self, input_ids: Tensor, input_mask: Tensor | None = None) -> Tensor:
         """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing, True = real token.
@@ -412,12 +431,12 @@ class T5Encoder(nn.Module):
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, seq = input_ids.shape
         attend = None if input_mask is None else check_mask(input_mask, batch, seq, seq, "input_mask")
-        x = self.embedding(input_ids).float()  # the residual stream is float32
+        x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
         bias = attention_bias(self.position_bias(positions, positions), attend, x_dtype(self))
         for layer, layer_bias in zip(self.layers, bias.expand(len(self.layers), *bias.shape[1:])):
-            x = layer(x, layer_bias)
-        out = self.final_norm(x)
+            x = run_layer(self, layer, x, layer_bias)
+        out = self.dropout(self.final_norm(x))
         if attend is None:
             return out
         real = input_mask != 0 if input_mask.dim() == 2 else attend.any(dim=-1)  # (b, s)
@@ -444,6 +463,8 @@ class T5Decoder(nn.Module):
                                                   bidirectional=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layers))
         self.final_norm = RMSNorm(config.d_model, config.eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
 
     def remember(self, encoded: Tensor, cross_mask: Tensor | None = None) -> Memory:
         """Project an encoding (b, s, d) into every layer's keys/values (l, 2, b, h, s, e), once.
@@ -473,7 +494,7 @@ class T5Decoder(nn.Module):
             raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.kv.shape[2]}")
         if memory.bias is not None and memory.bias.shape[2] not in (1, length):
             raise ValueError(f"cross_mask covers {memory.bias.shape[2]} decoder positions, the input has {length}")
-        x = self.embedding(input_ids).float()
+        x = self.dropout(self.embedding(input_ids)).float()
         dtype = x_dtype(self)
         if cache is None:
             positions = torch.arange(length, device=input_ids.device)
@@ -496,8 +517,15 @@ class T5Decoder(nn.Module):
         self_bias = attention_bias(self.position_bias(positions, keys), attend, dtype)
         layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), memory.kv, layer_caches)
         for layer, layer_bias, cross_kv, layer_cache in layers:
-            x = layer(x, layer_bias, cross_kv, memory.bias, layer_cache, positions)
-        return self.final_norm(x)
+            x = run_layer(self, layer, x, layer_bias, cross_kv, memory.bias, layer_cache, positions)
+        return self.dropout(self.final_norm(x))
+
+
+def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | None) -> Tensor:
+    """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
+    if stack.checkpoint_layers and stack.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 def x_dtype(module: nn.Module) -> torch.dtype:
@@ -545,6 +573,70 @@ class T5(nn.Module):
                                  f"got {tuple(labels.shape)}")
             loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(), ignore_index=-100)
         return T5Output(logits, loss)
+
+
+def shift_right(labels: Tensor, config: T5Config) -> Tensor:
+    """Target ids (b, t), -100 where ignored -> decoder inputs (b, t): the decoder start token,
+    then the targets shifted one step right (teacher forcing), ignored positions as pad."""
+    start = labels.new_full((labels.shape[0], 1), config.decoder_start_token_id)
+    shifted = torch.cat([start, labels[:, :-1]], dim=1)
+    return shifted.masked_fill(shifted == -100, config.pad_token_id)
+
+
+def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Segment ids of packed rows -> (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)).
+
+    Examples packed into one row carry the same id (1, 2, ...) on the input and on the target side;
+    0 marks padding. A position attends only within its own example (causality is added by the
+    decoder); padding attends to nothing. T5's positions are relative, so a packed example sees
+    exactly what it would see alone."""
+    def same(q: Tensor, k: Tensor) -> Tensor:
+        return (rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")) & rearrange(q > 0, "b q -> b q 1")
+    return same(input_segments, input_segments), same(target_segments, target_segments), \
+        same(target_segments, input_segments)
+
+
+def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator | None = None) -> None:
+    """Initialize every parameter from the config, normal with mean 0 and these stds (norms: 1):
+
+    - scale_qk=False (Mesh TensorFlow's T5 scheme, attention scale folded into the queries):
+      q: (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi: d_model**-0.5; attention out:
+      inner_dim**-0.5; FFN wo: d_ff**-0.5; token embeddings and lm_head: 1; bias tables: d_model**-0.5.
+    - scale_qk=True (the scale applied in attention): the same, except q: d_model**-0.5 and
+      lm_head: d_model**-0.5, so that every projection keeps unit-variance inputs at unit variance.
+    """
+    config = model.config
+    d, e, i, f = config.d_model, config.d_kv, config.inner_dim, config.d_ff
+    q_std = d**-0.5 if config.scale_qk else (d * e) ** -0.5
+
+    def normal(weight: Tensor, std: float | list[tuple[int, float]]) -> None:
+        """Fill weight; std may be [(rows, std), ...] for a fused matrix made of row blocks."""
+        blocks = [(weight.shape[0], std)] if isinstance(std, float) else std
+        start = 0
+        with torch.no_grad():
+            for rows, block_std in blocks:
+                weight[start:start + rows].normal_(0.0, block_std, generator=generator)
+                start += rows
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, RelativePositionBias):
+            normal(module.embedding.weight, d**-0.5)
+        elif isinstance(module, (T5Encoder, T5Decoder)):
+            normal(module.embedding.weight, 1.0)
+        elif isinstance(module, (EncoderSelfAttention, DecoderSelfAttention)):
+            normal(module.qkv.weight, [(i, q_std), (2 * i, d**-0.5)])
+            normal(module.out.weight, i**-0.5)
+        elif isinstance(module, CrossAttention):
+            normal(module.q.weight, q_std)
+            normal(module.kv.weight, d**-0.5)
+            normal(module.out.weight, i**-0.5)
+        elif isinstance(module, (ReluFFN, GegluFFN)):
+            normal(module.wi.weight, d**-0.5)
+            normal(module.wo.weight, f**-0.5)
+        elif isinstance(module, T5):
+            normal(module.lm_head.weight, d**-0.5 if config.scale_qk else 1.0)
 
 
 ########################################################################################
@@ -1092,3 +1184,150 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             state[key[len(prefix):]] = tensor if dtype is None else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+########################################################################################
+# Command line
+########################################################################################
+
+DEMO = Path(__file__).resolve().parent / "demo"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CommandLineError(Exception):
+    """A mistake in how the command was called: reported in one line, no traceback."""
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CommandLineError(f"unknown device {name!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandLineError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise CommandLineError("no prompt: give prompts as arguments or one per line on stdin")
+    return prompts
+
+
+def _load_for_cli(args: argparse.Namespace, *, encoder_only: bool = False) -> tuple[T5 | T5Encoder, Tokenizer]:
+    ckpt = Path(args.ckpt)
+    if not (ckpt / "config.json").is_file():
+        raise CommandLineError(f"--ckpt {ckpt}: no converted checkpoint there (config.json missing); "
+                               "convert one with convert_hf.py")
+    device = _device(args.device)
+    model = load(ckpt, encoder_only=encoder_only, device=device, dtype=DTYPES[args.dtype])
+    return model, load_tokenizer(ckpt, model.config)
+
+
+def cli_generate(args: argparse.Namespace) -> None:
+    model, tokenizer = _load_for_cli(args)
+    prompts = _prompts(args)
+    ids, mask = tokenizer.encode_batch(prompts, device=model.lm_head.weight.device)
+    sample = args.temperature not in (None, 0) or args.top_k is not None or args.top_p is not None
+    if sample and args.num_beams > 1:
+        raise CommandLineError("--num-beams is beam search: it does not combine with --temperature/--top-k/--top-p")
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(ids.device).manual_seed(args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=sample,
+                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                   compile=args.compile)
+    start = time.perf_counter()
+    if len(prompts) == 1 and args.num_beams == 1:  # stream the text as it comes
+        tokens: list[int] = []
+        shown = ""
+        for token in stream(model, ids, mask, **options):
+            tokens.append(int(token[0]))
+            text = tokenizer.decode(tokens)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+        count = len(tokens)
+    else:
+        if args.num_beams > 1:
+            out = generate(model, ids, mask, num_beams=args.num_beams, **{k: v for k, v in options.items()
+                                                                          if k not in ("do_sample", "temperature",
+                                                                                       "top_k", "top_p", "generator")})
+        else:
+            out = generate(model, ids, mask, **options)
+        for row in out.tokens:
+            print(tokenizer.decode(row))
+        count = int(out.lengths.sum())
+    elapsed = time.perf_counter() - start
+    print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
+
+
+def cli_encode(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    encoder, tokenizer = _load_for_cli(args, encoder_only=True)
+    ids, mask = tokenizer.encode_batch(_prompts(args), device=encoder.embedding.weight.device)
+    with torch.inference_mode():
+        hidden = encoder(ids, mask)
+    save_file({"hidden": hidden.cpu().contiguous(), "mask": mask.cpu(), "input_ids": ids.cpu()}, str(args.out))
+    print(f"wrote {args.out}: hidden {tuple(hidden.shape)} {hidden.dtype}, mask {tuple(mask.shape)}", file=sys.stderr)
+
+
+def cli_flops(args: argparse.Namespace) -> None:
+    path = Path(args.ckpt)
+    config = T5Config.load(path / "config.json" if path.is_dir() else path)
+    b, s, t = args.batch, args.src, args.tgt
+    rows = [(f"encoder forward ({b} x {s})", encoder_flops(config, b, s)),
+            (f"decoder forward, {t} tokens over {s} (prefill)", decoder_flops(config, b, t, s)),
+            (f"one cached decode step (cache of {s + t}, over {s})", decode_step_flops(config, b, s, s + t))]
+    print(f"{'':50} {'attn proj':>12} {'attn scores':>12} {'ffn':>12} {'lm_head':>12} {'total':>12}  GFLOP")
+    for name, f in rows:
+        print(f"{name:50} " + " ".join(f"{x / 1e9:12.4f}" for x in (*f, f.total)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="t5.py", description="T5 from the command line. With no --ckpt, the "
+                                     "demo model in demo/ (it spells out numbers: 'spell: 4071').")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin)")
+        p.add_argument("--ckpt", default=str(DEMO), help="a folder written by convert_hf.py (default: the demo model)")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
+        p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+
+    g = commands.add_parser("generate", help="generate text for prompts (greedy unless told otherwise)")
+    common(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, help="sample at this temperature (0: greedy)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much probability")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--seed", type=int, help="seed of the sampling generator (same seed, same text)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.set_defaults(run=cli_generate)
+    e = commands.add_parser("encode", help="write encoder hidden states (and mask) of prompts to a safetensors file")
+    common(e)
+    e.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    e.set_defaults(run=cli_encode)
+    f = commands.add_parser("flops", help="print the FLOP breakdown of a config for given sizes")
+    f.add_argument("--ckpt", default=str(DEMO), help="a checkpoint folder or a config.json (default: the demo model)")
+    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--src", type=int, default=512, help="encoder tokens per row")
+    f.add_argument("--tgt", type=int, default=64, help="decoder tokens per row")
+    f.set_defaults(run=cli_flops)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandLineError, FileNotFoundError, ValueError) as error:
+        print(f"t5.py {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

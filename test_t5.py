@@ -846,3 +846,80 @@ def test_tokenizer_errors(spiece_folder: Path, tmp_path: Path) -> None:
         t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=250))
     with pytest.raises(ValueError, match="<extra_id_100> does not exist"):
         t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300)).sentinel(100)
+
+
+########################################################################################
+# Demo model and command line
+########################################################################################
+
+
+def test_demo_model_spells_held_out_numbers() -> None:
+    """The model shipped in demo/ spells at least 95% of the 200 held-out numbers exactly."""
+    import train_demo
+
+    model = t5.load(HERE / "demo")
+    tokenizer = t5.load_tokenizer(HERE / "demo", model.config)
+    numbers = train_demo.held_out()
+    assert len(numbers) == 200
+    accuracy = train_demo.evaluate(model, tokenizer, numbers)
+    assert accuracy >= 0.95, accuracy
+    assert train_demo.spell(4071) == "four thousand seventy-one" and train_demo.spell(90_019) == "ninety thousand nineteen"
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "t5.py", *args], cwd=HERE, capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+def test_cli_generate_stream_batch_and_stdin() -> None:
+    one = run_cli("generate", "spell: 4071")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout == "four thousand seventy-one\n" and "tokens/s" in one.stderr
+    many = run_cli("generate", "--num-beams", "2", "--max-new-tokens", "20", stdin="spell: 12\nspell: 300\n")
+    assert many.returncode == 0, many.stderr
+    assert many.stdout.splitlines() == ["twelve", "three hundred"]
+    sampled = [run_cli("generate", "spell: 4071", "--temperature", "1.5", "--seed", "3").stdout for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0].strip()
+
+
+def test_cli_encode_and_flops(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "hidden.safetensors"
+    result = run_cli("encode", "spell: 7", "spell: 1234", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = load_file(out)
+    encoder = t5.load(HERE / "demo", encoder_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(saved["hidden"], encoder(saved["input_ids"], saved["mask"]))
+    flops = run_cli("flops", "--batch", "2", "--src", "32", "--tgt", "8")
+    assert flops.returncode == 0 and "encoder forward (2 x 32)" in flops.stdout
+    config = t5.T5Config.load(HERE / "demo" / "config.json")
+    assert f"{t5.encoder_flops(config, 2, 32).total / 1e9:12.4f}" in flops.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--ckpt", "no/such/dir"], "--ckpt no/such/dir: no converted checkpoint there"),
+    (["generate", "x", "--dtype", "float8"], "invalid choice: 'float8'"),
+    (["generate", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "x", "--device", "nope"],
+     "CUDA is not available" if not torch.cuda.is_available() else "unknown device"),
+    (["generate", "x", "--num-beams", "2", "--top-k", "3"], "does not combine"),
+    (["generate", "x", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+])
+def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+@pytest.mark.parametrize("command, options", [
+    ("generate", ["--ckpt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--num-beams", "--seed",
+                  "--dtype", "--device", "--compile"]),
+    ("encode", ["--ckpt", "--out", "--dtype", "--device"]),
+    ("flops", ["--ckpt", "--batch", "--src", "--tgt"]),
+])
+def test_cli_help(command: str, options: list[str]) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert all(option in result.stdout for option in options)

@@ -1,0 +1,145 @@
+"""Train the demo model that ships in demo/: a tiny T5 that spells out numbers.
+
+    python train_demo.py              # a few minutes on 2 CPU cores; writes demo/
+
+"spell: 4071" -> "four thousand seventy-one", for every number below 100,000. The 200 numbers of
+`held_out()` are never trained on: they measure how well the model generalizes (test_t5.py
+asks for at least 95% exact matches). Everything is seeded, so a rerun on the same machine and
+versions reproduces demo/. The model is trained with t5.py itself: T5, init_weights, shift_right
+and the loss of T5.forward; its tokenizer is a sentencepiece model trained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import t5
+
+LIMIT = 100_000
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def spell(n: int) -> str:
+    """English words for 0 <= n < 1,000,000: 4071 -> 'four thousand seventy-one'."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("-" + ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        return ONES[n // 100] + " hundred" + (" " + spell(n % 100) if n % 100 else "")
+    return spell(n // 1000) + " thousand" + (" " + spell(n % 1000) if n % 1000 else "")
+
+
+def prompt(n: int) -> str:
+    return f"spell: {n}"
+
+
+def held_out() -> list[int]:
+    """The 200 numbers kept out of training."""
+    return sorted(random.Random(2024).sample(range(LIMIT), 200))
+
+
+def demo_config(vocab_size: int) -> t5.T5Config:
+    return t5.T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_heads=4, num_encoder_layers=3,
+                       num_decoder_layers=3, ffn="gated-gelu", scale_qk=True, num_buckets=16, max_distance=32)
+
+
+def train_tokenizer(folder: Path, numbers: list[int]) -> None:
+    """A sentencepiece model with T5's special pieces (pad 0, EOS 1, unknown 2, no BOS); digits are
+    single pieces so that every number is read digit by digit."""
+    import sentencepiece
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(f"{prompt(n)}\n{spell(n)}" for n in numbers))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=64, split_digits=True, pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0, minloglevel=2, num_threads=1, seed_sentencepiece_size=100_000)
+    corpus.unlink()
+    (folder / "spiece.vocab").unlink()
+
+
+def evaluate(model: t5.T5, tokenizer: t5.Tokenizer, numbers: list[int]) -> float:
+    """Fraction of numbers spelled exactly right by greedy decoding."""
+    ids, mask = tokenizer.encode_batch([prompt(n) for n in numbers])
+    out = t5.generate(model, ids, mask, max_new_tokens=32)
+    right = sum(tokenizer.decode(row) == spell(n) for row, n in zip(out.tokens, numbers))
+    return right / len(numbers)
+
+
+def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    test = set(held_out())
+    numbers = [n for n in range(LIMIT) if n not in test]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        train_tokenizer(folder, numbers)
+        pieces = t5.SentencePieceTokenizer(t5.T5Config(vocab_size=4096), folder / "spiece.model").sp.get_piece_size()
+        config = demo_config(vocab_size=pieces + 100)  # + T5's 100 sentinels
+        tokenizer = t5.load_tokenizer(folder, config)
+        model = t5.T5(config)
+        t5.init_weights(model, torch.Generator().manual_seed(seed))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        warmup = steps // 20
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        start = time.time()
+        model.train()
+        for step in range(steps):
+            chosen = rng.sample(numbers, batch)
+            ids, mask = tokenizer.encode_batch([prompt(n) for n in chosen])
+            labels, label_mask = tokenizer.encode_batch([spell(n) for n in chosen])
+            labels = labels.masked_fill(label_mask == 0, -100)
+            decoder_ids = t5.shift_right(labels, config)
+            loss = model(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % 250 == 0 or step == steps - 1:
+                print(f"step {step:5d}  loss {loss.item():.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                      f"{time.time() - start:.0f}s", flush=True)
+        model.eval()
+        accuracy = evaluate(model, tokenizer, sorted(test))
+        print(f"held-out exact match: {accuracy:.1%} of {len(test)}")
+        # write like convert_hf.py does: config.json, model.safetensors, spiece.model
+        from safetensors.torch import save_file
+
+        staging = folder / "demo"
+        staging.mkdir()
+        config.save(staging / "config.json")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors",
+                  metadata={"format": "pt"})
+        shutil.copy(folder / "spiece.model", staging / "spiece.model")
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(staging, out)
+    return accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # the reference run: 2 CPU cores
+    train(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
