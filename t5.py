@@ -394,9 +394,13 @@ class DecoderLayer(nn.Module):
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
 
-    def forward(self, x: Tensor, self_bias: Tensor, cross_kv: Tensor, cross_bias: Tensor | None,
-                cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
-        """x: float32 residual stream (b, t, d); see the attention classes for the rest."""
+    def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
+                cross_bias: Tensor | None, cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """x: float32 residual stream (b, t, d); encoded (b, s, d) the encoder output, whose
+        cross-attention keys/values cross_kv (2, b, h, s, e) are projected here unless precomputed;
+        see the attention classes for the rest."""
+        if cross_kv is None:
+            cross_kv = self.cross_attn.project_kv(encoded)
         x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache, positions)).float()
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)).float()
         return x + self.dropout(self.ffn(self.ffn_norm(x))).float()
@@ -444,11 +448,11 @@ class T5Encoder(nn.Module):
 
 
 class Memory(NamedTuple):
-    """What the decoder reads of one encoding: every layer's cross-attention keys/values, computed
-    once (by `T5Decoder.remember`) and shared by all beams or samples of an input."""
+    """What the decoder reads of one encoding, made by `T5Decoder.remember`."""
 
-    kv: Tensor  # (l, 2, b, h, s, e)
+    encoded: Tensor  # (b, s, d) encoder output
     bias: Tensor | None  # additive mask (b, 1, t|1, s): which encoder positions each decoder query may see
+    kv: Tensor | None  # (l, 2, b, h, s, e) every layer's cross-attention keys/values, when precomputed
 
 
 class T5Decoder(nn.Module):
@@ -466,18 +470,21 @@ class T5Decoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
 
-    def remember(self, encoded: Tensor, cross_mask: Tensor | None = None) -> Memory:
-        """Project an encoding (b, s, d) into every layer's keys/values (l, 2, b, h, s, e), once.
+    def remember(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
+        """An encoding (b, s, d) as the decoder reads it. cross_mask: (b, s) which encoder positions
+        are real, or (b, t, s) per decoder position (packed sequences).
 
-        cross_mask: (b, s) which encoder positions are real, or (b, t, s) per decoder position
-        (packed sequences)."""
+        precompute=True (decoding) projects every layer's cross-attention keys/values once, here, for
+        all the steps and all the beams or samples of an input. With precompute=False (one
+        teacher-forced pass, as in training) each layer projects them in its own forward, which is
+        also where FSDP has that layer's weights."""
         batch, seq, _ = encoded.shape
         attend = None
         if cross_mask is not None:
             queries = cross_mask.shape[1] if cross_mask.dim() == 3 else 1
             attend = check_mask(cross_mask, batch, queries, seq, "cross_mask")
-        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers])
-        return Memory(kv, cross_attention_bias(attend, kv.dtype))
+        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) if precompute else None
+        return Memory(encoded, cross_attention_bias(attend, x_dtype(self)), kv)
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
@@ -490,8 +497,8 @@ class T5Decoder(nn.Module):
         cache so later steps skip those slots too (left-padded decoder prompts)."""
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, length = input_ids.shape
-        if memory.kv.shape[2] == 0 or batch % memory.kv.shape[2]:
-            raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.kv.shape[2]}")
+        if batch % memory.encoded.shape[0]:
+            raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.encoded.shape[0]}")
         if memory.bias is not None and memory.bias.shape[2] not in (1, length):
             raise ValueError(f"cross_mask covers {memory.bias.shape[2]} decoder positions, the input has {length}")
         x = self.dropout(self.embedding(input_ids)).float()
@@ -515,9 +522,10 @@ class T5Decoder(nn.Module):
                 & rearrange(cache.attend, "b k -> b 1 k")
             layer_caches = cache.kv
         self_bias = attention_bias(self.position_bias(positions, keys), attend, dtype)
-        layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), memory.kv, layer_caches)
+        cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
+        layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), cross_kvs, layer_caches)
         for layer, layer_bias, cross_kv, layer_cache in layers:
-            x = run_layer(self, layer, x, layer_bias, cross_kv, memory.bias, layer_cache, positions)
+            x = run_layer(self, layer, x, layer_bias, memory.encoded, cross_kv, memory.bias, layer_cache, positions)
         return self.dropout(self.final_norm(x))
 
 
@@ -564,7 +572,7 @@ class T5(nn.Module):
                 raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask (batch, t, s)")
             cross_mask = input_mask
         encoded = self.encoder(input_ids, input_mask)
-        memory = self.decoder.remember(encoded, cross_mask)
+        memory = self.decoder.remember(encoded, cross_mask, precompute=False)
         logits = self.lm_head(self.decoder(decoder_input_ids, memory, decoder_mask))
         loss = None
         if labels is not None:
@@ -802,7 +810,7 @@ def _start(model: T5, input_ids: Tensor, input_mask: Tensor | None, decoder_inpu
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
     cache = make_cache(model.config, batch * n, prompt.shape[1] + max_new_tokens, device=input_ids.device,
-                       dtype=memory.kv.dtype)
+                       dtype=memory.encoded.dtype)
     return _Start(memory, cache, prompt, prompt_mask)
 
 
