@@ -30,6 +30,8 @@ import convert_hf
 import t5
 
 SHAPES = {  # the hub checkpoints' config.json fields that matter
+    "tiny-v1_1": dict(vocab_size=103, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_decoder_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "t5-v1_1-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "t5-v1_1-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
@@ -246,6 +248,53 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
 
 
 ########################################################################################
+# Precision
+########################################################################################
+
+QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999)
+
+
+def encoder_error_quantiles(ours_dir: Path, hf_dir: Path, dtype: torch.dtype, ids: torch.Tensor,
+                            mask: torch.Tensor) -> tuple[list[float], list[float]]:
+    """|encoder output in `dtype` - the same implementation's float32 output| over the real tokens,
+    at QUANTILES: (ours, Hugging Face's). Both load the same converted / original checkpoint."""
+    import transformers
+
+    keep = mask.bool()
+    q = torch.tensor(QUANTILES, dtype=torch.float64)
+    errors = []
+    with torch.inference_mode():
+        ref = t5.load(ours_dir, encoder_only=True)(ids, mask)
+        half = t5.load(ours_dir, encoder_only=True, dtype=dtype)(ids, mask).float()
+        errors.append((half - ref)[keep])
+        hf_class = transformers.AutoModelForSeq2SeqLM
+        ref = hf_class.from_pretrained(hf_dir).eval().encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hf = hf_class.from_pretrained(hf_dir, dtype=dtype).eval()
+        half = hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        errors.append((half - ref)[keep])
+    ours, theirs = (torch.quantile(e.abs().flatten().double(), q).tolist() for e in errors)
+    return ours, theirs
+
+
+def bench_precision(models: Models, name: str, root: Path) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([64, 50, 37, 23])
+    ids = torch.randint(3, models.config.vocab_size, (4, 64), generator=g)
+    mask = (torch.arange(64)[None] < lengths[:, None]).long()
+    rows = []
+    ours_dir = root / f"{name}-ours"
+    for dtype in (torch.bfloat16, torch.float16):
+        ours, theirs = encoder_error_quantiles(ours_dir, models.hf_dir, dtype, ids * mask, mask)
+        for impl, values in (("t5.py", ours), ("HF", theirs)):
+            rows.append(f"| {name} | {str(dtype).removeprefix('torch.')} | {impl} | "
+                        + " | ".join(f"{v:.2e}" for v in values) + " |")
+        wins = sum(a < b for a, b in zip(ours, theirs))
+        rows.append(f"| {name} | {str(dtype).removeprefix('torch.')} | t5.py closer at | {wins} of {len(QUANTILES)} "
+                    f"quantiles |" + " |" * (len(QUANTILES) - 1))
+    return rows
+
+
+########################################################################################
 # Main
 ########################################################################################
 
@@ -253,8 +302,11 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--sections", default="encoder,generate", help="comma list of: encoder, generate")
-    parser.add_argument("--models", default=",".join(SHAPES), help=f"comma list of: {', '.join(SHAPES)}")
+    parser.add_argument("--sections", default="encoder,generate",
+                        help="comma list of: encoder, generate, precision (also --precision)")
+    parser.add_argument("--precision", action="store_true", help="only the precision report (float32 on CPU)")
+    parser.add_argument("--models", help=f"comma list of: {', '.join(SHAPES)} (default: all but tiny-v1_1; "
+                        "--precision: tiny-v1_1 and t5-v1_1-small)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each implementation")
@@ -271,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
         return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
         args.models, args.repeats, args.no_compile = "t5-v1_1-small", 3, True
+    if args.precision:
+        args.sections, args.device, args.dtype = "precision", "cpu", "float32"
+        args.models = args.models or "tiny-v1_1,t5-v1_1-small"
+    args.models = args.models or ",".join(name for name in SHAPES if not name.startswith("tiny"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     sections = args.sections.split(",")
     import transformers
@@ -279,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# t5.py benchmark, {time.strftime('%Y-%m-%d')}\n")
     print(f"device {args.device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; matmul peak (2048^3 torch.mm): {peak / 1e9:.0f} GFLOP/s\n")
-    encoder_rows, generate_rows = [], []
+    encoder_rows, generate_rows, precision_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in args.models.split(","):
@@ -293,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
                 for batch in map(int, args.batches.split(",")):
                     log(f"generate {name} batch {batch}")
                     generate_rows += bench_generate(models, name, batch, args)
+            if "precision" in sections:
+                log(f"precision {name}")
+                precision_rows += bench_precision(models, name, root)
             del models
     if encoder_rows:
         print("## Encoder forward\n")
@@ -305,6 +364,12 @@ def main(argv: list[str] | None = None) -> None:
         print("| model | batch | implementation | ms per step median (min-max) | tokens/s | vs best HF |")
         print("|---|---|---|---|---|---|")
         print("\n".join(generate_rows) + "\n")
+    if precision_rows:
+        print("## Precision: encoder output in half precision vs the same implementation in float32\n")
+        print("|error| over real tokens at each quantile; 4 rows of 64/50/37/23 random tokens.\n")
+        print("| model | dtype | implementation | " + " | ".join(f"q{q}" for q in QUANTILES) + " |")
+        print("|---|---|---|" + "---|" * len(QUANTILES))
+        print("\n".join(precision_rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,19 @@ HF_DEFAULTS = {
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a file: varied, T5-style prompts
+    "translate English to German: The house is wonderful, and the garden is even better.",
+    "summarize: The city council met on Tuesday to discuss the new budget, which includes funding for "
+    "schools, roads and a public library. After a long debate the proposal passed by seven votes to two.",
+    "question: What is the capital of France? context: Paris is the capital and largest city of France.",
+    "cola sentence: The book was written by her in 1998 quickly.",
+    "stsb sentence1: A man is playing a guitar. sentence2: A person plays an instrument.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 2,718 and symbols: # $ % & * ( ) [ ] { } < > = + - / \\",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "A photograph of an astronaut riding a horse on the moon, highly detailed, 8k, dramatic lighting.",
+    "Le renard brun rapide saute par-dessus le chien paresseux. Der schnelle braune Fuchs. El zorro marrón.",
+    "<extra_id_0> walks in <extra_id_1> park. The <extra_id_2> was sunny and the children <extra_id_3>.",
+]
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -311,10 +324,42 @@ def write_safetensors(path: Path, shapes: Mapping[str, torch.Size], dtype: torch
             f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
 
 
+def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None) -> dict[str, float]:
+    """float16 calibration of a converted folder, in place: run it in float32 on `texts` (or
+    CALIBRATION_TEXTS; random ids when the folder has no tokenizer), find the blocks that would
+    overflow float16, fold their scales into the weights and record them in config.json."""
+    from t5 import apply_out_scales, calibrate_float16, load, load_tokenizer
+
+    encoder_only = not any(key.startswith("decoder.") for key in safetensors_keys(folder / "model.safetensors"))
+    model = load(folder, encoder_only=encoder_only, dtype=torch.float32)
+    try:
+        ids, mask = load_tokenizer(folder, model.config).encode_batch(texts or CALIBRATION_TEXTS)
+    except FileNotFoundError:
+        ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+        mask = None
+    scales = calibrate_float16(model, ids, mask)
+    if scales:
+        apply_out_scales(model, scales)
+        prefix = "encoder." if encoder_only else ""
+        state = {prefix + key: tensor for key, tensor in model.state_dict().items()}
+        write_safetensors(folder / "model.safetensors", {k: v.shape for k, v in state.items()}, dtype,
+                          ((k, v.to(dtype)) for k, v in state.items()))
+        model.config.save(folder / "config.json")
+    return scales
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
 def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, encoder_only: bool = False,
-            force: bool = False) -> Path:
+            force: bool = False, calibrate_texts: list[str] | None = None) -> Path:
     """Convert SRC (folder or hub id) into OUT. Everything is written into a temporary folder
-    beside OUT and renamed into place at the end: a failure leaves OUT as it was."""
+    beside OUT and renamed into place at the end: a failure leaves OUT as it was.
+    calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
@@ -353,6 +398,10 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
+        if calibrate_texts is not None:
+            scales = calibrate(tmp, dtype, calibrate_texts)
+            print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(
+                f"\n  {key}: {scale}" for key, scale in scales.items()))
         if out.exists():
             out.rename(old)
         tmp.rename(out)
@@ -373,9 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype (default: as the checkpoint)")
     parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion models)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--calibrate", nargs="?", const="", metavar="TEXT_FILE",
+                        help="find the blocks whose outputs would overflow float16 (on the lines of TEXT_FILE, or "
+                             "built-in prompts) and store power-of-two scales for them: use with --dtype float16")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.src, args.out, dtype=DTYPES.get(args.dtype), encoder_only=args.encoder_only, force=args.force)
+        texts = None
+        if args.calibrate is not None:
+            texts = Path(args.calibrate).read_text().splitlines() if args.calibrate else []
+        out = convert(args.src, args.out, dtype=DTYPES.get(args.dtype), encoder_only=args.encoder_only,
+                      force=args.force, calibrate_texts=texts)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"convert_hf.py: error: {error}", file=sys.stderr)
         return 1

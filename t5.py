@@ -85,6 +85,11 @@ class T5Config:
     tokenizer: Literal["sentencepiece", "bytes"] = "sentencepiece"  # ByT5: UTF-8 bytes offset by 3
     extra_ids: int = 100  # sentinels <extra_id_0>.. counted down from the end of the vocabulary (ByT5: 125)
     dropout: float = 0.0  # training only: embeddings, attention weights, FFN hidden, block outputs
+    # float16 safety: block -> power-of-two scale s < 1 ("encoder.3.ffn", "decoder.0.cross_attn", ...).
+    # The block's value rows (attention V, FFN up-projection) are stored multiplied by s, so its output
+    # comes out s times smaller, and is multiplied by 1/s in float32 when added to the residual.
+    # Set by `calibrate_float16` + `apply_out_scales` (or convert_hf.py --calibrate).
+    out_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
@@ -100,6 +105,12 @@ class T5Config:
             raise ValueError(f"T5Config.tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}")
         if not 0 <= self.extra_ids <= self.vocab_size:
             raise ValueError(f"T5Config.extra_ids must be in [0, vocab_size], got {self.extra_ids}")
+        for key, scale in self.out_scales.items():
+            if key not in scalable_blocks(self):
+                raise ValueError(f"T5Config.out_scales: no block {key!r} (blocks look like 'encoder.0.attn', "
+                                 "'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', 'decoder.0.ffn')")
+            if not (0 < scale <= 1 and math.frexp(scale)[0] == 0.5):
+                raise ValueError(f"T5Config.out_scales[{key!r}] must be a power of two in (0, 1], got {scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"T5Config.dropout must be in [0, 1), got {self.dropout}")
         if not self.eps > 0:
@@ -108,6 +119,10 @@ class T5Config:
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
                 raise ValueError(f"T5Config.{name}={value} is outside [0, {self.vocab_size})")
+
+    def unscale(self, block: str) -> float:
+        """What a block's output is multiplied by when it joins the residual stream: 1 / its scale."""
+        return 1.0 / self.out_scales.get(block, 1.0)
 
     @property
     def inner_dim(self) -> int:
@@ -134,6 +149,12 @@ class T5Config:
 ########################################################################################
 # Outputs
 ########################################################################################
+
+
+def scalable_blocks(config: T5Config) -> list[str]:
+    """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
+    return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
+        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers) for block in ("self_attn", "cross_attn", "ffn")]
 
 
 class T5Output(NamedTuple):
@@ -230,8 +251,8 @@ def cross_attention_bias(attend: Tensor | None, dtype: torch.dtype) -> Tensor | 
 class RMSNorm(nn.Module):
     """Root-mean-square norm without mean or bias (T5's "LayerNorm").
 
-    Reads the float32 residual stream, normalizes in float32, then casts to the weight dtype and
-    multiplies by the weight: the layer after it runs in the weight dtype, the stream stays float32.
+    Reads the float32 residual stream, normalizes and multiplies by the weight in float32, then
+    casts to the weight dtype: the layer after it runs in the weight dtype, the stream stays float32.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -240,8 +261,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(self.weight.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=self.eps)
+        return normed.to(self.weight.dtype)  # rounded to half precision once, after the weight
 
 
 class RelativePositionBias(nn.Module):
@@ -361,7 +382,8 @@ class GegluFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.wi(x).chunk(2, dim=-1)
-        return self.wo(self.dropout(F.gelu(gate, approximate="tanh") * up))
+        hidden = F.gelu(gate.float(), approximate="tanh") * up.float()  # one rounding to half precision, not two
+        return self.wo(self.dropout(hidden.to(x.dtype)))
 
 
 def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
@@ -369,22 +391,24 @@ def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, config: T5Config) -> None:
+    def __init__(self, config: T5Config, index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.eps)
         self.attn = EncoderSelfAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
+        self.attn_unscale = config.unscale(f"encoder.{index}.attn")  # 1 unless calibrated for float16
+        self.ffn_unscale = config.unscale(f"encoder.{index}.ffn")
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x: float32 residual stream (b, s, d); bias (b|1, h, s, s)."""
-        x = x + self.dropout(self.attn(self.attn_norm(x), bias)).float()
-        return x + self.dropout(self.ffn(self.ffn_norm(x))).float()
+        x = x.add(self.dropout(self.attn(self.attn_norm(x), bias)).float(), alpha=self.attn_unscale)
+        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.ffn_unscale)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: T5Config) -> None:
+    def __init__(self, config: T5Config, index: int) -> None:
         super().__init__()
         self.self_attn_norm = RMSNorm(config.d_model, config.eps)
         self.self_attn = DecoderSelfAttention(config)
@@ -393,6 +417,9 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
+        self.self_attn_unscale = config.unscale(f"decoder.{index}.self_attn")  # 1 unless calibrated for float16
+        self.cross_attn_unscale = config.unscale(f"decoder.{index}.cross_attn")
+        self.ffn_unscale = config.unscale(f"decoder.{index}.ffn")
 
     def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
                 cross_bias: Tensor | None, cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
@@ -401,9 +428,11 @@ class DecoderLayer(nn.Module):
         see the attention classes for the rest."""
         if cross_kv is None:
             cross_kv = self.cross_attn.project_kv(encoded)
-        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache, positions)).float()
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)).float()
-        return x + self.dropout(self.ffn(self.ffn_norm(x))).float()
+        y = self.self_attn(self.self_attn_norm(x), self_bias, cache, positions)
+        x = x.add(self.dropout(y).float(), alpha=self.self_attn_unscale)
+        y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
+        x = x.add(self.dropout(y).float(), alpha=self.cross_attn_unscale)
+        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.ffn_unscale)
 
 
 ########################################################################################
@@ -421,7 +450,7 @@ class T5Encoder(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_bias = RelativePositionBias(config, layers=layers if config.bias_per_layer else 1,
                                                   bidirectional=True)
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(layers))
+        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(layers))
         self.final_norm = RMSNorm(config.d_model, config.eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
@@ -465,7 +494,7 @@ class T5Decoder(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_bias = RelativePositionBias(config, layers=layers if config.bias_per_layer else 1,
                                                   bidirectional=False)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(layers))
         self.final_norm = RMSNorm(config.d_model, config.eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
@@ -1192,6 +1221,98 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             state[key[len(prefix):]] = tensor if dtype is None else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+########################################################################################
+# Float16 calibration
+########################################################################################
+
+FLOAT16_MAX = 65504.0
+
+
+def _value_rows(layer: EncoderLayer | DecoderLayer, block: str, config: T5Config) -> Tensor:
+    """The weight rows whose scale a block's output follows linearly: attention V, FFN up-projection
+    (all of wi for ReLU, which is positively homogeneous)."""
+    if block in ("attn", "self_attn"):
+        return getattr(layer, block).qkv.weight[2 * config.inner_dim:]
+    if block == "cross_attn":
+        return layer.cross_attn.kv.weight[config.inner_dim:]
+    return layer.ffn.wi.weight[config.d_ff:] if config.ffn == "gated-gelu" else layer.ffn.wi.weight
+
+
+def _stacks(model: T5 | T5Encoder) -> dict[str, T5Encoder | T5Decoder]:
+    return {"encoder": model.encoder, "decoder": model.decoder} if isinstance(model, T5) else {"encoder": model}
+
+
+@torch.no_grad()
+def calibrate_float16(model: T5 | T5Encoder, input_ids: Tensor, input_mask: Tensor | None = None,
+                      decoder_input_ids: Tensor | None = None, *, headroom: float = 4.0) -> dict[str, float]:
+    """Which blocks would overflow float16, and the power-of-two scale each needs.
+
+    Runs the model as it is (float32 or bfloat16: their range is wide) on the calibration inputs
+    and records, per attention and feed-forward block, the largest magnitude on its value path:
+    V and the attention output before and after the out-projection; the FFN up-projection, the
+    hidden after the gate and the FFN output. Each scale starts at 1 and is halved until the
+    block's largest value times the scale is at most 65504 / headroom. Returns the blocks that
+    need a scale below 1 (to give to `apply_out_scales`). decoder_input_ids default to the inputs."""
+    if x_dtype(model.encoder if isinstance(model, T5) else model) == torch.float16:
+        raise ValueError("calibrate a float32 or bfloat16 model: float16 values have already overflowed")
+    config = model.config
+    peaks: dict[str, float] = {}
+    hooks = []
+
+    def watch(key: str, module: nn.Module, rows: slice | None = None) -> None:
+        def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            values = [output if rows is None else output[..., rows]] + ([] if rows is not None else [inputs[0]])
+            peaks[key] = max([peaks.get(key, 0.0)] + [float(v.detach().abs().max()) for v in values])
+        hooks.append(module.register_forward_hook(hook))
+
+    for stack, module in _stacks(model).items():
+        for index, layer in enumerate(module.layers):
+            for block in ("attn",) if stack == "encoder" else ("self_attn", "cross_attn"):
+                key, attention = f"{stack}.{index}.{block}", getattr(layer, block)
+                projection = attention.qkv if block != "cross_attn" else attention.kv
+                width = projection.weight.shape[0]
+                watch(key, projection, slice(width - config.inner_dim, width))  # V
+                watch(key, attention.out)  # attention output and the block's output
+            key = f"{stack}.{index}.ffn"
+            watch(key, layer.ffn.wi, slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None))
+            watch(key, layer.ffn.wo)  # the hidden after the gate, and the block's output
+    try:
+        if isinstance(model, T5):
+            decoder_ids = input_ids if decoder_input_ids is None else decoder_input_ids
+            model(input_ids, decoder_ids, input_mask=input_mask)
+        else:
+            model(input_ids, input_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scales = {}
+    for key, peak in peaks.items():
+        scale = 1.0
+        while peak * scale > FLOAT16_MAX / headroom:
+            scale /= 2
+        if scale < 1.0:
+            scales[key] = scale
+    return scales
+
+
+@torch.no_grad()
+def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
+    """Fold float16 output scales into the weights, in place (exact: powers of two), make each
+    scaled block's output be multiplied back in float32 as it joins the residual stream, and record
+    the scales in model.config.out_scales (saved with it in config.json)."""
+    config = model.config
+    stacks = _stacks(model)
+    for key, scale in scales.items():
+        stack, index, block = key.split(".")
+        if stack not in stacks or key not in scalable_blocks(config):
+            raise ValueError(f"no block {key!r} in this model")
+        layer = stacks[stack].layers[int(index)]
+        _value_rows(layer, block, config).mul_(scale)
+        setattr(layer, f"{block}_unscale", getattr(layer, f"{block}_unscale") / scale)
+        config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
+    T5Config(**dataclasses.asdict(config))  # still a valid config
 
 
 ########################################################################################
