@@ -39,7 +39,6 @@ SHAPES = {  # the hub checkpoints' config.json fields that matter
     "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
                      feed_forward_proj="relu", tie_word_embeddings=True),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Timing(NamedTuple):
@@ -95,10 +94,26 @@ class Models(NamedTuple):
     config: t5.T5Config
 
 
+def untie_as_on_the_hub(folder: Path) -> None:
+    """Make a saved transformers T5 a v1.1-style checkpoint as the hub ships it: its own random
+    lm_head weight in model.safetensors and "tie_word_embeddings": false in config.json.
+    (transformers 5 builds T5 tied whatever the config says, and unties only on loading a
+    checkpoint whose lm_head differs.)"""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    vocab, width = state["shared.weight"].shape
+    state["lm_head.weight"] = torch.randn(vocab, width) * width**-0.5
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("scale_decoder_outputs", None)
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def build_models(name: str, root: Path, device: str, dtype: torch.dtype) -> Models:
     """A seeded random model at `name`'s shapes: saved as the hub ships it, converted, loaded both ways."""
     import transformers
-    from safetensors.torch import load_file, save_file
 
     fields = dict(SHAPES[name])
     tied = fields.pop("tie_word_embeddings")
@@ -107,14 +122,8 @@ def build_models(name: str, root: Path, device: str, dtype: torch.dtype) -> Mode
     model = transformers.T5ForConditionalGeneration(transformers.T5Config(decoder_start_token_id=0, **fields))
     model.save_pretrained(hf_dir)
     del model
-    if not tied:  # v1.1: its own lm_head, and "tie_word_embeddings": false, as on the hub
-        state = load_file(hf_dir / "model.safetensors")
-        state["lm_head.weight"] = torch.randn(fields["vocab_size"], fields["d_model"]) * fields["d_model"] ** -0.5
-        save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
-        config = json.loads((hf_dir / "config.json").read_text())
-        config.pop("scale_decoder_outputs", None)
-        config["tie_word_embeddings"] = False
-        (hf_dir / "config.json").write_text(json.dumps(config))
+    if not tied:
+        untie_as_on_the_hub(hf_dir)
     convert_hf.convert(str(hf_dir), root / f"{name}-ours", force=True)
     ours = t5.load(root / f"{name}-ours", device=device, dtype=dtype)
     hf = {impl: transformers.T5ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation=impl, dtype=dtype)
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", help=f"comma list of: {', '.join(SHAPES)} (default: all but tiny-v1_1; "
                         "--precision: tiny-v1_1 and t5-v1_1-small)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--dtype", choices=sorted(t5.DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each implementation")
     parser.add_argument("--batches", default="1,8", help="generation batch sizes")
     parser.add_argument("--input-tokens", type=int, default=64)
@@ -327,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         args.sections, args.device, args.dtype = "precision", "cpu", "float32"
         args.models = args.models or "tiny-v1_1,t5-v1_1-small"
     args.models = args.models or ",".join(name for name in SHAPES if not name.startswith("tiny"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
+    dtype = t5.DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     sections = args.sections.split(",")
     import transformers
 

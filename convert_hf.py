@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from t5 import T5, T5Config, T5Encoder
+from t5 import DTYPES, T5, T5Config, T5Encoder
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -49,7 +49,6 @@ HF_DEFAULTS = {
 }
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a file: varied, T5-style prompts
     "translate English to German: The house is wonderful, and the garden is even better.",
     "summarize: The city council met on Tuesday to discuss the new budget, which includes funding for "
@@ -324,13 +323,13 @@ def write_safetensors(path: Path, shapes: Mapping[str, torch.Size], dtype: torch
             f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
 
 
-def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None) -> dict[str, float]:
+def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None, *, encoder_only: bool = False
+              ) -> dict[str, float]:
     """float16 calibration of a converted folder, in place: run it in float32 on `texts` (or
     CALIBRATION_TEXTS; random ids when the folder has no tokenizer), find the blocks that would
     overflow float16, fold their scales into the weights and record them in config.json."""
     from t5 import apply_out_scales, calibrate_float16, load, load_tokenizer
 
-    encoder_only = not any(key.startswith("decoder.") for key in safetensors_keys(folder / "model.safetensors"))
     model = load(folder, encoder_only=encoder_only, dtype=torch.float32)
     try:
         ids, mask = load_tokenizer(folder, model.config).encode_batch(texts or CALIBRATION_TEXTS)
@@ -346,13 +345,6 @@ def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None) 
                           ((k, v.to(dtype)) for k, v in state.items()))
         model.config.save(folder / "config.json")
     return scales
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
 
 
 def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, encoder_only: bool = False,
@@ -399,7 +391,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
         if calibrate_texts is not None:
-            scales = calibrate(tmp, dtype, calibrate_texts)
+            scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
             print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(
                 f"\n  {key}: {scale}" for key, scale in scales.items()))
         if out.exists():

@@ -25,6 +25,15 @@ Notable choices:
     computed once per encoding).
   - Padding never leaks: a prompt's encoder output at its real tokens does not depend on the
     padding after it or on the other rows of the batch, and padded positions come out as zeros.
+  - Decoding keeps its keys/values in one preallocated cache written in place, with every shape
+    static from step to step; cross-attention keys/values are projected once per encoding.
+  - float16 without clamping: blocks whose outputs would pass 65504 get a power-of-two scale,
+    found by a calibration pass and folded into their weights (T5Config.out_scales).
+
+Sections, top to bottom: config, outputs, helpers, modules (norm, position bias, the three
+attentions, the two feed-forwards, the two layers), stacks, model and training helpers, static
+KV cache, FLOPs, sampler (greedy, sampling, beam search), tokenizers, loading, float16
+calibration, command line.
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
@@ -146,15 +155,15 @@ class T5Config:
         return cls(**fields)
 
 
-########################################################################################
-# Outputs
-########################################################################################
-
-
 def scalable_blocks(config: T5Config) -> list[str]:
     """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
     return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
         [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers) for block in ("self_attn", "cross_attn", "ffn")]
+
+
+########################################################################################
+# Outputs
+########################################################################################
 
 
 class T5Output(NamedTuple):
@@ -1366,14 +1375,14 @@ def cli_generate(args: argparse.Namespace) -> None:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(ids.device).manual_seed(args.seed)
-    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=sample,
-                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                   compile=args.compile)
+    lengths = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, compile=args.compile)
+    sampling = dict(do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                    generator=generator)
     start = time.perf_counter()
     if len(prompts) == 1 and args.num_beams == 1:  # stream the text as it comes
         tokens: list[int] = []
         shown = ""
-        for token in stream(model, ids, mask, **options):
+        for token in stream(model, ids, mask, **lengths, **sampling):
             tokens.append(int(token[0]))
             text = tokenizer.decode(tokens)
             print(text[len(shown):], end="", flush=True)
@@ -1382,11 +1391,9 @@ def cli_generate(args: argparse.Namespace) -> None:
         count = len(tokens)
     else:
         if args.num_beams > 1:
-            out = generate(model, ids, mask, num_beams=args.num_beams, **{k: v for k, v in options.items()
-                                                                          if k not in ("do_sample", "temperature",
-                                                                                       "top_k", "top_p", "generator")})
+            out = generate(model, ids, mask, num_beams=args.num_beams, **lengths)
         else:
-            out = generate(model, ids, mask, **options)
+            out = generate(model, ids, mask, **lengths, **sampling)
         for row in out.tokens:
             print(tokenizer.decode(row))
         count = int(out.lengths.sum())

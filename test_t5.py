@@ -17,6 +17,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import bench_t5
 import convert_hf
 import t5
 
@@ -61,13 +62,7 @@ def build_hf_checkpoint(folder: Path, family: str, seed: int = 0, eos_boost: flo
                 param.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     if untied:
-        state = load_file(folder / "model.safetensors")
-        state["lm_head.weight"] = torch.randn(kwargs["vocab_size"], kwargs["d_model"]) * kwargs["d_model"] ** -0.5
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("scale_decoder_outputs", None)
-        config["tie_word_embeddings"] = False
-        (folder / "config.json").write_text(json.dumps(config))
+        bench_t5.untie_as_on_the_hub(folder)
     if eos_boost != 1.0:
         state = load_file(folder / "model.safetensors")
         state["lm_head.weight" if untied else "shared.weight"][kwargs.get("eos_token_id", 1)] *= eos_boost
@@ -1093,10 +1088,12 @@ def _fsdp_batch(config: t5.T5Config) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(3, config.vocab_size, (4, 6), generator=g))
 
 
-def test_fsdp2_two_processes_match_one(tmp_path: Path) -> None:
+def test_fsdp2_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP2 over two gloo processes on CPU: the mean loss and the gathered gradients equal a
     single-process run on the whole batch within 1e-5."""
     import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the host name resolves
 
     out = tmp_path / "fsdp.pt"
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
@@ -1120,8 +1117,6 @@ def test_half_precision_closer_to_float32_than_hf(name: str, tmp_path: Path) -> 
     """Encoder output in bfloat16 and float16, against the same implementation in float32: our
     error is below Hugging Face's at every quantile [0.5 ... 0.9999], on a random tiny model and a
     t5-v1_1-small-shaped one (the inputs of bench_t5.py --precision)."""
-    import bench_t5
-
     models = bench_t5.build_models(name, tmp_path, "cpu", torch.float32)
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([64, 50, 37, 23])
