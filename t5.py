@@ -326,13 +326,18 @@ class DecoderSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, bias: Tensor, cache: Tensor | None = None,
+    def forward(self, x: Tensor, bias: Tensor, cache: Tensor | None = None, layer: int = 0,
                 positions: Tensor | None = None) -> Tensor:
-        """x (b, t, d), bias (b|1, h, t, k) additive, cache (2, b, h, k, e), positions (t,) -> (b, t, d)."""
+        """x (b, t, d), bias (b|1, h, t, k) additive, cache (l, 2, b, h, k, e) of all layers, this
+        layer's index in it, positions (t,) -> (b, t, d)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
         if cache is not None:
-            cache[:, :, :, positions] = torch.stack([k, v]).to(cache.dtype)
-            k, v = cache[0], cache[1]
+            # one scatter into the cache tensor itself (not into a view of it), so that
+            # torch.compile updates it in place instead of copying it
+            layer_index = torch.full((1,), layer, dtype=torch.long, device=cache.device)
+            new = rearrange(torch.stack([k, v]).to(cache.dtype), "two b h t e -> t two b h e")
+            torch.ops.aten.index_put_(cache, [layer_index, None, None, None, positions], new)  # cache[l, :, :, :, t]
+            k, v = cache[layer, 0], cache[layer, 1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
@@ -426,6 +431,7 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
+        self.index = index  # where this layer's keys/values live in the KV cache
         self.self_attn_unscale = config.unscale(f"decoder.{index}.self_attn")  # 1 unless calibrated for float16
         self.cross_attn_unscale = config.unscale(f"decoder.{index}.cross_attn")
         self.ffn_unscale = config.unscale(f"decoder.{index}.ffn")
@@ -434,10 +440,11 @@ class DecoderLayer(nn.Module):
                 cross_bias: Tensor | None, cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """x: float32 residual stream (b, t, d); encoded (b, s, d) the encoder output, whose
         cross-attention keys/values cross_kv (2, b, h, s, e) are projected here unless precomputed;
-        see the attention classes for the rest."""
+        cache: the whole KV cache tensor (this layer writes at its own index); see the attention
+        classes for the rest."""
         if cross_kv is None:
             cross_kv = self.cross_attn.project_kv(encoded)
-        y = self.self_attn(self.self_attn_norm(x), self_bias, cache, positions)
+        y = self.self_attn(self.self_attn_norm(x), self_bias, cache, self.index, positions)
         x = x.add(self.dropout(y).float(), alpha=self.self_attn_unscale)
         y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
         x = x.add(self.dropout(y).float(), alpha=self.cross_attn_unscale)
@@ -547,7 +554,7 @@ class T5Decoder(nn.Module):
             attend = rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")  # causal
             if input_mask is not None:
                 attend = attend & check_mask(input_mask, batch, length, length, "decoder_mask")
-            layer_caches: list[Tensor | None] | Tensor = [None] * len(self.layers)
+            kv_cache = None
         else:
             positions = check_positions(positions, length, cache)
             keys = torch.arange(cache.kv.shape[-2], device=input_ids.device)
@@ -558,12 +565,12 @@ class T5Decoder(nn.Module):
                                                                             "decoder_mask"), "b 1 t -> b t"))
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
-            layer_caches = cache.kv
+            kv_cache = cache.kv
         self_bias = attention_bias(self.position_bias(positions, keys), attend, dtype)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
-        layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), cross_kvs, layer_caches)
-        for layer, layer_bias, cross_kv, layer_cache in layers:
-            x = run_layer(self, layer, x, layer_bias, memory.encoded, cross_kv, memory.bias, layer_cache, positions)
+        layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), cross_kvs)
+        for layer, layer_bias, cross_kv in layers:
+            x = run_layer(self, layer, x, layer_bias, memory.encoded, cross_kv, memory.bias, kv_cache, positions)
         return self.dropout(self.final_norm(x))
 
 
