@@ -324,14 +324,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
-    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, 3 repeats, no compile: under a minute")
+    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, 3 repeats, no compile, no CTranslate2: under a minute")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ctranslate2_worker:
         job = json.loads(args.ctranslate2_worker.read_text())
         return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
-        args.models, args.repeats, args.no_compile = "t5-v1_1-small", 3, True
+        args.models, args.repeats, args.no_compile, args.no_ctranslate2 = "t5-v1_1-small", 3, True, True
     if args.precision:
         args.sections, args.device, args.dtype = "precision", "cpu", "float32"
         args.models = args.models or "tiny-v1_1,t5-v1_1-small"
