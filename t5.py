@@ -834,14 +834,15 @@ def next_token(logits: Tensor, *, do_sample: bool, temperature: float, top_k: in
 class _Start(NamedTuple):
     memory: Memory
     cache: KVCache
-    prompt: Tensor  # (b*n, t) decoder prefix, the decoder start token last or padded on the left
-    prompt_mask: Tensor | None  # (b*n, t) or None
+    logits: Tensor  # (b*n, v) float32: the prediction after the decoder prefix
+    position: Tensor  # (1,) where the next token goes; advanced in place, one tensor for the whole decode
 
 
 def _start(model: T5, input_ids: Tensor, input_mask: Tensor | None, decoder_input_ids: Tensor | None,
            decoder_mask: Tensor | None, n: int, max_new_tokens: int) -> _Start:
     """Encode once, project the cross-attention keys/values once (shared by the n rows of each
-    input), and allocate the decoder cache for the prefix plus max_new_tokens."""
+    input), allocate the decoder cache for the prefix plus max_new_tokens, and prefill the prefix
+    (the decoder start token, or a left-padded prompt) in one call."""
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
     batch = input_ids.shape[0]
@@ -856,7 +857,9 @@ def _start(model: T5, input_ids: Tensor, input_mask: Tensor | None, decoder_inpu
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
     cache = make_cache(model.config, batch * n, prompt.shape[1] + max_new_tokens, device=input_ids.device,
                        dtype=memory.encoded.dtype)
-    return _Start(memory, cache, prompt, prompt_mask)
+    positions = torch.arange(prompt.shape[1], device=prompt.device)
+    hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)
+    return _Start(memory, cache, model.lm_head(hidden[:, -1]).float(), positions[-1:] + 1)
 
 
 def _check_generate_args(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int | None,
@@ -883,13 +886,9 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_
     step_fn = compiled_decode_step() if compile else decode_step
     _check_generate_args(max_new_tokens, min_new_tokens, temperature, top_k, top_p, 1, num_return_sequences)
     config = model.config
-    memory, cache, prompt, prompt_mask = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
-                                                num_return_sequences, max_new_tokens)
-    positions = torch.arange(prompt.shape[1], device=prompt.device)
-    hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)  # prefill, one call
-    logits = model.lm_head(hidden[:, -1]).float()
-    position = positions[-1:] + 1  # advanced in place: one position tensor for the whole decode
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    memory, cache, logits, position = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
+                                             num_return_sequences, max_new_tokens)
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         if step < min_new_tokens:
             logits[:, config.eos_token_id] = -math.inf
@@ -987,12 +986,10 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
     _check_generate_args(max_new_tokens, min_new_tokens, 1.0, None, None, num_beams, 1)
     config = model.config
     batch, beams = input_ids.shape[0], num_beams
-    memory, cache, prompt, prompt_mask = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
-                                                beams, max_new_tokens)
-    device = prompt.device
-    positions = torch.arange(prompt.shape[1], device=device)
-    logits = model.lm_head(model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)[:, -1]).float()
-    position = positions[-1:] + 1
+    step_fn = compiled_decode_step() if compile else decode_step
+    memory, cache, logits, position = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
+                                             beams, max_new_tokens)
+    device = logits.device
 
     running = torch.full((batch, beams, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
     running_scores = torch.zeros(batch, beams, device=device)
@@ -1021,8 +1018,9 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
         if early_stopping is True:
             finishing &= ~rearrange(done_full.all(dim=1), "b -> b 1")
         new_scores = torch.where(finishing, top_scores / length**length_penalty, -math.inf)
-        merged = torch.cat([done_scores, new_scores], dim=1).topk(beams, dim=-1).indices
-        done_scores = torch.cat([done_scores, new_scores], dim=1).gather(1, merged)
+        all_scores = torch.cat([done_scores, new_scores], dim=1)
+        merged = all_scores.topk(beams, dim=-1).indices
+        done_scores = all_scores.gather(1, merged)
         done = torch.cat([done, candidates], dim=1).gather(1, repeat_beams(merged, max_new_tokens))
         done_lengths = torch.cat([done_lengths, torch.full_like(new_scores, length, dtype=torch.long)], 1).gather(1, merged)
         done_full = torch.cat([done_full, finishing], dim=1).gather(1, merged)
@@ -1042,7 +1040,6 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
         if stop or step + 1 == max_new_tokens:
             break
         cache.kv.copy_(cache.kv.index_select(2, parents))  # each beam continues its parent's cache
-        step_fn = compiled_decode_step() if compile else decode_step
         logits = step_fn(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
         position += 1
 
