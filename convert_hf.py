@@ -206,12 +206,14 @@ def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only:
 
 
 def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> Tensor:
-    """Make one of our tensors from its Source; fusion (concatenation) happens here only."""
+    """Make one of our tensors from its Source; fusion (concatenation) happens here only. The
+    result is always a new tensor: the encoder's and decoder's embeddings, both made from
+    shared.weight, must not share memory (that would tie them again)."""
     parts = [tensors[key] for key in source.keys]
     tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=source.dim)
     if source.scale != 1.0:
-        tensor = (tensor.float() * source.scale).to(tensor.dtype)
-    return tensor.to(dtype or tensor.dtype).contiguous()
+        tensor = tensor.float() * source.scale
+    return tensor.to(dtype or parts[0].dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Size]:
