@@ -216,6 +216,17 @@ def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | No
     return tensor.to(dtype or parts[0].dtype, memory_format=torch.contiguous_format, copy=True)
 
 
+def build_all(plan: Mapping[str, Source], tensors: Mapping[str, Tensor], dtype: torch.dtype | None,
+              shapes: Mapping[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
+    """Our tensors one at a time, in the order of `shapes`, each checked against its shape."""
+    for name, shape in shapes.items():
+        tensor = build(plan[name], tensors, dtype)
+        if tensor.shape != shape:
+            raise ConversionError(f"{name}: made a {tuple(tensor.shape)} tensor from {plan[name].keys}, "
+                                  f"the config needs {tuple(shape)}")
+        yield name, tensor
+
+
 def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = T5Encoder(config) if encoder_only else T5(config)
@@ -229,13 +240,7 @@ def convert_state_dict(hf_config: Mapping, hf_state: Mapping[str, Tensor], *, en
     """A Hugging Face config dict + state dict -> (our T5Config, our state dict), in memory."""
     config, plan, encoder_only = plan_conversion(hf_config, hf_state.keys(), encoder_only=encoder_only,
                                                  tokenizer_config=tokenizer_config)
-    shapes = expected_shapes(config, encoder_only)
-    state = {name: build(source, hf_state, dtype) for name, source in plan.items()}
-    for name, tensor in state.items():
-        if tensor.shape != shapes[name]:
-            raise ConversionError(f"{name}: made a {tuple(tensor.shape)} tensor from {plan[name].keys}, "
-                                  f"the config needs {tuple(shapes[name])}")
-    return config, state
+    return config, dict(build_all(plan, hf_state, dtype, expected_shapes(config, encoder_only)))
 
 
 ########################################################################################
@@ -373,21 +378,13 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     if dtype not in SAFETENSORS_DTYPES:
         raise ConversionError(f"cannot store {dtype}; use --dtype float32, bfloat16 or float16")
 
-    def made() -> Iterator[tuple[str, Tensor]]:
-        for name in shapes:
-            tensor = build(plan[name], tensors, dtype)
-            if tensor.shape != shapes[name]:
-                raise ConversionError(f"{name}: made a {tuple(tensor.shape)} tensor from {plan[name].keys}, "
-                                      f"the config needs {tuple(shapes[name])}")
-            yield name, tensor
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_safetensors(tmp / "model.safetensors", shapes, dtype, made())
+        write_safetensors(tmp / "model.safetensors", shapes, dtype, build_all(plan, tensors, dtype, shapes))
         config.save(tmp / "config.json")
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():

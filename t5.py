@@ -762,21 +762,20 @@ def encoder_flops(config: T5Config, batch: int, seq: int) -> Flops:
 
 
 def decoder_flops(config: T5Config, batch: int, tgt: int, src: int, *, keys: int | None = None,
-                  cross_kv: bool = True, lm_head_positions: int | None = None) -> Flops:
+                  cross_kv: bool = True) -> Flops:
     """Decoder forward of `tgt` tokens per row over an encoding of `src` positions, plus lm_head.
 
     Per layer, with N = batch*tgt and i = inner_dim: self QKV + output 2*N*d*4i; cross Q + output
     2*N*d*2i; cross K/V 2*batch*src*d*2i (once per encoding: cross_kv=False for cached steps);
     self scores/values 2*2*batch*h*tgt*keys*d_kv, keys = tgt uncached or the cache's max_len
     (SDPA attends over the whole static buffer); cross scores/values 2*2*batch*h*tgt*src*d_kv.
-    lm_head: 2*batch*positions*d*v, over every position unless lm_head_positions says otherwise."""
+    lm_head: 2*batch*tgt*d*v, over every position."""
     keys = tgt if keys is None else keys
     tokens, i, d, layers = batch * tgt, config.inner_dim, config.d_model, config.num_decoder_layers
     proj = 2 * tokens * d * 6 * i + (2 * batch * src * d * 2 * i if cross_kv else 0)
     scores = 2 * 2 * batch * config.num_heads * tgt * (keys + src) * config.d_kv
-    positions = tgt if lm_head_positions is None else lm_head_positions
     return Flops(layers * proj, layers * scores, layers * _ffn_flops(config, tokens),
-                 2 * batch * positions * d * config.vocab_size)
+                 2 * tokens * d * config.vocab_size)
 
 
 def decode_step_flops(config: T5Config, batch: int, src: int, max_len: int) -> Flops:
@@ -1215,7 +1214,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     with torch.device("meta"):
         model: T5 | T5Encoder = T5Encoder(config) if encoder_only else T5(config)
     prefix = "encoder." if encoder_only else ""
-    wanted = {prefix + key: shape for key, shape in ((k, v.shape) for k, v in model.state_dict().items())}
+    wanted = {prefix + key: tensor.shape for key, tensor in model.state_dict().items()}
     state = {}
     with safe_open(str(path / "model.safetensors"), framework="pt", device=str(torch.device(device or "cpu"))) as f:
         present = set(f.keys())
