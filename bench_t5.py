@@ -1,7 +1,7 @@
 """Benchmark t5.py side by side with its peers, in one run, on the same inputs.
 
     python bench_t5.py                      # encoder + generation tables, float32 on CPU
-    python bench_t5.py --quick              # t5-v1_1-small only, fewer repeats: under a minute
+    python bench_t5.py --quick              # t5-v1_1-small, one shape each, fewer repeats: about a minute
     python bench_t5.py --sections encoder --models t5-v1_1-base --repeats 7
     python bench_t5.py --device cuda --dtype bfloat16
 
@@ -9,13 +9,17 @@ Peers: Hugging Face transformers (eager attention and SDPA; for generation its s
 too) and, when installed, CTranslate2 (float32 on CPU). Models are random-weight models at the
 real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
 convert_hf.py. Implementations are timed round-robin (one run of each in turn, `--repeats`
-times) so that a noisy machine hurts all of them alike; tables give the median with min-max.
+times) so that a noisy machine hurts all of them alike; tables give the median with min-max, and
+flag a row (`noisy`) whose max is more than NOISY above its min. The matmul peak behind "% of
+peak" is the best of several measurements taken before and after the runs: a peak measured once,
+on a busy moment of a shared machine, made rows read over 100%.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -41,10 +45,26 @@ SHAPES = {  # the hub checkpoints' config.json fields that matter
 }
 
 
+NOISY = 0.25  # a row whose slowest run is this much slower than its fastest is flagged
+
+
 class Timing(NamedTuple):
     median: float  # seconds
     low: float
     high: float
+
+    def flag(self) -> str:
+        return " noisy" if self.high > (1 + NOISY) * self.low else ""
+
+
+def quiet_transformers() -> None:
+    """transformers' progress bars and warnings (weight loading, tying) off: they would land in
+    the middle of the tables when stdout and stderr share a terminal."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def log(message: str) -> None:
@@ -74,9 +94,12 @@ def round_robin(fns: dict[str, Callable[[], object]], repeats: int, device: str,
 
 
 def gemm_peak(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """This machine's matmul peak in FLOP/s, measured with one large torch.mm (best of repeats)."""
+    """This machine's matmul peak in FLOP/s: the best of `repeats` large torch.mm, after two
+    untimed ones (the first calls pay for thread start-up and page faults)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         sync(device)
@@ -136,7 +159,23 @@ def build_models(name: str, root: Path, device: str, dtype: torch.dtype) -> Mode
 ########################################################################################
 
 
-def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argparse.Namespace, peak: float) -> list[str]:
+class EncoderRow(NamedTuple):
+    name: str
+    batch: int
+    seq: int
+    impl: str
+    time: Timing
+    flops: int
+    hf_best: float  # seconds, the faster transformers median
+
+    def format(self, peak: float) -> str:
+        t, tokens = self.time, self.batch * self.seq
+        return (f"| {self.name} | {self.batch}x{self.seq} | {self.impl} | {t.median * 1e3:.1f} ({t.low * 1e3:.1f}-"
+                f"{t.high * 1e3:.1f}){t.flag()} | {tokens / t.median:,.0f} | {self.flops / t.median / 1e9:.1f} | "
+                f"{self.flops / t.median / peak:.0%} | {self.hf_best / t.median:.2f}x |")
+
+
+def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argparse.Namespace) -> list[EncoderRow]:
     ids = torch.randint(2, models.config.vocab_size, (batch, seq), device=args.device)
     mask = torch.ones_like(ids)
     encoder = models.ours.encoder
@@ -153,12 +192,7 @@ def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argpars
         times = round_robin(fns, args.repeats, args.device)
     flops = t5.encoder_flops(models.config, batch, seq).total
     hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
-    rows = []
-    for impl, t in times.items():
-        rows.append(f"| {name} | {batch}x{seq} | {impl} | {t.median * 1e3:.1f} ({t.low * 1e3:.1f}-{t.high * 1e3:.1f}) | "
-                    f"{batch * seq / t.median:,.0f} | {flops / t.median / 1e9:.1f} | {flops / t.median / peak:.0%} | "
-                    f"{hf_best / t.median:.2f}x |")
-    return rows
+    return [EncoderRow(name, batch, seq, impl, t, flops, hf_best) for impl, t in times.items()]
 
 
 ########################################################################################
@@ -252,7 +286,7 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     rows = []
     for impl, t in times.items():
         rows.append(f"| {name} | {batch} | {impl} | {t.median / new * 1e3:.2f} ({t.low / new * 1e3:.2f}-"
-                    f"{t.high / new * 1e3:.2f}) | {batch * new / t.median:,.0f} | {hf_best / t.median:.2f}x |")
+                    f"{t.high / new * 1e3:.2f}){t.flag()} | {batch * new / t.median:,.0f} | {hf_best / t.median:.2f}x |")
     return rows
 
 
@@ -324,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
-    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, 3 repeats, no compile, no CTranslate2: under a minute")
+    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
+                        "only, 3 repeats, no compile, no CTranslate2: about a minute")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ctranslate2_worker:
@@ -332,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
         return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
         args.models, args.repeats, args.no_compile, args.no_ctranslate2 = "t5-v1_1-small", 3, True, True
+        args.batches, encoder_shapes = "1", [(8, 128)]
+    else:
+        encoder_shapes = [(1, 512), (8, 128)]
     if args.precision:
         args.sections, args.device, args.dtype = "precision", "cpu", "float32"
         args.models = args.models or "tiny-v1_1,t5-v1_1-small"
@@ -340,20 +378,20 @@ def main(argv: list[str] | None = None) -> None:
     sections = args.sections.split(",")
     import transformers
 
-    peak = gemm_peak(args.device, dtype)
-    print(f"# t5.py benchmark, {time.strftime('%Y-%m-%d')}\n")
-    print(f"device {args.device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; matmul peak (2048^3 torch.mm): {peak / 1e9:.0f} GFLOP/s\n")
-    encoder_rows, generate_rows, precision_rows = [], [], []
+    quiet_transformers()
+    peaks = [gemm_peak(args.device, dtype)]
+    encoder_rows: list[EncoderRow] = []
+    generate_rows: list[str] = []
+    precision_rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in args.models.split(","):
             log(f"building {name} ...")
             models = build_models(name, root, args.device, dtype)
             if "encoder" in sections:
-                for batch, seq in ((1, 512), (8, 128)):
+                for batch, seq in encoder_shapes:
                     log(f"encoder {name} {batch}x{seq}")
-                    encoder_rows += bench_encoder(models, name, batch, seq, args, peak)
+                    encoder_rows += bench_encoder(models, name, batch, seq, args)
             if "generate" in sections:
                 for batch in map(int, args.batches.split(",")):
                     log(f"generate {name} batch {batch}")
@@ -362,11 +400,18 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"precision {name}")
                 precision_rows += bench_precision(models, name, root)
             del models
+    peaks.append(gemm_peak(args.device, dtype))
+    peak = max(peaks)
+    print(f"# t5.py benchmark, {time.strftime('%Y-%m-%d')}\n")
+    print(f"device {args.device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; matmul peak (2048^3 torch.mm, best of 10 before and after): "
+          f"{peak / 1e9:.0f} GFLOP/s (before {peaks[0] / 1e9:.0f}, after {peaks[1] / 1e9:.0f})\n")
     if encoder_rows:
         print("## Encoder forward\n")
+        print(f"`noisy`: the slowest run took more than {1 + NOISY:.2f}x the fastest; rerun before quoting it.\n")
         print("| model | batch x seq | implementation | ms median (min-max) | tokens/s | GFLOP/s | % of peak | vs best HF |")
         print("|---|---|---|---|---|---|---|---|")
-        print("\n".join(encoder_rows) + "\n")
+        print("\n".join(row.format(peak) for row in encoder_rows) + "\n")
     if generate_rows:
         print(f"## Generation: {args.input_tokens} input tokens, exactly {args.new_tokens} new tokens, greedy\n")
         print("ms per step = whole generate call (encoder and prefill included) / new tokens.\n")

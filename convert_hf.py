@@ -17,10 +17,13 @@ at a time and streamed into the output, so converting t5-11b does not need 45 GB
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import json
 import os
+import re
 import shutil
+import struct
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -150,11 +153,20 @@ def config_from_hf(hf: Mapping, tokenizer_config: Mapping | None = None) -> tupl
         dropout=fields.get("dropout_rate", 0.1),
         extra_ids=tokenizer_config.get("extra_ids", 125 if is_bytes else 100),
     )
-    # T5 v1.0 ties the output embedding to the input one and rescales the decoder output by
-    # d_model**-0.5; v1.1 and later say "tie_word_embeddings": false. transformers 5 saves that
-    # decision as "scale_decoder_outputs" (and then always writes tie_word_embeddings: true).
-    scale_lm_head = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
-    return config, bool(scale_lm_head)
+    return config, scales_decoder_output(model_type, hf)
+
+
+def scales_decoder_output(model_type: str, hf: Mapping) -> bool:
+    """Whether transformers multiplies the decoder output by d_model**-0.5 before lm_head, read the
+    way transformers 5 reads a config.json of each model_type:
+      - t5, umt5: "scale_decoder_outputs" when the file has it (transformers 5 writes it, and then
+        always writes "tie_word_embeddings": true); otherwise "tie_word_embeddings" decides, as in
+        the hub's files: v1.0 says true (scaled), v1.1 / Flan / ByT5 / UMT5 say false.
+      - mt5: never. MT5Config ignores "tie_word_embeddings" and MT5 has no output scale, so an mT5
+        folder written by transformers 5 ("tie_word_embeddings": true) is still unscaled."""
+    if model_type == "mt5":
+        return False
+    return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False))
 
 
 ########################################################################################
@@ -304,6 +316,103 @@ def fetch(src: str) -> Path:
 
 
 ########################################################################################
+# Tokenizer: tokenizer.json (Unigram) -> spiece.model
+########################################################################################
+# Folders written by transformers 5 carry only tokenizer.json. T5's is sentencepiece's Unigram
+# model in another file format: the pieces with their scores, sentencepiece's own normalization
+# table (the "precompiled_charsmap") and the whitespace rules. We write those back into a
+# sentencepiece ModelProto, so t5.py keeps needing sentencepiece alone. The protobuf wire format
+# is simple enough to write by hand (field numbers from sentencepiece_model.proto), which spares
+# the converter a protobuf dependency.
+
+PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_BYTE = 1, 2, 3, 6  # SentencePiece.Type
+UNIGRAM = 1  # TrainerSpec.ModelType
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32 fields are written as 64-bit two's complement
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, value: int | bool | float | str | bytes) -> bytes:
+    """One protobuf field: ints, bools and enums as varints, floats as fixed32, str/bytes (and
+    nested messages, already encoded) length-delimited."""
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3) + _varint(int(value))
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _walk(node: object) -> Iterator[dict]:
+    """Every dict inside a tokenizer.json component (Sequence components nest them in lists)."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def sentencepiece_from_tokenizer_json(tokenizer: Mapping, path: str = "tokenizer.json") -> bytes:
+    """A T5 tokenizer.json (Unigram model, sentinels as trailing added tokens) -> the bytes of the
+    equivalent spiece.model, without the sentinels (t5.py numbers those itself)."""
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "Unigram":
+        raise ConversionError(f"{path}: a {model.get('type')!r} tokenizer; T5's is a sentencepiece Unigram model")
+    added = {token["content"] for token in tokenizer.get("added_tokens", []) if token.get("special")}
+    vocab = [(piece, float(score)) for piece, score in model["vocab"]]
+    while vocab and vocab[-1][0] in added and re.fullmatch(r"<extra_id_\d+>", vocab[-1][0]):
+        vocab.pop()  # the sentinels: t5.py counts them down from the end of the vocabulary
+    unk_id = model.get("unk_id")
+    byte_fallback = bool(model.get("byte_fallback"))
+    pieces = b""
+    for i, (piece, score) in enumerate(vocab):
+        kind = PIECE_UNKNOWN if i == unk_id else PIECE_CONTROL if piece in added else \
+            PIECE_BYTE if byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", piece) else PIECE_NORMAL
+        pieces += _field(1, _field(1, piece) + _field(2, score) + _field(3, kind))
+    ids = {piece: i for i, (piece, _) in enumerate(vocab)}
+    trainer = (_field(3, UNIGRAM) + _field(4, len(vocab)) + _field(35, byte_fallback)
+               + _field(40, -1 if unk_id is None else unk_id) + _field(41, -1)
+               + _field(42, ids.get("</s>", -1)) + _field(43, ids.get("<pad>", -1)))
+    normalizers = list(_walk(tokenizer.get("normalizer")))
+    pretokenizers = list(_walk(tokenizer.get("pre_tokenizer")))
+    charsmap = next((base64.b64decode(n["precompiled_charsmap"]) for n in normalizers if n.get("type") == "Precompiled"
+                     and n.get("precompiled_charsmap")), b"")
+    metaspace = next((p for p in pretokenizers if p.get("type") == "Metaspace"), None)
+    if metaspace is None:
+        raise ConversionError(f"{path}: no Metaspace pre-tokenizer; this is not a sentencepiece tokenizer")
+    dummy_prefix = metaspace.get("prepend_scheme", "always") != "never" and metaspace.get("add_prefix_space", True)
+    # sentencepiece's remove_extra_whitespaces: transformers writes it as a WhitespaceSplit
+    # pre-tokenizer (transformers 5) or a Replace of " {2,}" by " " (earlier versions)
+    collapse = any(p.get("type") == "WhitespaceSplit" for p in pretokenizers) or any(
+        n.get("type") == "Replace" and (n.get("pattern") or {}).get("Regex") == " {2,}" for n in normalizers)
+    normalizer = (_field(1, "nmt_nfkc" if charsmap else "identity") + (_field(2, charsmap) if charsmap else b"")
+                  + _field(3, bool(dummy_prefix)) + _field(4, collapse) + _field(5, True))
+    return pieces + _field(2, trainer) + _field(3, normalizer)
+
+
+def write_tokenizer(folder: Path, out: Path, config: T5Config) -> None:
+    """Copy the tokenizer files of a Hugging Face folder into OUT; when it has only tokenizer.json
+    (as transformers 5 saves T5 tokenizers), write the spiece.model that t5.py reads."""
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / name)
+    if config.tokenizer == "sentencepiece" and not any((out / n).is_file() for n in ("spiece.model", "tokenizer.model")) \
+            and (out / "tokenizer.json").is_file():
+        model = sentencepiece_from_tokenizer_json(json.loads((out / "tokenizer.json").read_text()),
+                                                  str(folder / "tokenizer.json"))
+        (out / "spiece.model").write_bytes(model)
+
+
+########################################################################################
 # Writing
 ########################################################################################
 
@@ -360,6 +469,9 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     beside OUT and renamed into place at the end: a failure leaves OUT as it was.
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; OUT must be a folder (or absent), and this is "
+                              "left untouched")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     folder = fetch(src)
@@ -386,9 +498,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     try:
         write_safetensors(tmp / "model.safetensors", shapes, dtype, build_all(plan, tensors, dtype, shapes))
         config.save(tmp / "config.json")
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, tmp / name)
+        write_tokenizer(folder, tmp, config)
         if calibrate_texts is not None:
             scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
             print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(

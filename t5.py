@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -144,7 +145,15 @@ class T5Config:
     @classmethod
     def load(cls, path: str | Path) -> T5Config:
         """Read a config.json written by `save`; an unknown or missing field is an error."""
-        fields = json.loads(Path(path).read_text())
+        try:
+            fields = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a JSON config ({error})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path}: not a T5Config (a JSON {type(fields).__name__}, not an object)")
+        if "model_type" in fields or "architectures" in fields:
+            raise ValueError(f"{path} is a Hugging Face config (model_type {fields.get('model_type')!r}): "
+                             "convert its folder first with convert_hf.py")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
@@ -790,9 +799,10 @@ def decode_step_flops(config: T5Config, batch: int, src: int, max_len: int) -> F
 
 
 class Generation(NamedTuple):
-    tokens: Tensor  # (b, n) generated ids, decoder start / prompt excluded; pad after a row's EOS
-    lengths: Tensor  # (b,) tokens generated per row, its EOS included
-    scores: Tensor  # (b,) sum of the chosen tokens' log-probs (beam search: divided by length**length_penalty)
+    # n = num_return_sequences rows per input, adjacent
+    tokens: Tensor  # (b*n, t) generated ids, decoder start / prompt excluded; pad after a row's EOS
+    lengths: Tensor  # (b*n,) tokens generated per row, its EOS included
+    scores: Tensor  # (b*n,) sum of the chosen tokens' log-probs (beam search: divided by length**length_penalty)
 
 
 def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, positions: Tensor) -> Tensor:
@@ -935,21 +945,26 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, 
       from `generator` when given (same seed, same tokens); num_return_sequences samples per input
       share one encoding (rows of one input are adjacent in the output).
     - beam search with num_beams > 1, length_penalty and early_stopping (True, False or "never")
-      as Hugging Face defines them; returns the best beam of each input.
+      as Hugging Face defines them; returns the best beam of each input, or its
+      num_return_sequences (<= num_beams) best beams, best first.
     - min_new_tokens: EOS is forbidden before that many tokens.
     - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
       that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
+      The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
+      `generate` returns it in front of them).
     - compile=True runs the decode step under torch.compile (compiled once per batch shape).
 
     input_ids (b, s) with an optional (b, s) padding input_mask.
     """
     if num_beams > 1:
-        if do_sample or num_return_sequences != 1:
-            raise ValueError("beam search returns the best beam: do_sample and num_return_sequences are for sampling")
+        if do_sample:
+            raise ValueError("beam search is deterministic: do_sample is for sampling (num_beams=1)")
+        if num_return_sequences > num_beams:
+            raise ValueError(f"num_return_sequences={num_return_sequences} beams asked of num_beams={num_beams}")
         return _beam_search(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                            early_stopping=early_stopping, decoder_input_ids=decoder_input_ids,
-                            decoder_mask=decoder_mask, compile=compile)
+                            early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                            decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask, compile=compile)
     steps = list(_decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          num_return_sequences=num_return_sequences, generator=generator,
@@ -969,7 +984,8 @@ def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
 @torch.inference_mode()
 def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int,
                  min_new_tokens: int, num_beams: int, length_penalty: float, early_stopping: bool | str,
-                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None, compile: bool) -> Generation:
+                 num_return_sequences: int, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None,
+                 compile: bool) -> Generation:
     """Beam search with Hugging Face's semantics.
 
     Each step, every input's num_beams running beams propose their 2*num_beams best continuations
@@ -1042,11 +1058,14 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
         logits = step_fn(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
         position += 1
 
-    best_length = done_lengths[:, 0]
+    # the finished hypotheses are kept sorted, best first: return the first num_return_sequences
+    n = num_return_sequences
+    best_length = rearrange(done_lengths[:, :n], "b n -> (b n)")
     width = int(best_length.max())
-    tokens = done[:, 0, :width].masked_fill(rearrange(torch.arange(width, device=device), "n -> 1 n")
-                                            >= rearrange(best_length, "b -> b 1"), config.pad_token_id)
-    return Generation(tokens, best_length, done_scores[:, 0])
+    tokens = rearrange(done[:, :n, :width], "b n t -> (b n) t")
+    tokens = tokens.masked_fill(rearrange(torch.arange(width, device=device), "t -> 1 t")
+                                >= rearrange(best_length, "b -> b 1"), config.pad_token_id)
+    return Generation(tokens, best_length, rearrange(done_scores[:, :n], "b n -> (b n)"))
 
 
 def repeat_beams(index: Tensor, width: int) -> Tensor:
@@ -1102,11 +1121,27 @@ class Tokenizer:
         ids += self._encode_text(text[start:])
         return ids + [self.eos_id] if eos else ids
 
-    def encode_batch(self, texts: list[str], *, eos: bool = True, device: torch.device | str | None = None
-                     ) -> tuple[Tensor, Tensor]:
-        """Texts -> ids (b, s) right-padded with pad, and the padding mask (b, s), 1 = real token."""
+    def encode_batch(self, texts: list[str], *, eos: bool = True, device: torch.device | str | None = None,
+                     max_length: int | None = None, padding: Literal["longest", "max_length"] = "longest",
+                     truncation: bool = False) -> tuple[Tensor, Tensor]:
+        """Texts -> ids (b, s) right-padded with pad, and the padding mask (b, s), 1 = real token.
+
+        As transformers' tokenizers mean them: padding="longest" pads to the longest row,
+        padding="max_length" to max_length (or to the longest row, if that is longer and not
+        truncated); truncation=True cuts rows to max_length, keeping EOS as the last token."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError("encode_batch takes a non-empty list of texts")
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        if (truncation or padding == "max_length") and max_length is None:
+            raise ValueError(f"{'truncation' if truncation else 'padding=max_length'} needs max_length")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
         rows = [self.encode(text, eos=eos) for text in texts]
-        width = max(1, max(len(row) for row in rows))
+        if truncation:
+            tail = [self.eos_id] if eos else []
+            rows = [row if len(row) <= max_length else row[:max_length - len(tail)] + tail for row in rows]
+        width = max(1, max(len(row) for row in rows), max_length if padding == "max_length" else 0)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -1204,7 +1239,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     meta device and takes the loaded tensors as they are: nothing is allocated twice. Any missing
     or unexpected tensor is an error that names it.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
@@ -1216,7 +1251,11 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     prefix = "encoder." if encoder_only else ""
     wanted = {prefix + key: tensor.shape for key, tensor in model.state_dict().items()}
     state = {}
-    with safe_open(str(path / "model.safetensors"), framework="pt", device=str(torch.device(device or "cpu"))) as f:
+    try:
+        weights = safe_open(str(path / "model.safetensors"), framework="pt", device=str(torch.device(device or "cpu")))
+    except SafetensorError as error:  # a truncated or foreign file
+        raise ValueError(f"{path / 'model.safetensors'}: not a readable safetensors file ({error})") from None
+    with weights as f:
         present = set(f.keys())
         missing = sorted(set(wanted) - present)
         if missing:
@@ -1333,6 +1372,7 @@ def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
 
 DEMO = Path(__file__).resolve().parent / "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LONG_INPUT = 1024  # tokens: twice the 512 of T5's pre-training; longer prompts get a warning
 
 
 class CommandLineError(Exception):
@@ -1344,78 +1384,215 @@ def _device(name: str | None) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as error:
-        raise CommandLineError(f"unknown device {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandLineError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    except RuntimeError:
+        raise CommandLineError(f"--device {name}: unknown device (cpu, cuda, cuda:N)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandLineError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandLineError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise CommandLineError(f"--device {name}: not a device this machine can run on (cpu"
+                           f"{', cuda' if torch.cuda.is_available() else ''})")
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
+def _check_text(text: str, where: str) -> str:
+    try:  # undecodable bytes reach Python as lone surrogates
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandLineError(f"{where} is not valid UTF-8") from None
+    return text
+
+
+def _prompt_batches(args: argparse.Namespace) -> Iterator[list[str]]:
+    """The prompts in batches of --batch-size: the arguments, or else stdin read lazily, one prompt
+    per line (CRLF or LF), blank lines included, so that outputs line up with inputs."""
+    if args.prompts:
+        lines: Iterator[str] = (_check_text(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts))
+    else:
+        lines = _stdin_lines()
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == args.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stdin_lines() -> Iterator[str]:
+    seen = False
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        seen = True
+        try:
+            yield raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise CommandLineError(f"line {number} of stdin is not valid UTF-8") from None
+    if not seen:
         raise CommandLineError("no prompt: give prompts as arguments or one per line on stdin")
-    return prompts
+
+
+def _encode_prompts(tokenizer: Tokenizer, texts: list[str], args: argparse.Namespace, first: int,
+                    device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tokenize a batch (truncated to --max-input-tokens), warning about prompts far longer than
+    T5 models are trained on."""
+    limit = args.max_input_tokens
+    ids, mask = tokenizer.encode_batch(texts, device=device, max_length=limit, truncation=limit is not None)
+    for i, length in enumerate(mask.sum(dim=1).tolist() if limit is None else []):
+        if length > LONG_INPUT:
+            print(f"t5.py: warning: prompt {first + i + 1} is {length} tokens long, far past the 512 that T5 models "
+                  "are trained on (--max-input-tokens N truncates)", file=sys.stderr)
+    return ids, mask
+
+
+def _has_decoder(ckpt: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            return any(key.startswith("decoder.") for key in f.keys())
+    except SafetensorError as error:
+        raise CommandLineError(f"{ckpt / 'model.safetensors'}: not a readable safetensors file ({error})") from None
 
 
 def _load_for_cli(args: argparse.Namespace, *, encoder_only: bool = False) -> tuple[T5 | T5Encoder, Tokenizer]:
     ckpt = Path(args.ckpt)
-    if not (ckpt / "config.json").is_file():
-        raise CommandLineError(f"--ckpt {ckpt}: no converted checkpoint there (config.json missing); "
+    if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
+        raise CommandLineError(f"--ckpt {ckpt}: no converted checkpoint there (config.json and model.safetensors); "
                                "convert one with convert_hf.py")
     device = _device(args.device)
-    model = load(ckpt, encoder_only=encoder_only, device=device, dtype=DTYPES[args.dtype])
-    return model, load_tokenizer(ckpt, model.config)
+    config = T5Config.load(ckpt / "config.json")
+    tokenizer = load_tokenizer(ckpt, config)
+    if not encoder_only and not _has_decoder(ckpt):
+        raise CommandLineError(f"--ckpt {ckpt} holds only an encoder: it can `encode`, not `generate`")
+    model = load(ckpt, encoder_only=encoder_only, device=device, dtype=DTYPES.get(args.dtype))
+    return model, tokenizer
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    """Check the generation flags (before the model is loaded) and turn them into `generate`'s
+    keyword arguments."""
+    if args.max_new_tokens < 1:
+        raise CommandLineError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise CommandLineError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
+                               f"got {args.min_new_tokens}")
+    if args.num_beams < 1:
+        raise CommandLineError(f"--num-beams must be at least 1, got {args.num_beams}")
+    if args.temperature is not None and args.temperature < 0:
+        raise CommandLineError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CommandLineError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CommandLineError(f"--top-p must be in (0, 1], got {args.top_p}")
+    filters = args.top_k is not None or args.top_p is not None
+    if args.temperature == 0 and filters:
+        raise CommandLineError("--temperature 0 is greedy decoding: it does not combine with --top-k/--top-p")
+    sample = bool(args.temperature) or filters
+    if sample and args.num_beams > 1:
+        raise CommandLineError("--num-beams is beam search: it does not combine with --temperature/--top-k/--top-p")
+    if args.seed is not None and not sample:
+        raise CommandLineError("--seed only matters when sampling (--temperature, --top-k or --top-p)")
+    options: dict[str, object] = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                      compile=args.compile)
+    if args.num_beams > 1:
+        return {**options, "num_beams": args.num_beams}
+    if sample:
+        generator = None if args.seed is None else torch.Generator(_device(args.device)).manual_seed(args.seed)
+        options.update(do_sample=True, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                       generator=generator)
+    return options
+
+
+def _check_batching(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise CommandLineError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_input_tokens is not None and args.max_input_tokens < 1:
+        raise CommandLineError(f"--max-input-tokens must be at least 1, got {args.max_input_tokens}")
 
 
 def cli_generate(args: argparse.Namespace) -> None:
+    options = _sampling(args)
+    _check_batching(args)
     model, tokenizer = _load_for_cli(args)
-    prompts = _prompts(args)
-    ids, mask = tokenizer.encode_batch(prompts, device=model.lm_head.weight.device)
-    sample = args.temperature not in (None, 0) or args.top_k is not None or args.top_p is not None
-    if sample and args.num_beams > 1:
-        raise CommandLineError("--num-beams is beam search: it does not combine with --temperature/--top-k/--top-p")
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(ids.device).manual_seed(args.seed)
-    lengths = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, compile=args.compile)
-    sampling = dict(do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                    generator=generator)
-    start = time.perf_counter()
-    if len(prompts) == 1 and args.num_beams == 1:  # stream the text as it comes
-        tokens: list[int] = []
-        shown = ""
-        for token in stream(model, ids, mask, **lengths, **sampling):
-            tokens.append(int(token[0]))
-            text = tokenizer.decode(tokens)
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        print()
-        count = len(tokens)
-    else:
-        if args.num_beams > 1:
-            out = generate(model, ids, mask, num_beams=args.num_beams, **lengths)
+    device = model.lm_head.weight.device
+    start, count, done = time.perf_counter(), 0, 0
+    for texts in _prompt_batches(args):
+        ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
+        if len(args.prompts) == 1 and options.get("num_beams", 1) == 1:  # one prompt: stream the text as it comes
+            tokens: list[int] = []
+            shown = ""
+            for token in stream(model, ids, mask, **options):
+                tokens.append(int(token[0]))
+                text = tokenizer.decode(tokens).replace("\n", " ")
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+            print()
+            count += len(tokens)
         else:
-            out = generate(model, ids, mask, **lengths, **sampling)
-        for row in out.tokens:
-            print(tokenizer.decode(row))
-        count = int(out.lengths.sum())
+            real = [i for i, text in enumerate(texts) if text.strip()]  # blank lines answer blank lines
+            lines = [""] * len(texts)
+            if real:
+                out = generate(model, ids[real], mask[real], **options)
+                for i, row in zip(real, out.tokens):
+                    lines[i] = tokenizer.decode(row).replace("\n", " ")
+                count += int(out.lengths.sum())
+            print("\n".join(lines), flush=True)
+        done += len(texts)
     elapsed = time.perf_counter() - start
     print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
 
 
-def cli_encode(args: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
+def _check_out(out: Path, force: bool) -> None:
+    """The --out of `encode`, checked before any work is done."""
+    if out.is_dir():
+        raise CommandLineError(f"--out {out} is a folder; name a .safetensors file")
+    if not out.parent.is_dir():
+        raise CommandLineError(f"--out {out}: folder {out.parent} does not exist")
+    if out.exists() and not force:
+        raise CommandLineError(f"--out {out} exists; pass --force to overwrite it")
 
+
+def cli_encode(args: argparse.Namespace) -> None:
+    from safetensors.torch import save
+
+    _check_out(args.out, args.force)
+    _check_batching(args)
     encoder, tokenizer = _load_for_cli(args, encoder_only=True)
-    ids, mask = tokenizer.encode_batch(_prompts(args), device=encoder.embedding.weight.device)
+    device = encoder.embedding.weight.device
+    batches, done = [], 0
     with torch.inference_mode():
-        hidden = encoder(ids, mask)
-    save_file({"hidden": hidden.cpu().contiguous(), "mask": mask.cpu(), "input_ids": ids.cpu()}, str(args.out))
+        for texts in _prompt_batches(args):
+            ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
+            batches.append((ids.cpu(), mask.cpu(), encoder(ids, None if args.no_mask else mask).cpu()))
+            done += len(texts)
+    width = max(ids.shape[1] for ids, _, _ in batches)  # batches pad to their longest row: pad them all alike
+    pad = tokenizer.pad_id
+
+    def widen(x: Tensor, value: float) -> Tensor:
+        return F.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]), value=value)
+
+    hidden = torch.cat([widen(h, 0.0) for _, _, h in batches]).contiguous()
+    mask = torch.cat([widen(m, 0) for _, m, _ in batches])
+    data = save({"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])})
+    tmp = args.out.parent / f".{args.out.name}.tmp-{os.getpid()}"
+    try:  # written beside --out and renamed into place: never half a file
+        tmp.write_bytes(data)
+        tmp.replace(args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {args.out}: hidden {tuple(hidden.shape)} {hidden.dtype}, mask {tuple(mask.shape)}", file=sys.stderr)
 
 
 def cli_flops(args: argparse.Namespace) -> None:
+    for flag in ("batch", "src", "tgt"):
+        if getattr(args, flag) < 1:
+            raise CommandLineError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     path = Path(args.ckpt)
     config = T5Config.load(path / "config.json" if path.is_dir() else path)
     b, s, t = args.batch, args.src, args.tgt
@@ -1427,44 +1604,64 @@ def cli_flops(args: argparse.Namespace) -> None:
         print(f"{name:50} " + " ".join(f"{x / 1e9:12.4f}" for x in (*f, f.total)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t5.py", description="T5 from the command line. With no --ckpt, the "
-                                     "demo model in demo/ (it spells out numbers: 'spell: 4071').")
-    commands = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The command line; every option says its default."""
+    top = argparse.ArgumentParser(prog="t5.py", description="T5 from the command line. With no --ckpt, the "
+                                  "demo model in demo/ (it spells out numbers: 'spell: 4071').")
+    commands = top.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin)")
+        p.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin, blank lines included; "
+                       "output lines match input lines)")
         p.add_argument("--ckpt", default=str(DEMO), help="a folder written by convert_hf.py (default: the demo model)")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
-        p.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+        p.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: as stored in --ckpt)")
+        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        p.add_argument("--batch-size", type=int, default=16, help="prompts run together (default: 16)")
+        p.add_argument("--max-input-tokens", type=int, help="truncate prompts to this many tokens, EOS kept last "
+                       f"(default: no limit; prompts over {LONG_INPUT} tokens get a warning)")
 
     g = commands.add_parser("generate", help="generate text for prompts (greedy unless told otherwise)")
     common(g)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--min-new-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, help="sample at this temperature (0: greedy)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much probability")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
-    g.add_argument("--seed", type=int, help="seed of the sampling generator (same seed, same text)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per prompt (default: 64)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="EOS is forbidden before this many (default: 0)")
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy; 0 is greedy too)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: no limit)")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much probability "
+                   "(default: 1, no limit)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1, none)")
+    g.add_argument("--seed", type=int, help="seed of the sampling generator, same seed same text (default: random)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
     g.set_defaults(run=cli_generate)
     e = commands.add_parser("encode", help="write encoder hidden states (and mask) of prompts to a safetensors file")
     common(e)
-    e.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    e.add_argument("--out", required=True, type=Path, help="output .safetensors file (required): hidden (b, s, d), "
+                   "mask and input_ids (b, s)")
+    e.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
+    e.add_argument("--no-mask", action="store_true", help="run the encoder without the padding mask, as Flux / SD3 "
+                   "pipelines do (default: masked)")
     e.set_defaults(run=cli_encode)
     f = commands.add_parser("flops", help="print the FLOP breakdown of a config for given sizes")
     f.add_argument("--ckpt", default=str(DEMO), help="a checkpoint folder or a config.json (default: the demo model)")
-    f.add_argument("--batch", type=int, default=1)
-    f.add_argument("--src", type=int, default=512, help="encoder tokens per row")
-    f.add_argument("--tgt", type=int, default=64, help="decoder tokens per row")
+    f.add_argument("--batch", type=int, default=1, help="rows (default: 1)")
+    f.add_argument("--src", type=int, default=512, help="encoder tokens per row (default: 512)")
+    f.add_argument("--tgt", type=int, default=64, help="decoder tokens per row (default: 64)")
     f.set_defaults(run=cli_flops)
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (CommandLineError, FileNotFoundError, ValueError) as error:
+    except BrokenPipeError:  # `t5.py ... | head -2`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 141  # what a shell reports for SIGPIPE
+    except (CommandLineError, OSError, ValueError) as error:  # OSError: FileNotFoundError, PermissionError, ...
         print(f"t5.py {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"t5.py {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

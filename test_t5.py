@@ -903,7 +903,7 @@ def test_cli_encode_and_flops(tmp_path: Path) -> None:
     (["generate", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "x", "--device", "nope"],
      "CUDA is not available" if not torch.cuda.is_available() else "unknown device"),
     (["generate", "x", "--num-beams", "2", "--top-k", "3"], "does not combine"),
-    (["generate", "x", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
 ])
 def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
     result = run_cli(*args)
@@ -922,6 +922,352 @@ def test_cli_help(command: str, options: list[str]) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0
     assert all(option in result.stdout for option in options)
+
+
+########################################################################################
+# What a new user meets: folders as transformers 5 saves them, the command line's mistakes
+########################################################################################
+
+
+def saved_by_transformers(folder: Path, family: str, form: str) -> Path:
+    """A family's folder as transformers 5 writes it: `fresh` is a new model's save_pretrained
+    (tied, "tie_word_embeddings": true); `resaved` is a hub-style folder loaded and saved again
+    (what every fine-tune produces: own lm_head, config rewritten by transformers 5)."""
+    config_cls, kwargs, _ = FAMILIES[family]
+    model_cls = HF_MODELS[config_cls]
+    if form == "fresh":
+        torch.manual_seed(5)
+        model_cls(config_cls(**kwargs)).save_pretrained(folder)
+    else:
+        hub = build_hf_checkpoint(folder.parent / f"{folder.name}-hub", family, seed=5)
+        model_cls.from_pretrained(hub).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("form", ["fresh", "resaved"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_convert_folders_saved_by_transformers_5(name: str, form: str, tmp_path: Path) -> None:
+    """Every family converts right as save_pretrained writes it today, not only as the hub ships
+    it: transformers 5 never scales mT5's decoder output, whatever tie_word_embeddings says, and
+    a v1.0 config with scale_decoder_outputs still scales. Reference: from_pretrained of the folder."""
+    hf_dir = saved_by_transformers(tmp_path / "hf", name, form)
+    written = json.loads((hf_dir / "config.json").read_text())
+    assert written["tie_word_embeddings"] is True  # what makes this form a trap
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    hf = HF_MODELS[FAMILIES[name][0]].from_pretrained(hf_dir).eval()
+    ours = t5.load(tmp_path / "ours")
+    ids, mask = padded_batch(FAMILIES[name][1]["vocab_size"], [9, 5], seed=4)
+    dec, dec_mask = padded_batch(FAMILIES[name][1]["vocab_size"], [6, 3], seed=5)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        assert_close_where(ours(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits, ref, dec_mask, ATOL)
+
+
+def test_output_scale_rule_per_model_type() -> None:
+    """The rule itself, for the configs the hub and transformers 5 write."""
+    rule = convert_hf.scales_decoder_output
+    assert rule("t5", {"tie_word_embeddings": True}) and not rule("t5", {"tie_word_embeddings": False})
+    assert rule("t5", {}) and not rule("t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False})
+    assert not rule("umt5", {"tie_word_embeddings": True, "scale_decoder_outputs": False})
+    assert not rule("mt5", {"tie_word_embeddings": True}) and not rule("mt5", {"tie_word_embeddings": False})
+
+
+def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path) -> None:
+    """transformers 5 saves a T5 tokenizer as tokenizer.json alone: the converter writes the
+    equivalent spiece.model, whose ids (and decoded text) equal transformers' on every test text."""
+    hf_dir = tmp_path / "hf"
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(hf_dir)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    ).save_pretrained(hf_dir)
+    assert not (hf_dir / "spiece.model").exists() and (hf_dir / "tokenizer.json").exists()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    assert (tmp_path / "ours" / "spiece.model").is_file()
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ours = t5.load_tokenizer(tmp_path / "ours")
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
+    # the same pieces, scores and normalizer as the sentencepiece model it came from
+    import sentencepiece
+
+    made = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "ours" / "spiece.model"))
+    original = sentencepiece.SentencePieceProcessor(model_file=str(spiece_folder / "spiece.model"))
+    assert [(made.id_to_piece(i), made.get_score(i)) for i in range(made.get_piece_size())] == \
+        [(original.id_to_piece(i), original.get_score(i)) for i in range(original.get_piece_size())]
+    # a tokenizer.json of another kind is refused by name
+    other = json.loads((hf_dir / "tokenizer.json").read_text())
+    other["model"] = {"type": "BPE", "vocab": {}, "merges": []}
+    with pytest.raises(convert_hf.ConversionError, match="a 'BPE' tokenizer"):
+        convert_hf.sentencepiece_from_tokenizer_json(other)
+
+
+def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"precious checkpoint")
+    assert convert_hf.main([str(family.hf_dir), str(out), "--force"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def run_cli_bytes(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "t5.py", *args], cwd=HERE, capture_output=True, input=stdin, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    err = result.stderr if isinstance(result.stderr, str) else result.stderr.decode()
+    assert result.returncode != 0, err
+    assert message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> None:
+    """--out problems are reported before the model loads (here --ckpt is bad too, and it is the
+    --out error that comes); an existing file needs --force; the file gets ordinary permissions."""
+    for out, message in [(tmp_path / "missing" / "x.safetensors", "does not exist"), (tmp_path, "is a folder")]:
+        assert_one_line_error(run_cli("encode", "x", "--out", str(out), "--ckpt", "no/such/dir"), message)
+    out = tmp_path / "hidden.safetensors"
+    out.write_bytes(b"keep me")
+    assert_one_line_error(run_cli("encode", "spell: 7", "--out", str(out)), "exists; pass --force")
+    assert out.read_bytes() == b"keep me"
+    result = run_cli("encode", "spell: 7", "--out", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert load_file(out)["hidden"].shape[0] == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden.safetensors"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--device", "mps"], "--device mps: not a device this machine can run on"),
+    (["generate", "x", "--device", "meta"], "--device meta: not a device this machine can run on"),
+    (["generate", "x", "--num-beams", "0"], "--num-beams must be at least 1"),
+    (["generate", "x", "--num-beams", "-2"], "--num-beams must be at least 1"),
+    (["generate", "x", "--temperature", "0", "--top-k", "3"], "--temperature 0 is greedy decoding"),
+    (["generate", "x", "--temperature", "0", "--top-p", "0.5"], "--temperature 0 is greedy decoding"),
+    (["generate", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+    (["generate", "x", "--top-k", "0"], "--top-k must be at least 1"),
+    (["generate", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "x", "--seed", "3"], "--seed only matters when sampling"),
+    (["generate", "x", "--num-beams", "2", "--seed", "3"], "--seed only matters when sampling"),
+    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be between 0 and"),
+    (["generate", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["encode", "x", "--out", "unused.safetensors", "--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
+    (["flops", "--batch", "0"], "--batch must be at least 1"),
+    (["flops", "--src", "-5"], "--src must be at least 1"),
+    (["flops", "--ckpt", "README.md"], "README.md: not a JSON config"),
+    (["flops", "--ckpt", "demo/model.safetensors"], "demo/model.safetensors: not a JSON config"),
+])
+def test_cli_mistakes_are_one_line(args: list[str], message: str) -> None:
+    assert_one_line_error(run_cli(*args), message)
+
+
+def test_cli_temperature_zero_is_greedy() -> None:
+    assert run_cli("generate", "spell: 4071", "--temperature", "0").stdout == "four thousand seventy-one\n"
+
+
+def test_cli_non_utf8_prompts() -> None:
+    assert_one_line_error(run_cli_bytes("generate", b"spell: \xff12"), "prompt 1 is not valid UTF-8")
+    assert_one_line_error(run_cli_bytes("generate", stdin=b"spell: 1\nspell: \xff\n"), "line 2 of stdin is not valid UTF-8")
+
+
+def test_cli_bad_checkpoints(tmp_path: Path) -> None:
+    """A corrupt model.safetensors, a transformers folder, an encoder-only folder asked to generate:
+    one line each, naming the file or saying what to do."""
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(HERE / "demo", corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[:len(data) // 2])
+    assert_one_line_error(run_cli("generate", "x", "--ckpt", str(corrupt)),
+                          f"{corrupt / 'model.safetensors'}: not a readable safetensors file")
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    assert_one_line_error(run_cli("generate", "x", "--ckpt", str(hf_dir)), "convert its folder first with convert_hf.py")
+    encoder_only = tmp_path / "enc"
+    shutil.copytree(HERE / "demo", encoder_only)
+    state = load_file(encoder_only / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k.startswith("encoder.")}, encoder_only / "model.safetensors")
+    result = run_cli("generate", "x", "--ckpt", str(encoder_only))
+    assert_one_line_error(result, "holds only an encoder: it can `encode`, not `generate`")
+    assert "encoder_only=True" not in result.stderr
+
+
+def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
+    """With --batch-size 1, the answer to a stdin line comes before the next line is written; a
+    reader that goes away (| head) and Ctrl-C end it quietly, without a traceback."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "t5.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write("spell: 12\r\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "twelve\n"  # stdin is still open: this batch was answered alone
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    lines = "".join(f"spell: {n}\n" for n in range(1, 200))
+    proc = subprocess.Popen([sys.executable, "t5.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(lines)
+    proc.stdin.close()
+    assert proc.stdout.readline() == "one\n"
+    proc.stdout.close()  # the reader leaves, as `head -1` does
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_cli_stdin_lines_stay_aligned() -> None:
+    """Blank lines get blank answers in their place; CRLF line ends are stripped."""
+    result = run_cli("generate", "--batch-size", "2", stdin="spell: 12\r\n\n  \nspell: 300\r\nspell: 5\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n") == ["twelve", "", "", "three hundred", "five", ""]
+
+
+def test_cli_max_input_tokens_and_long_input_warning(tmp_path: Path) -> None:
+    out = tmp_path / "h.safetensors"
+    result = run_cli("encode", "spell: 123456789", "spell: 1", "--max-input-tokens", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = load_file(out)
+    tokenizer = t5.load_tokenizer(HERE / "demo")
+    assert saved["input_ids"].shape == (2, 5) and saved["input_ids"][0, -1] == tokenizer.eos_id
+    assert saved["input_ids"][0].tolist() == tokenizer.encode("spell: 123456789")[:4] + [tokenizer.eos_id]
+    length = len(tokenizer.encode("spell: " + "7" * 1100))
+    assert length > t5.LONG_INPUT
+    long = run_cli("encode", "spell: " + "7" * 1100, "--out", str(out), "--force")
+    assert long.returncode == 0 and f"prompt 1 is {length} tokens long" in long.stderr, long.stderr
+    assert "--max-input-tokens" in long.stderr
+    short = run_cli("encode", "spell: " + "7" * 1100, "--out", str(out), "--force", "--max-input-tokens", "512")
+    assert short.returncode == 0 and "warning" not in short.stderr and load_file(out)["input_ids"].shape == (1, 512)
+
+
+def test_cli_stdin_encode_in_batches_equals_one_batch(tmp_path: Path) -> None:
+    lines = "spell: 7\nspell: 123\n\nspell: 99999\n"
+    one, many = tmp_path / "one.safetensors", tmp_path / "many.safetensors"
+    assert run_cli("encode", "--out", str(one), stdin=lines).returncode == 0
+    assert run_cli("encode", "--out", str(many), "--batch-size", "1", stdin=lines).returncode == 0
+    a, b = load_file(one), load_file(many)
+    assert a["input_ids"].shape[0] == 4
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["mask"], b["mask"])
+    torch.testing.assert_close(a["hidden"], b["hidden"], atol=1e-5, rtol=0)  # padding-invariant encoder
+
+
+def test_cli_dtype_defaults_to_the_checkpoint(tmp_path: Path) -> None:
+    """A bfloat16 checkpoint runs in bfloat16 unless --dtype says otherwise (no silent upcast)."""
+    import shutil
+
+    ckpt = tmp_path / "bf16"
+    shutil.copytree(HERE / "demo", ckpt)
+    state = load_file(ckpt / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, ckpt / "model.safetensors")
+    out = tmp_path / "h.safetensors"
+    assert run_cli("encode", "spell: 7", "--ckpt", str(ckpt), "--out", str(out)).returncode == 0
+    assert load_file(out)["hidden"].dtype == torch.bfloat16
+    assert run_cli("encode", "spell: 7", "--ckpt", str(ckpt), "--out", str(out), "--force",
+                   "--dtype", "float32").returncode == 0
+    assert load_file(out)["hidden"].dtype == torch.float32
+
+
+def test_cli_every_option_has_help_with_its_default() -> None:
+    import argparse
+
+    commands = next(a for a in t5.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            if not action.required:
+                assert "default" in action.help, (name, action.dest, action.help)
+            if action.default not in (None, False, t5.DEMO, str(t5.DEMO), []):
+                assert f"default: {action.default}" in action.help, (name, action.dest, action.help)
+    text = run_cli("generate", "--help").stdout
+    assert "(default: 64)" in text and "(default: 0)" in text
+
+
+def test_python_api_mistakes() -> None:
+    tokenizer = t5.load_tokenizer(HERE / "demo")
+    with pytest.raises(ValueError, match="non-empty list of texts"):
+        tokenizer.encode_batch([])
+    with pytest.raises(ValueError, match="non-empty list of texts"):
+        tokenizer.encode_batch("spell: 1")
+    with pytest.raises(ValueError, match="truncation needs max_length"):
+        tokenizer.encode_batch(["x"], truncation=True)
+    model = t5.load(HERE / "demo")
+    ids, mask = tokenizer.encode_batch(["spell: 12"])
+    with pytest.raises(ValueError, match="num_return_sequences=3 beams asked of num_beams=2"):
+        t5.generate(model, ids, mask, max_new_tokens=4, num_beams=2, num_return_sequences=3)
+
+
+def test_beam_search_num_return_sequences_matches_hf(gen_family: Family) -> None:
+    """num_beams=4, num_return_sequences=3: the 3 best beams of each input, best first, as HF."""
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20], seed=7)
+    with torch.no_grad():
+        ref = gen_family.hf.cpu().generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
+                                           num_beams=4, num_return_sequences=3, output_scores=True,
+                                           return_dict_in_generate=True)
+    out = t5.generate(model, ids, mask, max_new_tokens=16, num_beams=4, num_return_sequences=3)
+    assert out.tokens.shape[0] == 9 and ref.sequences.shape[0] == 9
+    for row in range(9):
+        n = int(out.lengths[row])
+        assert out.tokens[row, :n].tolist() == ref.sequences[row, 1:n + 1].tolist(), row
+    torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-3, rtol=1e-5)
+
+
+def python_blocks(heading: str) -> list[str]:
+    text = (HERE / "README.md").read_text()
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_python_block_runs_as_pasted(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "Use from Python" block, unchanged, in a folder holding the checkpoints it names
+    (tiny random ones, converted from transformers folders), on this machine's device."""
+    (block,) = python_blocks("## Use from Python")
+    for name, kwargs in [("t5-xxl-enc", dict(feed_forward_proj="gated-gelu")), ("flan-t5-base", {})]:
+        hf_dir = tmp_path / "hf" / name
+        transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(hf_dir)
+        transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0,
+            **kwargs)).save_pretrained(hf_dir)
+        assert convert_hf.main([str(hf_dir), str(tmp_path / "checkpoints" / name)]) == 0
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_states_install_and_suite_time() -> None:
+    text = (HERE / "README.md").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only install
+    assert "python -m pytest -q test_t5.py" in text and "minutes on 2 CPU cores" in text
+
+
+def test_bench_quiet_and_noisy_flag() -> None:
+    """The benchmark's table flags rows whose runs spread widely, and silences transformers."""
+    assert bench_t5.Timing(1.0, 0.9, 1.1).flag() == "" and bench_t5.Timing(1.0, 0.9, 1.2).flag() == " noisy"
+    import logging
+
+    bench_t5.quiet_transformers()
+    assert logging.getLogger("transformers").getEffectiveLevel() >= logging.ERROR
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def test_demo_spells_small_numbers_and_train_demo_keeps_demo(tmp_path: Path) -> None:
+    result = run_cli("generate", *[f"spell: {n}" for n in range(21)])
+    assert result.stdout.splitlines() == [__import__("train_demo").spell(n) for n in range(21)]
+    import train_demo
+
+    out = tmp_path / "kept"
+    out.mkdir()
+    assert train_demo.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
+    assert list(out.iterdir()) == []
+    default = next(a for a in train_demo.parser()._actions if a.dest == "out").default
+    assert default.resolve() != (HERE / "demo").resolve()
 
 
 ########################################################################################
