@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from t5 import DTYPES, T5, T5Config, T5Encoder
@@ -65,7 +66,13 @@ CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a fil
     "Le renard brun rapide saute par-dessus le chien paresseux. Der schnelle braune Fuchs. El zorro marrón.",
     "<extra_id_0> walks in <extra_id_1> park. The <extra_id_2> was sunny and the children <extra_id_3>.",
 ]
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+WEIGHTS = ("dense", "float8_e4m3fn")  # how linear weights are stored (--weights)
+# Tensors of fp8 files made for diffusion tools (ComfyUI's "scaled fp8"): X.scale_weight scales
+# X.weight (a scalar, or one value per output row); scaled_fp8 is an empty marker tensor.
+SCALE_SUFFIX, FP8_MARKER = "scale_weight", "scaled_fp8"
 
 
 class ConversionError(ValueError):
@@ -174,16 +181,10 @@ def scales_decoder_output(model_type: str, hf: Mapping) -> bool:
 ########################################################################################
 
 
-def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only: bool = False,
-                    tokenizer_config: Mapping | None = None) -> tuple[T5Config, dict[str, Source], bool]:
-    """Decide how every one of our tensors is made. Returns (config, {our name: Source},
-    encoder_only). A checkpoint without decoder tensors (…EncoderModel) converts encoder-only.
-    Raises ConversionError naming every missing or unexpected Hugging Face tensor."""
-    config, scale_lm_head = config_from_hf(hf_config, tokenizer_config)
-    hf_keys = set(hf_keys)
-    if not any(k.startswith("decoder.") for k in hf_keys):
-        encoder_only = True
-    embedding = next((k for k in EMBEDDINGS if k in hf_keys), EMBEDDINGS[0])
+def make_plan(config: T5Config, *, embedding: str, lm_head: bool, scale_lm_head: bool, encoder_only: bool
+              ) -> dict[str, Source]:
+    """{our name: Source} for a config: `embedding` is the Hugging Face name of the shared
+    embedding, `lm_head` whether there is a separate lm_head.weight."""
     plan: dict[str, Source] = {}
     stacks = [("encoder", ENCODER_LAYER, config.num_encoder_layers, "layer.1")]
     if not encoder_only:
@@ -199,17 +200,32 @@ def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only:
                     tuple(f"{stack}.block.{i}.{key.format(ffn=ffn)}" for key in theirs))
         plan[f"{stack}.final_norm.weight"] = Source((f"{stack}.final_layer_norm.weight",))
     if not encoder_only:
-        head = "lm_head.weight" if "lm_head.weight" in hf_keys else embedding
+        head = "lm_head.weight" if lm_head else embedding
         plan["lm_head.weight"] = Source((head,), scale=config.d_model**-0.5 if scale_lm_head else 1.0)
+    return plan
 
+
+def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only: bool = False,
+                    tokenizer_config: Mapping | None = None) -> tuple[T5Config, dict[str, Source], bool]:
+    """Decide how every one of our tensors is made. Returns (config, {our name: Source},
+    encoder_only). A checkpoint without decoder tensors (…EncoderModel) converts encoder-only.
+    Raises ConversionError naming every missing or unexpected Hugging Face tensor."""
+    config, scale_lm_head = config_from_hf(hf_config, tokenizer_config)
+    hf_keys = set(hf_keys)
+    if not any(k.startswith("decoder.") for k in hf_keys):
+        encoder_only = True
+    embedding = next((k for k in EMBEDDINGS if k in hf_keys), EMBEDDINGS[0])
+    plan = make_plan(config, embedding=embedding, lm_head="lm_head.weight" in hf_keys, scale_lm_head=scale_lm_head,
+                     encoder_only=encoder_only)
     used = {key for source in plan.values() for key in source.keys}
+    used |= {scale_key(key) for key in used} & hf_keys  # fp8 files: the scales of the weights used
     missing = sorted(used - hf_keys)
     if missing:
         raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}"
                               f"{' ...' if len(missing) > 10 else ''}")
-    dropped = set(EMBEDDINGS)  # tied copies of the embedding
+    dropped = set(EMBEDDINGS) | {FP8_MARKER}  # tied copies of the embedding; the fp8 marker
     if encoder_only:  # a full checkpoint converted --encoder-only: its decoder is left behind
-        dropped |= {k for k in hf_keys if k.startswith("decoder.") or k == "lm_head.weight"}
+        dropped |= {k for k in hf_keys if k.startswith("decoder.") or k.startswith("lm_head.")}
     unexpected = sorted(hf_keys - used - dropped)
     if unexpected:
         raise ConversionError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:10])}"
@@ -217,26 +233,70 @@ def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only:
     return config, plan, encoder_only
 
 
-def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> Tensor:
-    """Make one of our tensors from its Source; fusion (concatenation) happens here only. The
-    result is always a new tensor: the encoder's and decoder's embeddings, both made from
+def scale_key(key: str) -> str:
+    """The scale tensor of an fp8 weight in a diffusion tool's file: X.weight -> X.scale_weight."""
+    return key.removesuffix("weight") + SCALE_SUFFIX
+
+
+def is_linear(name: str) -> bool:
+    """Our linear-layer weights (what fp8 applies to); embeddings and norms stay in the compute dtype."""
+    return not name.endswith(("norm.weight", "embedding.weight"))
+
+
+def read_part(tensors: Mapping[str, Tensor], key: str) -> tuple[Tensor, Tensor | None]:
+    """One Hugging Face tensor, with its per-row float32 scale when it is stored in fp8."""
+    tensor = tensors[key]
+    if tensor.dtype != FP8:
+        return tensor, None
+    scale = tensors[scale_key(key)].float().reshape(-1) if scale_key(key) in tensors else torch.ones(1)
+    if scale.numel() not in (1, tensor.shape[0]):
+        raise ConversionError(f"{scale_key(key)}: {scale.numel()} scales for a weight of {tensor.shape[0]} rows")
+    return tensor, scale.expand(tensor.shape[0]).clone()
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """float weight (o, i) -> (fp8 weight, float32 scale (o,)): each row scaled so that its
+    largest magnitude lands on fp8's largest finite value, 448."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    return (weight / rearrange(scale, "o -> o 1")).to(FP8), scale
+
+
+def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, fp8: bool = False
+          ) -> tuple[Tensor, Tensor | None]:
+    """Make one of our tensors from its Source; fusion (concatenation) happens here only. Returns
+    (tensor, None), or (fp8 weight, float32 row scale) when fp8 is asked for. fp8 parts with their
+    scales are concatenated as they are (no second rounding); anything else is computed in float32.
+    The result is always a new tensor: the encoder's and decoder's embeddings, both made from
     shared.weight, must not share memory (that would tie them again)."""
-    parts = [tensors[key] for key in source.keys]
-    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=source.dim)
+    parts = [read_part(tensors, key) for key in source.keys]
+    if fp8 and all(scale is not None for _, scale in parts):
+        weight = torch.cat([part for part, _ in parts], dim=source.dim)
+        return weight.clone() if len(parts) == 1 else weight, torch.cat([scale for _, scale in parts]) * source.scale
+    exact = [part if scale is None else part.float() * rearrange(scale, "o -> o 1") for part, scale in parts]
+    tensor = exact[0] if len(exact) == 1 else torch.cat(exact, dim=source.dim)
     if source.scale != 1.0:
         tensor = tensor.float() * source.scale
-    return tensor.to(dtype or parts[0].dtype, memory_format=torch.contiguous_format, copy=True)
+    if fp8:
+        return quantize_rows(tensor)
+    return tensor.to(dtype or exact[0].dtype, memory_format=torch.contiguous_format, copy=True), None
 
 
 def build_all(plan: Mapping[str, Source], tensors: Mapping[str, Tensor], dtype: torch.dtype | None,
-              shapes: Mapping[str, torch.Size]) -> Iterator[tuple[str, Tensor]]:
-    """Our tensors one at a time, in the order of `shapes`, each checked against its shape."""
-    for name, shape in shapes.items():
-        tensor = build(plan[name], tensors, dtype)
+              specs: Mapping[str, tuple[torch.Size, torch.dtype]]) -> Iterator[tuple[str, Tensor]]:
+    """Our tensors one at a time, in the order of `specs`, each checked against its shape; an fp8
+    weight is followed by its `weight_scale`, as `specs` lists them."""
+    for name, (shape, stored) in specs.items():
+        if name.endswith(".weight_scale"):
+            continue  # yielded right after its weight
+        tensor, scale = build(plan[name], tensors, dtype, fp8=stored == FP8)
         if tensor.shape != shape:
             raise ConversionError(f"{name}: made a {tuple(tensor.shape)} tensor from {plan[name].keys}, "
                                   f"the config needs {tuple(shape)}")
         yield name, tensor
+        if scale is not None:
+            yield name + "_scale", scale
 
 
 def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Size]:
@@ -246,13 +306,29 @@ def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Siz
     return {prefix + k: v.shape for k, v in model.state_dict().items()}
 
 
+def output_specs(config: T5Config, encoder_only: bool, dtype: torch.dtype, weights: str
+                 ) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every tensor of our file with its shape and dtype: fp8 linear weights are each followed by
+    a float32 `weight_scale` of one value per output row."""
+    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    for name, shape in expected_shapes(config, encoder_only).items():
+        if weights == "float8_e4m3fn" and is_linear(name):
+            specs[name] = (shape, FP8)
+            specs[name + "_scale"] = (torch.Size([shape[0]]), torch.float32)
+        else:
+            specs[name] = (shape, dtype)
+    return specs
+
+
 def convert_state_dict(hf_config: Mapping, hf_state: Mapping[str, Tensor], *, encoder_only: bool = False,
                        dtype: torch.dtype | None = None, tokenizer_config: Mapping | None = None
                        ) -> tuple[T5Config, dict[str, Tensor]]:
     """A Hugging Face config dict + state dict -> (our T5Config, our state dict), in memory."""
     config, plan, encoder_only = plan_conversion(hf_config, hf_state.keys(), encoder_only=encoder_only,
                                                  tokenizer_config=tokenizer_config)
-    return config, dict(build_all(plan, hf_state, dtype, expected_shapes(config, encoder_only)))
+    first = hf_state[plan[next(iter(plan))].keys[0]].dtype
+    specs = output_specs(config, encoder_only, dtype or first, "dense")
+    return config, dict(build_all(plan, hf_state, dtype, specs))
 
 
 ########################################################################################
@@ -261,40 +337,181 @@ def convert_state_dict(hf_config: Mapping, hf_state: Mapping[str, Tensor], *, en
 
 
 class CheckpointTensors(Mapping):
-    """The tensors of a Hugging Face folder, read one at a time on access."""
+    """The tensors of a Hugging Face folder or of one safetensors file, read one at a time on
+    access. With a prefix, only the keys under it are seen, and without it (SD3-style single files
+    keep the T5 encoder under "text_encoders.t5xxl.transformer.", beside other models)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, path: Path, prefix: str = "") -> None:
         from safetensors import safe_open
 
         self._files: dict[str, object] = {}  # key -> an open safetensors file, or a loaded state dict
-        for index_name, weights in (("model.safetensors.index.json", "model.safetensors"),
-                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            if (folder / weights).is_file():
-                shards = [weights]
-            elif (folder / index_name).is_file():
-                shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
-            else:
-                continue
-            for shard in shards:
-                path = folder / shard
-                if shard.endswith(".safetensors"):
-                    handle = safe_open(str(path), framework="pt")
-                    self._files.update({key: handle for key in handle.keys()})
-                else:  # weights_only: a pickle may hold tensors and nothing that runs code
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                    self._files.update({key: state for key in state})
-            return
-        raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors.index.json or pytorch_model.bin")
+        self._prefix = prefix
+        shards = [path] if path.is_file() else [path / shard for shard in weight_files(path)]
+        for shard in shards:
+            if shard.name.endswith(".safetensors"):
+                handle = safe_open(str(shard), framework="pt")
+                self._files.update({key: handle for key in handle.keys() if key.startswith(prefix)})
+            else:  # weights_only: a pickle may hold tensors and nothing that runs code
+                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+                self._files.update({key: state for key in state if key.startswith(prefix)})
 
     def __getitem__(self, key: str) -> Tensor:
-        source = self._files[key]
-        return source[key] if isinstance(source, dict) else source.get_tensor(key)
+        source = self._files[self._prefix + key]
+        return source[self._prefix + key] if isinstance(source, dict) else source.get_tensor(self._prefix + key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        source = self._files[self._prefix + key]
+        return tuple(source[self._prefix + key].shape) if isinstance(source, dict) else \
+            tuple(source.get_slice(self._prefix + key).get_shape())
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
+        return (key[len(self._prefix):] for key in self._files)
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The weight files of a Hugging Face folder: one file, or the shards its index names."""
+    for index_name, weights in (("model.safetensors.index.json", "model.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / weights).is_file():
+            return [weights]
+        if (folder / index_name).is_file():
+            return sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+    raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors.index.json or pytorch_model.bin")
+
+
+class Guess(NamedTuple):
+    """What the tensor shapes of a single file cannot tell (flags, with the standard defaults)."""
+
+    max_distance: int = 128  # --max-distance
+    eps: float = 1e-6  # --eps
+    scale_decoder_output: bool | None = None  # --scale-decoder-output; None: only when there is no lm_head.weight
+
+
+ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"  # every T5 has it: where the prefix shows
+
+
+def find_prefix(path: Path, keys: Iterable[str], prefix: str | None) -> str:
+    """The prefix before transformers' key names in a single file ("" for a plain T5 file)."""
+    found = sorted({key[:-len(ANCHOR)] for key in keys if key.endswith(ANCHOR)})
+    if prefix is not None:
+        if prefix not in found:
+            raise ConversionError(f"{path}: no T5 tensors under prefix {prefix!r} (found: {found or 'none'})")
+        return prefix
+    if not found:
+        raise ConversionError(f"{path}: no T5 tensors found (no key ends in {ANCHOR!r}); is this a T5 checkpoint "
+                              "with transformers' key names?")
+    if len(found) > 1:
+        raise ConversionError(f"{path}: several T5 models in one file, under prefixes {found}; choose one with --prefix")
+    return found[0]
+
+
+def config_from_shapes(tensors: CheckpointTensors, guess: Guess) -> dict:
+    """A Hugging Face config dict for a single file that has none, read off its tensor shapes:
+    vocabulary and width from the embedding, heads and buckets from the position bias table,
+    head width from the query projection, d_ff and gating from the feed-forward, depths from the
+    block numbers, UMT5 from a second layer's own bias table."""
+    keys = set(tensors)
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in keys:
+            raise ConversionError(f"these tensors fit no T5: {key} is missing")
+        return tensors.shape(key)
+
+    embedding = next((k for k in EMBEDDINGS if k in keys), EMBEDDINGS[0])
+    vocab, d_model = shape(embedding)
+    buckets, heads = shape(f"encoder.{BIAS_TABLE.format(i=0)}")
+    inner, width = shape(ANCHOR)
+    if width != d_model or inner % heads:
+        raise ConversionError(f"these tensors fit no T5: query projection {(inner, width)} with d_model {d_model} "
+                              f"and {heads} heads")
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in keys
+    d_ff = shape(f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight")[0]
+
+    def depth(stack: str) -> int:
+        return 1 + max((int(k.split(".")[2]) for k in keys if k.startswith(f"{stack}.block.")), default=-1)
+
+    decoder = depth("decoder")
+    scale = guess.scale_decoder_output
+    if scale is None:
+        scale = decoder > 0 and "lm_head.weight" not in keys  # v1.0 ties (and scales); v1.1 and later do not
+    return dict(model_type="umt5" if f"encoder.{BIAS_TABLE.format(i=1)}" in keys else "t5", vocab_size=vocab,
+                d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_heads=heads, num_layers=depth("encoder"),
+                num_decoder_layers=decoder or depth("encoder"), feed_forward_proj="gated-gelu" if gated else "relu",
+                relative_attention_num_buckets=buckets, relative_attention_max_distance=guess.max_distance,
+                layer_norm_epsilon=guess.eps, scale_decoder_outputs=scale, decoder_start_token_id=0)
+
+
+class Checkpoint(NamedTuple):
+    """A source as the converter reads it, whatever its layout."""
+
+    hf_config: dict  # config.json fields (inferred from the shapes for a single file)
+    tensors: CheckpointTensors  # transformers' key names, prefix stripped
+    tokenizer: Path | None  # a folder holding tokenizer files, or a sentencepiece model file
+    tokenizer_config: dict | None
+
+
+def find_tokenizer(path: Path | None) -> tuple[Path | None, dict | None]:
+    """A --tokenizer argument (or a folder found beside the weights) -> (path, tokenizer_config)."""
+    if path is None:
+        return None, None
+    if path.is_file():
+        if path.suffix != ".model":
+            raise ConversionError(f"--tokenizer {path}: give a sentencepiece .model file or a tokenizer folder")
+        return path, None
+    if not path.is_dir():
+        raise FileNotFoundError(f"--tokenizer {path}: no such file or folder")
+    if not any((path / name).is_file() for name in ("spiece.model", "tokenizer.model", "tokenizer.json",
+                                                     "tokenizer_config.json")):
+        raise ConversionError(f"--tokenizer {path}: no spiece.model, tokenizer.json or tokenizer_config.json there")
+    config = path / "tokenizer_config.json"
+    return path, json.loads(config.read_text()) if config.is_file() else None
+
+
+def diffusers_encoder(root: Path) -> Path:
+    """The T5 text encoder folder of a diffusers pipeline (text_encoder_2/ in Flux, text_encoder_3/
+    in SD3), chosen by its config's model_type."""
+    found = []
+    for folder in sorted(root.glob("text_encoder*")):
+        config = folder / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("model_type") in SUPPORTED_MODEL_TYPES:
+            found.append(folder)
+    if len(found) != 1:
+        raise ConversionError(f"{root}: a diffusers pipeline with {len(found)} T5 text encoders "
+                              f"({', '.join(f.name for f in found) or 'none'}); pass the one to convert")
+    return found[0]
+
+
+def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | None = None,
+                    guess: Guess = Guess()) -> Checkpoint:
+    """Any source the converter reads: a transformers folder (or hub id); a diffusers pipeline
+    folder or its text_encoder_N/ folder, with the tokenizer from tokenizer_N/ beside it; or a
+    single .safetensors file with transformers' key names under any prefix, and no config."""
+    path = Path(src)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ConversionError(f"{src}: a single-file checkpoint must be a .safetensors file")
+        tensors = CheckpointTensors(path)
+        tensors = CheckpointTensors(path, find_prefix(path, tensors, prefix))
+        return Checkpoint(config_from_shapes(tensors, guess), tensors, *find_tokenizer(
+            Path(tokenizer) if tokenizer else None))
+    folder = fetch(src)
+    if (folder / "model_index.json").is_file():  # a diffusers pipeline: its T5 text encoder
+        folder = diffusers_encoder(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found")
+    hf_config = json.loads(config_path.read_text())
+    config_from_hf(hf_config)  # unsupported architectures fail before any tensor is read
+    if tokenizer:
+        tokenizer_path: Path | None = Path(tokenizer)
+    elif folder.name.startswith("text_encoder") and (folder.parent / folder.name.replace("text_encoder", "tokenizer")).is_dir():
+        tokenizer_path = folder.parent / folder.name.replace("text_encoder", "tokenizer")  # diffusers keeps it beside
+    else:
+        tokenizer_path = folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+    return Checkpoint(hf_config, CheckpointTensors(folder), *find_tokenizer(tokenizer_path))
 
 
 def fetch(src: str) -> Path:
@@ -399,9 +616,16 @@ def sentencepiece_from_tokenizer_json(tokenizer: Mapping, path: str = "tokenizer
     return pieces + _field(2, trainer) + _field(3, normalizer)
 
 
-def write_tokenizer(folder: Path, out: Path, config: T5Config) -> None:
-    """Copy the tokenizer files of a Hugging Face folder into OUT; when it has only tokenizer.json
-    (as transformers 5 saves T5 tokenizers), write the spiece.model that t5.py reads."""
+def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
+    """Copy the tokenizer files of a Hugging Face folder (or a sentencepiece model file) into OUT;
+    when it has only tokenizer.json (as transformers 5 saves T5 tokenizers), write the spiece.model
+    that t5.py reads."""
+    if source is None:
+        return
+    if source.is_file():
+        shutil.copy2(source, out / "spiece.model")
+        return
+    folder = source
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, out / name)
@@ -417,26 +641,28 @@ def write_tokenizer(folder: Path, out: Path, config: T5Config) -> None:
 ########################################################################################
 
 
-def write_safetensors(path: Path, shapes: Mapping[str, torch.Size], dtype: torch.dtype,
+def write_safetensors(path: Path, specs: Mapping[str, tuple[torch.Size, torch.dtype]],
                       tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """Stream tensors into a safetensors file: the header (names, shapes, offsets) is known from
-    the shapes and the dtype alone, so each tensor is written and freed before the next is made."""
-    size = torch.empty((), dtype=dtype).element_size()
+    """Stream tensors into a safetensors file: the header (names, shapes, dtypes, offsets) is known
+    from `specs` alone, so each tensor is written and freed before the next is made."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in shapes.items():
-        nbytes = shape.numel() * size
+    for name, (shape, dtype) in specs.items():
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    written = 0
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for (name, tensor), expected in zip(tensors, shapes):
-            assert name == expected and tensor.dtype == dtype and tensor.shape == shapes[name], name
+        for (name, tensor), expected in zip(tensors, specs):
+            assert name == expected and (tensor.shape, tensor.dtype) == specs[name], (name, tensor.shape, tensor.dtype)
             tensor = tensor.contiguous()
             f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
+            written += 1
+    assert written == len(specs), f"{written} of {len(specs)} tensors written"
 
 
 def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None, *, encoder_only: bool = False
@@ -457,83 +683,228 @@ def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None, 
         apply_out_scales(model, scales)
         prefix = "encoder." if encoder_only else ""
         state = {prefix + key: tensor for key, tensor in model.state_dict().items()}
-        write_safetensors(folder / "model.safetensors", {k: v.shape for k, v in state.items()}, dtype,
+        write_safetensors(folder / "model.safetensors", {k: (v.shape, dtype) for k, v in state.items()},
                           ((k, v.to(dtype)) for k, v in state.items()))
         model.config.save(folder / "config.json")
     return scales
 
 
 def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, encoder_only: bool = False,
-            force: bool = False, calibrate_texts: list[str] | None = None) -> Path:
-    """Convert SRC (folder or hub id) into OUT. Everything is written into a temporary folder
+            force: bool = False, calibrate_texts: list[str] | None = None, weights: str | None = None,
+            tokenizer: str | None = None, prefix: str | None = None, guess: Guess = Guess()) -> Path:
+    """Convert SRC (see `open_checkpoint`) into OUT. Everything is written into a temporary folder
     beside OUT and renamed into place at the end: a failure leaves OUT as it was.
+    dtype: of everything but fp8 weights (default: the embedding's; bfloat16 for an fp8 source).
+    weights: "dense", or "float8_e4m3fn" (linear weights in fp8 with a float32 scale per row;
+    the default when the source's weights are fp8).
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
+    check_out(out, force)
+    checkpoint = open_checkpoint(src, tokenizer=tokenizer, prefix=prefix, guess=guess)
+    tensors = checkpoint.tensors
+    config, plan, encoder_only = plan_conversion(checkpoint.hf_config, tensors.keys(), encoder_only=encoder_only,
+                                                 tokenizer_config=checkpoint.tokenizer_config)
+    stored = tensors[plan["encoder.embedding.weight"].keys[0]].dtype
+    source_fp8 = tensors[plan["encoder.layers.0.attn.qkv.weight"].keys[0]].dtype == FP8
+    weights = weights or ("float8_e4m3fn" if source_fp8 else "dense")
+    if weights not in WEIGHTS:
+        raise ConversionError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    dtype = dtype or (torch.bfloat16 if stored == FP8 or source_fp8 else stored)
+    if dtype not in DTYPES.values():
+        raise ConversionError(f"cannot compute in {dtype}; use --dtype float32, bfloat16 or float16")
+    if calibrate_texts is not None and weights != "dense":
+        raise ConversionError("--calibrate is for float16 weights; it does not combine with fp8 weights")
+    specs = output_specs(config, encoder_only, dtype, weights)
+
+    tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
+        config.save(tmp / "config.json")
+        write_tokenizer(checkpoint.tokenizer, tmp, config)
+        if calibrate_texts is not None:
+            scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
+            print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(
+                f"\n  {key}: {scale}" for key, scale in scales.items()))
+        replace_folder(tmp, out, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_out(out: Path, force: bool) -> None:
+    """OUT is a folder or absent; an existing one is replaced only with --force."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; OUT must be a folder (or absent), and this is "
                               "left untouched")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    folder = fetch(src)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found")
-    hf_config = json.loads(config_path.read_text())
-    tokenizer_path = folder / "tokenizer_config.json"
-    tokenizer_config = json.loads(tokenizer_path.read_text()) if tokenizer_path.is_file() else None
-    config_from_hf(hf_config, tokenizer_config)  # unsupported architectures fail before any tensor is read
-    tensors = CheckpointTensors(folder)
-    config, plan, encoder_only = plan_conversion(hf_config, tensors.keys(), encoder_only=encoder_only,
-                                                 tokenizer_config=tokenizer_config)
-    shapes = expected_shapes(config, encoder_only)
-    dtype = dtype or tensors[next(iter(plan.values())).keys[0]].dtype  # default: the embedding's dtype
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ConversionError(f"cannot store {dtype}; use --dtype float32, bfloat16 or float16")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+
+def replace_folder(tmp: Path, out: Path, old: Path) -> None:
+    """Rename the finished tmp folder to OUT, moving an existing OUT aside first and deleting it
+    only once the new one is in place."""
+    if out.exists():
+        out.rename(old)
     try:
-        write_safetensors(tmp / "model.safetensors", shapes, dtype, build_all(plan, tensors, dtype, shapes))
-        config.save(tmp / "config.json")
-        write_tokenizer(folder, tmp, config)
-        if calibrate_texts is not None:
-            scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
-            print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(
-                f"\n  {key}: {scale}" for key, scale in scales.items()))
-        if out.exists():
-            out.rename(old)
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
             old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+########################################################################################
+# Back to transformers: --to-hf
+########################################################################################
+
+HF_ARCHITECTURES = {  # model_type -> (encoder-decoder class, encoder-only class)
+    "t5": ("T5ForConditionalGeneration", "T5EncoderModel"),
+    "mt5": ("MT5ForConditionalGeneration", "MT5EncoderModel"),
+    "umt5": ("UMT5ForConditionalGeneration", "UMT5EncoderModel"),
+}
+
+
+def hf_config_for(config: T5Config, model_type: str, encoder_only: bool, tied: bool) -> dict:
+    """The config.json transformers needs for our config, in the form the hub's files use."""
+    return {
+        "architectures": [HF_ARCHITECTURES[model_type][encoder_only]], "model_type": model_type,
+        "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv, "d_ff": config.d_ff,
+        "num_heads": config.num_heads, "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers, "feed_forward_proj": config.ffn,
+        "relative_attention_num_buckets": config.num_buckets, "relative_attention_max_distance": config.max_distance,
+        "layer_norm_epsilon": config.eps, "dropout_rate": config.dropout, "initializer_factor": 1.0,
+        "pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
+        "decoder_start_token_id": config.decoder_start_token_id, "is_encoder_decoder": not encoder_only,
+        "use_cache": True, "tie_word_embeddings": tied,
+    }
+
+
+def dense(state: Mapping[str, Tensor], name: str) -> Tensor:
+    """One of our weights as a plain tensor: fp8 ones (with a weight_scale) dequantized in float32
+    and cast to the dtype of the embeddings."""
+    tensor = state[name]
+    if tensor.dtype != FP8:
+        return tensor
+    scale = rearrange(state[name + "_scale"].float(), "o -> o 1")
+    return (tensor.float() * scale).to(state["encoder.embedding.weight"].dtype)
+
+
+def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_type: str | None = None) -> Path:
+    """Our folder -> a transformers folder: config.json, model.safetensors with transformers' key
+    names (each fused tensor split back into its parts), the tokenizer files. The inverse of
+    `convert`, through the same tables: transformers -> ours -> transformers is bit-exact.
+
+    model_type: "t5", "mt5" or "umt5" (default: umt5 for per-layer position bias, mt5 for mT5's
+    vocabulary of 250112, t5 otherwise; the tensors are the same for t5 and mt5). T5 v1.0's
+    lm_head (the embedding scaled by d_model**-0.5, folded by `convert`) goes back to being the
+    tied embedding when it still is exactly that; a lm_head trained apart is written as its own
+    tensor with no output scale, which computes the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    check_out(out, force)
+    config = T5Config.load(src / "config.json")
+    if not (src / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{src / 'model.safetensors'} not found (is {src} a folder written by convert_hf.py?)")
+    state = load_file(src / "model.safetensors")
+    encoder_only = not any(key.startswith("decoder.") for key in state)
+    model_type = model_type or ("umt5" if config.bias_per_layer else "mt5" if config.vocab_size == 250112 else "t5")
+    if model_type not in HF_ARCHITECTURES:
+        raise ConversionError(f"--model-type must be one of {sorted(HF_ARCHITECTURES)}, got {model_type!r}")
+    if (model_type == "umt5") != config.bias_per_layer:
+        raise ConversionError(f"model_type {model_type!r} does not fit this checkpoint: UMT5 and only UMT5 has "
+                              "a position bias table per layer")
+    shared = dense(state, "encoder.embedding.weight")
+    if not encoder_only and not torch.equal(shared, dense(state, "decoder.embedding.weight")):
+        raise ConversionError("the encoder and decoder embeddings differ: transformers' T5 has one shared embedding")
+    tied = False
+    if not encoder_only and model_type != "mt5":  # v1.0: is lm_head still the scaled embedding?
+        folded = (shared.float() * config.d_model**-0.5).to(shared.dtype)
+        tied = torch.equal(dense(state, "lm_head.weight"), folded)
+    plan = make_plan(config, embedding="shared.weight", lm_head=not tied, scale_lm_head=tied, encoder_only=encoder_only)
+    hf_state: dict[str, Tensor] = {}
+    for name, source in plan.items():
+        if name == "lm_head.weight" and tied:
+            continue  # transformers ties it to shared.weight and applies the scale itself
+        parts = dense(state, name).chunk(len(source.keys), dim=source.dim)
+        for key, part in zip(source.keys, parts):
+            hf_state[key] = part.contiguous()
+    hf_config = hf_config_for(config, model_type, encoder_only, tied)
+
+    tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if not (tmp / "tokenizer_config.json").exists():
+            kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": kind, "extra_ids": config.extra_ids, "eos_token": "</s>", "unk_token": "<unk>",
+                 "pad_token": "<pad>"}, indent=2) + "\n")
+        replace_folder(tmp, out, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="Hugging Face folder, or hub id (needs huggingface_hub and network)")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("src", help="a transformers folder or hub id, a diffusers pipeline or text_encoder_N/ folder, "
+                        "or a single .safetensors file (with --to-hf: one of our folders)")
     parser.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer files)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype (default: as the checkpoint)")
-    parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion models)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights (fp8 checkpoints: all but the fp8 "
+                        "weights) in this dtype (default: as the checkpoint; bfloat16 for an fp8 source)")
+    parser.add_argument("--weights", choices=WEIGHTS, help="float8_e4m3fn: linear weights in fp8 with a float32 scale "
+                        "per row, embeddings and norms in --dtype (default: fp8 when the source's are, else dense)")
+    parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion "
+                        "models) (default: everything the source has)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
+    parser.add_argument("--tokenizer", help="where the tokenizer is: a folder (diffusers' tokenizer_2/, a transformers "
+                        "tokenizer folder) or a spiece.model (default: the source folder; for diffusers, tokenizer_N/ "
+                        "beside text_encoder_N/)")
     parser.add_argument("--calibrate", nargs="?", const="", metavar="TEXT_FILE",
                         help="find the blocks whose outputs would overflow float16 (on the lines of TEXT_FILE, or "
-                             "built-in prompts) and store power-of-two scales for them: use with --dtype float16")
+                             "built-in prompts) and store power-of-two scales for them: use with --dtype float16 "
+                             "(default: off)")
+    single = parser.add_argument_group("single .safetensors files (no config.json): what the shapes cannot tell")
+    single.add_argument("--prefix", help="the prefix before transformers' key names, e.g. text_encoders.t5xxl.transformer. "
+                        "(default: found in the file)")
+    single.add_argument("--max-distance", type=int, default=128, help="relative_attention_max_distance (default: 128)")
+    single.add_argument("--eps", type=float, default=1e-6, help="layer_norm_epsilon (default: 1e-6)")
+    single.add_argument("--scale-decoder-output", choices=("yes", "no"), help="T5 v1.0's d_model**-0.5 before lm_head "
+                        "(default: yes when the file has no lm_head.weight, as v1.0 files do; no otherwise)")
+    back = parser.add_argument_group("back to transformers")
+    back.add_argument("--to-hf", action="store_true", help="SRC is one of our folders: write a transformers folder "
+                      "(default: off)")
+    back.add_argument("--model-type", choices=sorted(HF_ARCHITECTURES), help="with --to-hf (default: umt5 for per-layer "
+                      "position bias, mt5 for a 250112 vocabulary, t5 otherwise)")
     args = parser.parse_args(argv)
     try:
+        if args.to_hf:
+            out = export_hf(args.src, args.out, force=args.force, model_type=args.model_type)
+            print(f"wrote {out} ({json.loads((out / 'config.json').read_text())['architectures'][0]})")
+            return 0
         texts = None
         if args.calibrate is not None:
             texts = Path(args.calibrate).read_text().splitlines() if args.calibrate else []
+        guess = Guess(args.max_distance, args.eps, None if args.scale_decoder_output is None
+                      else args.scale_decoder_output == "yes")
         out = convert(args.src, args.out, dtype=DTYPES.get(args.dtype), encoder_only=args.encoder_only,
-                      force=args.force, calibrate_texts=texts)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
+                      force=args.force, calibrate_texts=texts, weights=args.weights, tokenizer=args.tokenizer,
+                      prefix=args.prefix, guess=guess)
+    except (ConversionError, OSError, ValueError) as error:
         print(f"convert_hf.py: error: {error}", file=sys.stderr)
         return 1
     config = T5Config.load(out / "config.json")
