@@ -1230,6 +1230,39 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 ########################################################################################
 
 
+class Float8Linear(nn.Module):
+    """A linear layer whose weight stays in float8_e4m3fn in memory, with a float32 scale per
+    output row: each call dequantizes it (in float32, rounded once to the input's dtype) and
+    multiplies. Half the memory of bfloat16 weights, the same compute; the result equals running
+    the dequantized weight (`dequantize`), so this is only as lossy as fp8 storage itself.
+    `load` puts one in place of each nn.Linear whose checkpoint weight has a `weight_scale`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features), requires_grad=False)
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        return (self.weight.float() * rearrange(self.weight_scale.float(), "o -> o 1")).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every Float8Linear by an nn.Linear holding its dequantized weight, in the dtype of
+    the model's embeddings (the dtype it computes in). In place; returns the model."""
+    dtype = next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight.dtype
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Float8Linear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            dense.weight = nn.Parameter(module.dense_weight(dtype), requires_grad=False)
+            model.set_submodule(name, dense)
+    return model
+
+
 def load(path: str | Path, *, encoder_only: bool = False, device: torch.device | str | None = None,
          dtype: torch.dtype | None = None) -> T5 | T5Encoder:
     """Load a folder written by `convert_hf.py` (config.json + model.safetensors).
@@ -1237,7 +1270,9 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     encoder_only=True reads only the encoder's tensors from the file (safetensors reads lazily, so
     the decoder's bytes are never touched) and returns a `T5Encoder`. The model is built on the
     meta device and takes the loaded tensors as they are: nothing is allocated twice. Any missing
-    or unexpected tensor is an error that names it.
+    or unexpected tensor is an error that names it. A checkpoint with fp8 weights (convert_hf.py
+    --weights float8_e4m3fn) keeps them in fp8 (`Float8Linear`); `dtype` then applies to the rest,
+    the dtype the model computes in.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -1249,14 +1284,22 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     with torch.device("meta"):
         model: T5 | T5Encoder = T5Encoder(config) if encoder_only else T5(config)
     prefix = "encoder." if encoder_only else ""
-    wanted = {prefix + key: tensor.shape for key, tensor in model.state_dict().items()}
-    state = {}
     try:
         weights = safe_open(str(path / "model.safetensors"), framework="pt", device=str(torch.device(device or "cpu")))
     except SafetensorError as error:  # a truncated or foreign file
         raise ValueError(f"{path / 'model.safetensors'}: not a readable safetensors file ({error})") from None
+    state = {}
     with weights as f:
         present = set(f.keys())
+        for key in sorted(present):  # fp8 weights: their layers become Float8Linear
+            if key.endswith(".weight_scale") and key.startswith(prefix):
+                name = key[len(prefix):-len(".weight_scale")]
+                linear = model.get_submodule(name) if name in dict(model.named_modules()) else None
+                if not isinstance(linear, nn.Linear):
+                    raise ValueError(f"{path}: unexpected tensor {key} (no linear layer {name})")
+                with torch.device("meta"):
+                    model.set_submodule(name, Float8Linear(linear.in_features, linear.out_features))
+        wanted = {prefix + key: tensor for key, tensor in model.state_dict().items()}
         missing = sorted(set(wanted) - present)
         if missing:
             hint = " (an encoder-only checkpoint? load it with encoder_only=True)" \
@@ -1265,12 +1308,17 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
         unexpected = sorted(k for k in present - set(wanted) if not (encoder_only and not k.startswith(prefix)))
         if unexpected:
             raise ValueError(f"{path}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        for key, shape in wanted.items():
+        for key, expected in wanted.items():
             tensor = f.get_tensor(key)
-            if tensor.shape != shape:
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says {tuple(shape)}")
-            state[key[len(prefix):]] = tensor if dtype is None else tensor.to(dtype)
+            if tensor.shape != expected.shape:
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says {tuple(expected.shape)}")
+            keep = expected.dtype in (torch.float8_e4m3fn,) or key.endswith(".weight_scale")  # fp8 and its scales stay
+            state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
+    for module in model.modules():  # assign=True keeps the checkpoint's tensors: mark fp8 ones frozen again
+        if isinstance(module, Float8Linear):
+            module.weight.requires_grad_(False)
+            module.weight_scale.requires_grad_(False)
     return model.eval()
 
 
@@ -1441,8 +1489,10 @@ def _encode_prompts(tokenizer: Tokenizer, texts: list[str], args: argparse.Names
                     device: torch.device) -> tuple[Tensor, Tensor]:
     """Tokenize a batch (truncated to --max-input-tokens), warning about prompts far longer than
     T5 models are trained on."""
-    limit = args.max_input_tokens
-    ids, mask = tokenizer.encode_batch(texts, device=device, max_length=limit, truncation=limit is not None)
+    fixed = getattr(args, "max_length", None)  # encode --max-length: pipelines' fixed-length padding
+    limit = fixed or args.max_input_tokens
+    ids, mask = tokenizer.encode_batch(texts, device=device, max_length=limit, truncation=limit is not None,
+                                       padding="max_length" if fixed else "longest")
     for i, length in enumerate(mask.sum(dim=1).tolist() if limit is None else []):
         if length > LONG_INPUT:
             print(f"t5.py: warning: prompt {first + i + 1} is {length} tokens long, far past the 512 that T5 models "
@@ -1512,8 +1562,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 def _check_batching(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise CommandLineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_input_tokens is not None and args.max_input_tokens < 1:
-        raise CommandLineError(f"--max-input-tokens must be at least 1, got {args.max_input_tokens}")
+    for flag in ("max_input_tokens", "max_length"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise CommandLineError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "max_length", None) and args.max_input_tokens:
+        raise CommandLineError("--max-length already truncates: it does not combine with --max-input-tokens")
 
 
 def cli_generate(args: argparse.Namespace) -> None:
@@ -1639,6 +1693,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
     e.add_argument("--no-mask", action="store_true", help="run the encoder without the padding mask, as Flux / SD3 "
                    "pipelines do (default: masked)")
+    e.add_argument("--max-length", type=int, help="pad (and truncate, EOS kept last) every prompt to this many tokens, "
+                   "as diffusion pipelines do: Flux 512, SD3 256, PixArt-alpha 120 (default: pad to the longest)")
     e.set_defaults(run=cli_encode)
     f = commands.add_parser("flops", help="print the FLOP breakdown of a config for given sizes")
     f.add_argument("--ckpt", default=str(DEMO), help="a checkpoint folder or a config.json (default: the demo model)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -996,6 +997,10 @@ def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path)
     original = sentencepiece.SentencePieceProcessor(model_file=str(spiece_folder / "spiece.model"))
     assert [(made.id_to_piece(i), made.get_score(i)) for i in range(made.get_piece_size())] == \
         [(original.id_to_piece(i), original.get_score(i)) for i in range(original.get_piece_size())]
+    # --to-hf takes the tokenizer back: transformers reads it and gets the same ids
+    assert convert_hf.main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to-hf"]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert all(back(text).input_ids == hf(text).input_ids for text in TOKENIZER_TEXTS)
     # a tokenizer.json of another kind is refused by name
     other = json.loads((hf_dir / "tokenizer.json").read_text())
     other["model"] = {"type": "BPE", "vocab": {}, "merges": []}
@@ -1219,8 +1224,9 @@ def test_beam_search_num_return_sequences_matches_hf(gen_family: Family) -> None
 
 
 def python_blocks(heading: str) -> list[str]:
+    """The ```python blocks of a README section (up to the next heading of any level)."""
     text = (HERE / "README.md").read_text()
-    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n#{2,3} ", text.split(heading + "\n", 1)[1], maxsplit=1)[0]
     return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
 
 
@@ -1268,6 +1274,299 @@ def test_demo_spells_small_numbers_and_train_demo_keeps_demo(tmp_path: Path) -> 
     assert list(out.iterdir()) == []
     default = next(a for a in train_demo.parser()._actions if a.dest == "out").default
     assert default.resolve() != (HERE / "demo").resolve()
+
+
+########################################################################################
+# Checkpoints as the ecosystem ships them: single files, fp8, diffusers folders, back to transformers
+########################################################################################
+
+SHAPE_FLAGS = {  # what a single file's shapes cannot tell, for the families' non-default values
+    "t5-v1.1": ["--max-distance", "13", "--eps", "1e-5"],
+    "umt5": ["--max-distance", "20"],
+}
+PREFIX = "text_encoders.t5xxl.transformer."  # SD3-style single files
+
+
+def single_file(family: Family, path: Path, *, prefix: str = "", encoder_only: bool = False,
+                extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """The family's weights as diffusion tools ship them: one .safetensors file, transformers' key
+    names (under a prefix), no config.json, beside other models' tensors."""
+    state = load_file(family.hf_dir / "model.safetensors")
+    if encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
+    save_file({prefix + k: v for k, v in state.items()} | (extra or {}), path)
+    return path
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    assert t5.T5Config.load(a / "config.json") == t5.T5Config.load(b / "config.json")
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_convert_single_file(family: Family, tmp_path: Path) -> None:
+    """A single file with no config converts to exactly what the folder converts to (the config
+    read off the shapes, the rest from flags); the encoder matches transformers to 1e-5."""
+    src = single_file(family, tmp_path / "t5.safetensors")
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
+    assert_same_checkpoint(tmp_path / "ours", family.ours_dir)
+    encoder = t5.load(tmp_path / "ours", encoder_only=True)
+    ids, mask = padded_batch(family.vocab, [19, 6])
+    with torch.no_grad():
+        assert_close_where(encoder(ids, mask), family.hf.get_encoder()(input_ids=ids, attention_mask=mask)
+                           .last_hidden_state, mask, 1e-5)
+
+
+def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> None:
+    """SD3-style: the encoder under a prefix, next to another model's tensors (ignored)."""
+    other = {"text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}
+    src = single_file(family, tmp_path / "sd3.safetensors", prefix=PREFIX, encoder_only=True, extra=other)
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
+    assert convert_hf.main([str(src), str(tmp_path / "ours2"), "--prefix", PREFIX, *flags]) == 0
+    assert_same_checkpoint(tmp_path / "ours", tmp_path / "ours2")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    reference = load_file(family.ours_dir / "model.safetensors")
+    assert ours.keys() == {k for k in reference if k.startswith("encoder.")}
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def fp8_encoder_file(family: Family, path: Path, *, scaled: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An encoder file as diffusion tools ship fp8 T5s: every linear weight in float8_e4m3fn,
+    cast as it is, or (scaled=True) divided by a per-tensor `scale_weight` with a `scaled_fp8`
+    marker; norms, embeddings and position bias left as they were. Also returns the dequantized
+    transformers state dict: the exact model that file stands for."""
+    state = {k: v for k, v in load_file(family.hf_dir / "model.safetensors").items()
+             if not k.startswith(("decoder.", "lm_head."))}
+    stored, dequantized = {}, {}
+    for key, value in state.items():
+        if value.dim() == 2 and "DenseReluDense" in key or any(f".{p}.weight" in key for p in "qkvo"):
+            scale = value.abs().max() / 448 if scaled else torch.tensor(1.0)
+            stored[key] = (value / scale).to(torch.float8_e4m3fn)
+            if scaled:
+                stored[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            dequantized[key] = stored[key].float() * scale
+        else:
+            stored[key] = dequantized[key] = value
+    if scaled:
+        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(stored, path)
+    return path, dequantized
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, scaled: bool, tmp_path: Path) -> None:
+    src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", scaled=scaled)
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), "--dtype", "float32", *flags]) == 0
+    encoder = t5.load(tmp_path / "ours", encoder_only=True)
+    linears = [m for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
+    assert linears and all(isinstance(m, t5.Float8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    upcast = t5.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
+    assert not any(isinstance(m, t5.Float8Linear) for m in upcast.modules())
+    ids, mask = padded_batch(family.vocab, [19, 6])
+    with torch.no_grad():
+        out = encoder(ids, mask)
+        torch.testing.assert_close(out, upcast(ids, mask), rtol=1e-6, atol=0)
+        # and it is the model the file stands for: transformers with the dequantized weights
+        enc_cls = {"mt5": transformers.MT5EncoderModel, "umt5": transformers.UMT5EncoderModel}.get(
+            family.name, transformers.T5EncoderModel)
+        hf = enc_cls(family.hf.config).eval()
+        hf.load_state_dict(dequantized, strict=False)
+        assert_close_where(out, hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask, 1e-5)
+
+
+def test_convert_weights_float8_from_a_dense_source(family: Family, tmp_path: Path) -> None:
+    """--weights float8_e4m3fn: per-row scales, embeddings and norms kept in --dtype; the result
+    runs in fp8 and equals its dequantized twin; transformers -> fp8 -> transformers works too."""
+    out = tmp_path / "fp8"
+    assert convert_hf.main([str(family.hf_dir), str(out), "--weights", "float8_e4m3fn", "--dtype", "bfloat16"]) == 0
+    state = load_file(out / "model.safetensors")
+    assert state["encoder.layers.0.attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    assert state["encoder.layers.0.attn.qkv.weight_scale"].shape == (3 * family.hf.config.num_heads * family.hf.config.d_kv,)
+    assert state["encoder.embedding.weight"].dtype == torch.bfloat16
+    model = t5.load(out)
+    ids, mask = padded_batch(family.vocab, [11, 4])
+    dec, dec_mask = padded_batch(family.vocab, [5, 3], seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
+                                   t5.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
+                                   rtol=1e-6, atol=0)
+    assert t5.generate(model, ids, mask, max_new_tokens=3).tokens.shape[0] == 2
+
+
+def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path) -> None:
+    """A diffusers pipeline folder: the T5 encoder in text_encoder_2/, its tokenizer in
+    tokenizer_2/, a CLIP beside them; the root, the encoder folder and --tokenizer all work."""
+    root = tmp_path / "flux"
+    (root / "text_encoder").mkdir(parents=True)
+    (root / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    (root / "model_index.json").write_text(json.dumps({"text_encoder": ["transformers", "CLIPTextModel"],
+                                                       "text_encoder_2": ["transformers", "T5EncoderModel"],
+                                                       "tokenizer_2": ["transformers", "T5TokenizerFast"]}))
+    torch.manual_seed(0)
+    hf = transformers.T5EncoderModel(transformers.T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+                                                           num_heads=2, feed_forward_proj="gated-gelu")).eval()
+    hf.save_pretrained(root / "text_encoder_2")
+    transformers.T5TokenizerFast.from_pretrained(spiece_folder, legacy=False).save_pretrained(root / "tokenizer_2")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2")
+    for src, flags in [(root, []), (root / "text_encoder_2", []),
+                       (root / "text_encoder_2", ["--tokenizer", str(spiece_folder / "spiece.model")])]:
+        out = tmp_path / f"ours-{len(flags)}-{src.name}"
+        assert convert_hf.main([str(src), str(out), *flags]) == 0
+        encoder, tokenizer = t5.load(out, encoder_only=True), t5.load_tokenizer(out)
+        texts = ["hello world", "kato rimo <extra_id_0> ne fox"]
+        ids, mask = tokenizer.encode_batch(texts)
+        ref = hf_tokenizer(texts, padding="longest", return_tensors="pt")
+        assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+        with torch.no_grad():
+            assert_close_where(encoder(ids, mask), hf(**ref).last_hidden_state, mask, 1e-5)
+
+
+def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each bad source is one line naming what is wrong, and an existing OUT is never touched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    state = load_file(family.hf_dir / "model.safetensors")
+    no_bias = tmp_path / "no_bias.safetensors"
+    save_file({k: v for k, v in state.items() if "relative_attention_bias" not in k}, no_bias)
+    not_t5 = tmp_path / "clip.safetensors"
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}, not_t5)
+    two = tmp_path / "two.safetensors"
+    save_file({f"{p}.{k}": v.clone() for p in ("a", "b") for k, v in state.items()}, two)
+    plain = single_file(family, tmp_path / "plain.safetensors")
+    cases = [([str(no_bias)], "these tensors fit no T5: encoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
+             ([str(not_t5)], "no T5 tensors found"),
+             ([str(two)], "several T5 models in one file, under prefixes ['a.', 'b.']; choose one with --prefix"),
+             ([str(plain), "--prefix", "text_encoders.t5xxl."], "no T5 tensors under prefix 'text_encoders.t5xxl.'"),
+             ([str(plain), "--tokenizer", str(tmp_path / "nowhere")], "--tokenizer"),
+             ([str(plain), "--tokenizer", str(tmp_path)], "no spiece.model, tokenizer.json or tokenizer_config.json"),
+             ([str(family.hf_dir / "config.json")], "must be a .safetensors file")]
+    for args, message in cases:
+        assert convert_hf.main([*args, str(out), "--force"]) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (message, err)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_to_hf_round_trip_is_bit_exact(family: Family, tmp_path: Path) -> None:
+    """transformers -> ours -> transformers gives back every tensor bit for bit (v1.0's folded
+    lm_head scale becomes the tied embedding again), a config transformers loads with no missing
+    or unexpected key, and the same logits."""
+    back = tmp_path / "back"
+    model_type = {"mt5": ["--model-type", "mt5"]}.get(family.name, [])
+    assert convert_hf.main([str(family.ours_dir), str(back), "--to-hf", *model_type]) == 0
+    original, exported = hf_tensors(family.hf_dir), hf_tensors(back)
+    assert original.keys() == exported.keys()
+    for key in original:
+        assert original[key].dtype == exported[key].dtype and torch.equal(original[key], exported[key]), key
+    config = json.loads((back / "config.json").read_text())
+    source = json.loads((family.hf_dir / "config.json").read_text())
+    assert config["model_type"] == source["model_type"] and config["architectures"] == source["architectures"]
+    assert config["feed_forward_proj"] == source["feed_forward_proj"]
+    assert config["tie_word_embeddings"] == (family.name == "t5-v1.0")
+    model_cls = HF_MODELS[FAMILIES[family.name][0]]
+    reloaded, info = model_cls.from_pretrained(back, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"], info
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, mask = padded_batch(family.vocab, [13, 6], seed=2)
+    dec, dec_mask = padded_batch(family.vocab, [7, 4], seed=3)
+    with torch.no_grad():
+        kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        assert torch.equal(reloaded.eval()(**kwargs).logits, family.hf(**kwargs).logits)
+
+
+def test_to_hf_encoder_only_and_refusals(family: Family, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    enc = tmp_path / "enc"
+    assert convert_hf.main([str(family.hf_dir), str(enc), "--encoder-only"]) == 0
+    back = tmp_path / "back"
+    assert convert_hf.main([str(enc), str(back), "--to-hf"]) == 0
+    config = json.loads((back / "config.json").read_text())
+    expected = {"umt5": "UMT5EncoderModel"}.get(family.name, "T5EncoderModel")
+    assert config["architectures"] == [expected] and not config["is_encoder_decoder"]
+    enc_cls = getattr(transformers, expected)
+    reloaded, info = enc_cls.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask = padded_batch(family.vocab, [9, 5])
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           family.hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state)
+    # no overwrite without --force; a file is never OUT
+    assert convert_hf.main([str(enc), str(back), "--to-hf"]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert convert_hf.main([str(enc), str(enc / "model.safetensors"), "--to-hf", "--force"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "x"), "--to-hf"]) == 1
+    assert "Hugging Face config" in capsys.readouterr().err
+
+
+def test_encode_batch_equals_t5_tokenizer_fast(spiece_folder: Path, tmp_path: Path) -> None:
+    """padding="max_length", max_length and truncation as transformers' fast tokenizer does them,
+    on mixed lengths, rows longer than max_length included (EOS stays last)."""
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert isinstance(hf, transformers.T5TokenizerFast)
+    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300))
+    texts = ["hello world", "", "kato rimo ne su la pe qu ix hello world the fox <extra_id_0> mo", "fox  the"]
+    for max_length in (1, 3, 8, 40):
+        for padding in ("longest", "max_length"):
+            ids, mask = ours.encode_batch(texts, max_length=max_length, padding=padding, truncation=True)
+            ref = hf(texts, max_length=max_length, padding=padding, truncation=True, return_tensors="pt")
+            assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask), (max_length, padding)
+    # no truncation and a row past max_length: transformers cannot make one tensor; we pad to that row
+    ids, mask = ours.encode_batch(texts, max_length=8, padding="max_length")
+    assert ids.shape[1] == max(len(row) for row in hf(texts).input_ids) > 8
+    assert [row[row != 0].tolist() for row in ids * mask] == [[i for i in row if i] for row in hf(texts).input_ids]
+
+
+def test_readme_pipeline_recipes_equal_transformers(spiece_folder: Path, tmp_path: Path) -> None:
+    """Each recipe block of the README, as written, against transformers' encoder called the way
+    that pipeline calls it (Flux/SD3: fixed length, no mask; PixArt: mask; Wan: UMT5, masked,
+    rows trimmed to their tokens and zero-padded)."""
+    blocks = python_blocks("### Text encoders of diffusion pipelines")
+    assert len(blocks) == 3
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    prompts = ["hello world the fox", "kato rimo " * 200]  # the second is longer than every max_length
+    for block, (config_cls, model_cls), masked in zip(
+            blocks, [(transformers.T5Config, transformers.T5EncoderModel)] * 2
+            + [(transformers.UMT5Config, transformers.UMT5EncoderModel)], [False, True, True]):
+        torch.manual_seed(0)
+        hf = model_cls(config_cls(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
+                                  feed_forward_proj="gated-gelu")).eval()
+        folder = tmp_path / f"hf-{model_cls.__name__}"
+        hf.save_pretrained(folder)
+        transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(folder)
+        ours = tmp_path / f"ours-{model_cls.__name__}"
+        if not ours.exists():
+            assert convert_hf.main([str(folder), str(ours)]) == 0
+        scope = dict(t5=t5, torch=torch, prompts=prompts, device="cpu", encoder=t5.load(ours, encoder_only=True),
+                     tokenizer=t5.load_tokenizer(ours))
+        with torch.no_grad():
+            exec(compile(block, "README.md", "exec"), scope)
+            length = scope["ids"].shape[1]
+            ref_in = hf_tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            assert torch.equal(scope["ids"], ref_in.input_ids)
+            if not masked:  # Flux / SD3: text_encoder_2(ids)[0]
+                torch.testing.assert_close(scope["hidden"], hf(ref_in.input_ids)[0], atol=1e-5, rtol=0)
+                continue
+            ref = hf(ref_in.input_ids, attention_mask=ref_in.attention_mask).last_hidden_state
+            keep = ref_in.attention_mask.bool()
+            if model_cls is transformers.UMT5EncoderModel:  # Wan: trim to the real tokens, zero-pad back
+                ref = torch.where(keep[..., None], ref, torch.zeros(()))
+                torch.testing.assert_close(scope["hidden"], ref, atol=1e-5, rtol=0)
+            else:  # PixArt: the pipeline masks padding out downstream
+                torch.testing.assert_close(scope["hidden"][keep], ref[keep], atol=1e-5, rtol=0)
 
 
 ########################################################################################
