@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -338,6 +340,82 @@ def bench_precision(models: Models, name: str, root: Path) -> list[str]:
 
 
 ########################################################################################
+# fp8 weights: resident memory while encoding
+########################################################################################
+
+XXL_WIDTH = dict(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, ffn="gated-gelu")  # T5 v1.1 XXL
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_worker(folder: Path, batch: int, seq: int) -> None:
+    """In a fresh process: load an encoder checkpoint, encode batch x seq tokens, print (JSON) the
+    memory above what the process held before loading: resident after loading, peak while encoding."""
+    torch.set_num_threads(2)
+    base = rss_mib("VmRSS")
+    encoder = t5.load(folder, encoder_only=True)
+    loaded = rss_mib("VmRSS") - base
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    ids = torch.randint(3, encoder.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        encoder(ids, torch.ones_like(ids))
+    print(json.dumps({"loaded": loaded, "peak": rss_mib("VmHWM") - base, "seconds": time.perf_counter() - start}))
+
+
+def random_encoder_tensors(config: t5.T5Config, specs: dict[str, tuple[torch.Size, torch.dtype]]):
+    """Seeded random encoder weights at `config`'s shapes, one tensor at a time, stored as `specs`
+    says (fp8 weights quantized per row, followed by their scales)."""
+    for i, (name, (shape, dtype)) in enumerate(specs.items()):
+        if name.endswith("_scale"):
+            continue
+        g = torch.Generator().manual_seed(i)
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape)
+        else:
+            tensor = torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 and "embedding" not in name else 1)
+        if dtype == torch.float8_e4m3fn:
+            weight, scale = convert_hf.quantize_rows(tensor)
+            yield name, weight
+            yield name + "_scale", scale
+        else:
+            yield name, tensor.to(dtype)
+
+
+def bench_fp8_memory(root: Path, layers: int, batch: int, seq: int) -> list[str]:
+    """The same random XXL-width encoder stored in bfloat16 and with fp8 weights; each loaded and
+    run in its own process."""
+    config = t5.T5Config(**XXL_WIDTH, num_encoder_layers=layers, num_decoder_layers=1)
+    results = {}
+    for weights in ("dense", "float8_e4m3fn"):
+        folder = root / f"xxl-{weights}"
+        folder.mkdir()
+        specs = convert_hf.output_specs(config, True, torch.bfloat16, weights)
+        log(f"writing a {layers}-layer XXL-width encoder, {weights} weights ...")
+        convert_hf.write_safetensors(folder / "model.safetensors", specs, random_encoder_tensors(config, specs))
+        config.save(folder / "config.json")
+        log(f"encoding {batch}x{seq} with it in a fresh process ...")
+        out = subprocess.run([sys.executable, __file__, "--memory-worker", str(folder), str(batch), str(seq)],
+                             capture_output=True, text=True, check=True).stdout
+        results[weights] = json.loads(out.splitlines()[-1])
+        results[weights]["file"] = (folder / "model.safetensors").stat().st_size / 2**20
+        shutil.rmtree(folder)
+    dense = results["dense"]
+    rows = []
+    for weights, label in (("dense", "bfloat16"), ("float8_e4m3fn", "fp8 weights, bfloat16 compute")):
+        r = results[weights]
+        rows.append(f"| {layers} x XXL width | {batch}x{seq} | {label} | {r['file']:,.0f} | {r['loaded']:,.0f} | "
+                    f"{r['peak']:,.0f} | {r['peak'] / dense['peak']:.2f}x | {r['seconds']:.1f} |")
+    return rows
+
+
+########################################################################################
 # Main
 ########################################################################################
 
@@ -360,8 +438,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
                         "only, 3 repeats, no compile, no CTranslate2: about a minute")
+    parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 table: resident memory while encoding, "
+                        "bfloat16 vs fp8 weights, XXL width (takes ~10 GB of disk in a temp folder, a few minutes)")
+    parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_worker:
+        folder, batch, seq = args.memory_worker
+        return memory_worker(Path(folder), int(batch), int(seq))
+    if args.fp8_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = bench_fp8_memory(Path(tmp), args.fp8_layers, 1, 512)
+        print(f"# t5.py fp8 memory, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}\n")
+        print("MiB above the process before loading; each row a fresh process; random weights. safetensors maps "
+              "the file: its pages become resident as the forward first reads them, so after-load is small and the "
+              "peak holds the weights.\n")
+        print("| model | batch x seq | weights | file MiB | resident after load | peak while encoding | "
+              "peak vs bfloat16 | encode s |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return None
     if args.ctranslate2_worker:
         job = json.loads(args.ctranslate2_worker.read_text())
         return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))

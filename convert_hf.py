@@ -790,8 +790,8 @@ def dense(state: Mapping[str, Tensor], name: str) -> Tensor:
     tensor = state[name]
     if tensor.dtype != FP8:
         return tensor
-    scale = rearrange(state[name + "_scale"].float(), "o -> o 1")
-    return (tensor.float() * scale).to(state["encoder.embedding.weight"].dtype)
+    dtype = state["encoder.embedding.weight"].dtype
+    return tensor.to(dtype).mul_(rearrange(state[name + "_scale"].to(dtype), "o -> o 1"))  # as t5.Float8Linear does
 
 
 def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_type: str | None = None) -> Path:

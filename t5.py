@@ -1232,8 +1232,7 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 
 class Float8Linear(nn.Module):
     """A linear layer whose weight stays in float8_e4m3fn in memory, with a float32 scale per
-    output row: each call dequantizes it (in float32, rounded once to the input's dtype) and
-    multiplies. Half the memory of bfloat16 weights, the same compute; the result equals running
+    output row: each call dequantizes it to the input's dtype and multiplies. Half the memory of bfloat16 weights, the same compute; the result equals running
     the dequantized weight (`dequantize`), so this is only as lossy as fp8 storage itself.
     `load` puts one in place of each nn.Linear whose checkpoint weight has a `weight_scale`."""
 
@@ -1245,7 +1244,10 @@ class Float8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.ones(out_features), requires_grad=False)
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
-        return (self.weight.float() * rearrange(self.weight_scale.float(), "o -> o 1")).to(dtype)
+        """The weight in `dtype`: fp8 values are exact in bfloat16, float16 and float32, so only the
+        product with the scale rounds, once. One (out, in) temporary in `dtype`, no float32 copy."""
+        weight = self.weight.to(dtype)
+        return weight.mul_(rearrange(self.weight_scale.to(dtype), "o -> o 1"))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
