@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -346,6 +347,12 @@ def bench_precision(models: Models, name: str, root: Path) -> list[str]:
 XXL_WIDTH = dict(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, ffn="gated-gelu")  # T5 v1.1 XXL
 
 
+# glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in the heap, so
+# a process's RSS would remember earlier temporaries; a fixed 64 KiB threshold returns every large
+# tensor to the system when it is freed, and the peak measures what was alive at once.
+MEASURED_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def rss_mib(field: str) -> float:
     """VmRSS / VmHWM of this process, MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -402,7 +409,7 @@ def bench_fp8_memory(root: Path, layers: int, batch: int, seq: int) -> list[str]
         config.save(folder / "config.json")
         log(f"encoding {batch}x{seq} with it in a fresh process ...")
         out = subprocess.run([sys.executable, __file__, "--memory-worker", str(folder), str(batch), str(seq)],
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, env=MEASURED_ENV).stdout
         results[weights] = json.loads(out.splitlines()[-1])
         results[weights]["file"] = (folder / "model.safetensors").stat().st_size / 2**20
         shutil.rmtree(folder)
@@ -412,6 +419,60 @@ def bench_fp8_memory(root: Path, layers: int, batch: int, seq: int) -> list[str]
         r = results[weights]
         rows.append(f"| {layers} x XXL width | {batch}x{seq} | {label} | {r['file']:,.0f} | {r['loaded']:,.0f} | "
                     f"{r['peak']:,.0f} | {r['peak'] / dense['peak']:.2f}x | {r['seconds']:.1f} |")
+    return rows
+
+
+########################################################################################
+# Activation memory of one encoder forward
+########################################################################################
+
+# XXL's attention (64 heads of 64) and feed-forward width, with a narrow residual and few layers
+# so that a CPU can run batch 4 x 512: the balance between FFN temporaries and attention scores
+# is XXL's at that batch.
+MEMORY_SHAPE = dict(vocab_size=32128, d_model=512, d_kv=64, num_heads=64, d_ff=10240, num_layers=6)
+
+
+def encoder_memory_worker(family: str, impl: str, batch: int, seq: int) -> None:
+    """In a fresh process: build a random bfloat16 encoder, then print (JSON) the peak memory of
+    one forward above what the process held just before it (weights already there)."""
+    import transformers
+
+    quiet_transformers()
+    torch.set_num_threads(2)
+    lengths = torch.linspace(seq, seq // 2, batch).long()  # a padded batch: a padding mask is needed
+    ids = torch.randint(3, MEMORY_SHAPE["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    if impl == "HF":
+        config_cls, model_cls = {"t5-v1_1": (transformers.T5Config, transformers.T5EncoderModel),
+                                 "umt5": (transformers.UMT5Config, transformers.UMT5EncoderModel)}[family]
+        model = model_cls(config_cls(feed_forward_proj="gated-gelu", **MEMORY_SHAPE)).to(torch.bfloat16).eval()
+        run = lambda: model(input_ids=ids, attention_mask=mask)  # noqa: E731
+    else:
+        fields = dict(MEMORY_SHAPE)
+        config = t5.T5Config(vocab_size=fields["vocab_size"], d_model=fields["d_model"], d_kv=fields["d_kv"],
+                             num_heads=fields["num_heads"], d_ff=fields["d_ff"], num_encoder_layers=fields["num_layers"],
+                             num_decoder_layers=1, ffn="gated-gelu", bias_per_layer=family == "umt5")
+        model = t5.T5Encoder(config).to(torch.bfloat16).eval()
+        run = lambda: model(ids, mask)  # noqa: E731
+    with torch.inference_mode():
+        run()  # warm-up: allocator pools and one-time buffers are not the forward's
+        before = rss_mib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        run()
+    print(json.dumps({"peak": rss_mib("VmHWM") - before}))
+
+
+def bench_encoder_memory(batch: int, seq: int) -> list[str]:
+    rows = []
+    for family in ("t5-v1_1", "umt5"):
+        peaks = {}
+        for impl in ("t5.py sdpa", "HF"):
+            log(f"memory {family} {impl} {batch}x{seq} ...")
+            out = subprocess.run([sys.executable, __file__, "--encoder-memory-worker", family, impl, str(batch), str(seq)],
+                                 capture_output=True, text=True, check=True, env=MEASURED_ENV).stdout
+            peaks[impl] = json.loads(out.splitlines()[-1])["peak"]
+        for impl, peak in peaks.items():
+            rows.append(f"| {family} | {batch}x{seq} | {impl} | {peak:,.0f} | {peak / peaks['HF']:.2f}x |")
     return rows
 
 
@@ -442,8 +503,25 @@ def main(argv: list[str] | None = None) -> None:
                         "bfloat16 vs fp8 weights, XXL width (takes ~10 GB of disk in a temp folder, a few minutes)")
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help="only the activation-memory table: peak extra memory of "
+                        "one bfloat16 encoder forward at XXL's attention and FFN widths, ours vs transformers")
+    parser.add_argument("--memory-batch", type=int, default=4, help="batch for --memory (default: 4, of 512 tokens)")
     parser.add_argument("--memory-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--encoder-memory-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.encoder_memory_worker:
+        family, impl, batch, seq = args.encoder_memory_worker
+        return encoder_memory_worker(family, impl, int(batch), int(seq))
+    if args.memory:
+        rows = bench_encoder_memory(args.memory_batch, 512)
+        print(f"# t5.py encoder activation memory, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}\n")
+        print(f"bfloat16, random weights, {MEMORY_SHAPE}, a padded batch (lengths 512 down to 256), padding mask; "
+              "MiB of peak RSS above the process before the forward (weights already resident), each in a fresh "
+              "process after one warm-up forward.\n")
+        print("| family | batch x seq | implementation | peak extra MiB | vs HF |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+        return None
     if args.memory_worker:
         folder, batch, seq = args.memory_worker
         return memory_worker(Path(folder), int(batch), int(seq))

@@ -65,6 +65,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 FFN_KINDS = ("relu", "gated-gelu")
+FFN_SLICE = 2**22  # elements of each float32 temporary of the gated feed-forward (16 MiB)
 
 
 ########################################################################################
@@ -242,14 +243,14 @@ def check_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> 
 
 
 def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Fold the position bias (l, h, q, k) and a bool mask (b, q|1, k) into one additive
-    SDPA mask (l, b|1, h, q, k). Masked logits get the dtype's most negative finite value, so a
-    row with nothing to attend to stays finite, and masked keys get a weight of exactly 0."""
-    bias = rearrange(position_bias, "l h q k -> l 1 h q k").to(dtype)
+    """Fold one layer's position bias (h, q, k) and a bool mask (b, q|1, k) into one additive
+    SDPA mask (b|1, h, q, k). Masked logits get the dtype's most negative finite value, so a
+    row with nothing to attend to stays finite, and masked keys get a weight of exactly 0. (A
+    Python scalar, not a tensor made here: no host-to-device copy, so CUDA graphs can capture it.)"""
+    bias = rearrange(position_bias, "h q k -> 1 h q k").to(dtype)
     if attend is None:
         return bias
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=bias.device)
-    return torch.where(rearrange(attend, "b q k -> 1 b 1 q k"), bias, blocked)
+    return torch.where(rearrange(attend, "b q k -> b 1 q k"), bias, torch.finfo(dtype).min)
 
 
 def cross_attention_bias(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -284,8 +285,10 @@ class RMSNorm(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """A learned scalar per (bucket, head) added to the attention logits, for `layers` tables at
-    once (1 for T5, every layer for UMT5): one embedding lookup gives all of them."""
+    """A learned scalar per (bucket, head) added to the attention logits: one table for the stack
+    (T5), or one per layer (UMT5), stored side by side in one embedding. The buckets are computed
+    once per stack; each layer looks up only its own table, so that at most one layer's bias is
+    alive at a time (UMT5-XXL at batch 32 x 512 would need 24 GiB for all of them)."""
 
     def __init__(self, config: T5Config, *, layers: int, bidirectional: bool) -> None:
         super().__init__()
@@ -295,12 +298,17 @@ class RelativePositionBias(nn.Module):
         self.max_distance = config.max_distance
         self.embedding = nn.Embedding(config.num_buckets, layers * config.num_heads)
 
-    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
-        """(q,) and (k,) int positions -> bias (l, h, q, k) in the table's dtype."""
+    def buckets(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """(q,) and (k,) int positions -> bucket ids (q, k)."""
         relative = rearrange(key_positions, "k -> 1 k") - rearrange(query_positions, "q -> q 1")
-        buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
-                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
-        return rearrange(self.embedding(buckets), "q k (l h) -> l h q k", l=self.layers)
+        return relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                                        max_distance=self.max_distance)
+
+    def forward(self, buckets: Tensor, layer: int) -> Tensor:
+        """Bucket ids (q, k) -> layer `layer`'s bias (h, q, k) in the table's dtype (layer 0 when
+        the table is shared)."""
+        table = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer if self.layers > 1 else 0]
+        return rearrange(F.embedding(buckets, table), "q k h -> h q k")
 
 
 class EncoderSelfAttention(nn.Module):
@@ -404,9 +412,15 @@ class GegluFFN(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded to half precision
+        once, not twice; it runs over slices of the sequence so that its float32 temporaries stay
+        under FFN_SLICE elements, whatever the batch (one (b*t, f) float32 temporary is 0.6 GiB
+        at XXL's d_ff and batch 32 x 512)."""
         gate, up = self.wi(x).chunk(2, dim=-1)
-        hidden = F.gelu(gate.float(), approximate="tanh") * up.float()  # one rounding to half precision, not two
-        return self.wo(self.dropout(hidden.to(x.dtype)))
+        step = max(1, FFN_SLICE // (gate.shape[0] * gate.shape[-1]))
+        hidden = torch.cat([(F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
+                            for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
+        return self.wo(self.dropout(hidden))
 
 
 def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
@@ -491,9 +505,10 @@ class T5Encoder(nn.Module):
         attend = None if input_mask is None else check_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        bias = attention_bias(self.position_bias(positions, positions), attend, x_dtype(self))
-        for layer, layer_bias in zip(self.layers, bias.expand(len(self.layers), *bias.shape[1:])):
-            x = run_layer(self, layer, x, layer_bias)
+        buckets = self.position_bias.buckets(positions, positions)
+        biases = LayerBiases(self.position_bias, buckets, attend, x_dtype(self))
+        for i, layer in enumerate(self.layers):
+            x = run_layer(self, layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
         if attend is None:
             return out
@@ -575,12 +590,28 @@ class T5Decoder(nn.Module):
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
             kv_cache = cache.kv
-        self_bias = attention_bias(self.position_bias(positions, keys), attend, dtype)
+        biases = LayerBiases(self.position_bias, self.position_bias.buckets(positions, keys), attend, dtype)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
-        layers = zip(self.layers, self_bias.expand(len(self.layers), *self_bias.shape[1:]), cross_kvs)
-        for layer, layer_bias, cross_kv in layers:
-            x = run_layer(self, layer, x, layer_bias, memory.encoded, cross_kv, memory.bias, kv_cache, positions)
+        for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
+            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.bias, kv_cache, positions)
         return self.dropout(self.final_norm(x))
+
+
+class LayerBiases:
+    """Each layer's additive SDPA mask (b|1, h, q, k), made when the layer asks for it: with a
+    shared table (T5) made once and handed to every layer; with a table per layer (UMT5) made
+    again for each, so that only one layer's is alive at a time."""
+
+    def __init__(self, position_bias: RelativePositionBias, buckets: Tensor, attend: Tensor | None,
+                 dtype: torch.dtype) -> None:
+        self.position_bias, self.buckets, self.attend, self.dtype = position_bias, buckets, attend, dtype
+        self.shared = None if position_bias.layers > 1 else self._make(0)
+
+    def _make(self, layer: int) -> Tensor:
+        return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
+
+    def __getitem__(self, layer: int) -> Tensor:
+        return self.shared if self.shared is not None else self._make(layer)
 
 
 def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | None) -> Tensor:

@@ -1529,6 +1529,22 @@ def test_encode_batch_equals_t5_tokenizer_fast(spiece_folder: Path, tmp_path: Pa
     assert [row[row != 0].tolist() for row in ids * mask] == [[i for i in row if i] for row in hf(texts).input_ids]
 
 
+def test_cli_encode_fixed_length_without_mask(tmp_path: Path) -> None:
+    """`encode --max-length N --no-mask`: the Flux / SD3 call from the command line."""
+    out = tmp_path / "h.safetensors"
+    result = run_cli("encode", "spell: 7", "spell: 98765", "--max-length", "12", "--no-mask", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = load_file(out)
+    tokenizer, encoder = t5.load_tokenizer(HERE / "demo"), t5.load(HERE / "demo", encoder_only=True)
+    ids, mask = tokenizer.encode_batch(["spell: 7", "spell: 98765"], max_length=12, padding="max_length", truncation=True)
+    assert torch.equal(saved["input_ids"], ids) and torch.equal(saved["mask"], mask) and ids.shape == (2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(saved["hidden"], encoder(ids))
+        assert not torch.allclose(saved["hidden"], encoder(ids, mask))  # the mask would have mattered
+    assert_one_line_error(run_cli("encode", "x", "--max-length", "8", "--max-input-tokens", "4", "--out", str(out),
+                                  "--force"), "--max-length already truncates")
+
+
 def test_readme_pipeline_recipes_equal_transformers(spiece_folder: Path, tmp_path: Path) -> None:
     """Each recipe block of the README, as written, against transformers' encoder called the way
     that pipeline calls it (Flux/SD3: fixed length, no mask; PixArt: mask; Wan: UMT5, masked,
