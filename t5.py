@@ -582,7 +582,10 @@ class T5Decoder(nn.Module):
         else:
             positions = check_positions(positions, length, cache)
             keys = torch.arange(cache.kv.shape[-2], device=input_ids.device)
-            if input_mask is not None:
+            # every call rewrites the mask of the slots it writes (so a cache can be reused)
+            if input_mask is None:
+                cache.attend.index_fill_(1, positions, True)
+            else:
                 if input_mask.dim() != 2:
                     raise ValueError("with a cache, decoder_mask must be a (batch, t) padding mask")
                 cache.attend.index_copy_(1, positions, rearrange(check_mask(input_mask, batch, length, length,
@@ -746,10 +749,21 @@ class KVCache(NamedTuple):
 
 
 def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32) -> KVCache:
+               dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
+    """A zeroed cache for `batch` rows of `max_len` slots. Reuse it as it is for a new decode of
+    the same size: every cached call rewrites the keys, values and mask of the slots it writes,
+    and later slots are never read before they are written.
+
+    static_address=True tells torch.compile that these tensors keep their address (like
+    parameters), which `mode="reduce-overhead"` (CUDA graphs) needs to accept a decode step that
+    writes into them; leave it off otherwise (a new cache would then mean a recompile)."""
     kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
                      device=device, dtype=dtype)
-    return KVCache(kv, torch.ones((batch, max_len), dtype=torch.bool, device=device))
+    attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
+    if static_address:
+        torch._dynamo.mark_static_address(kv)
+        torch._dynamo.mark_static_address(attend)
+    return KVCache(kv, attend)
 
 
 def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
@@ -836,23 +850,71 @@ class Generation(NamedTuple):
     scores: Tensor  # (b*n,) sum of the chosen tokens' log-probs (beam search: divided by length**length_penalty)
 
 
-def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, positions: Tensor) -> Tensor:
+class GenerationOptions(NamedTuple):
+    """How to generate: Hugging Face's names and meanings (except top_k's default: no limit).
+    `generate` and `stream` build one from their keyword arguments; a custom loop can too."""
+
+    max_new_tokens: int  # at most this many tokens per row
+    min_new_tokens: int = 0  # EOS is forbidden before this many
+    do_sample: bool = False  # greedy (or beam search) unless True
+    temperature: float = 1.0  # sampling: logits / temperature
+    top_k: int | None = None  # sampling: only the k most likely tokens (None or 0: no limit)
+    top_p: float | None = None  # sampling: only the smallest set of tokens with this much probability
+    num_beams: int = 1  # beam search when > 1
+    length_penalty: float = 1.0  # beam search: finished hypotheses score sum / length**length_penalty
+    early_stopping: bool | Literal["never"] = False  # beam search: when an input stops
+    num_return_sequences: int = 1  # samples (or best beams) per input, adjacent in the output
+    compile: bool = False  # run the decode step under torch.compile
+
+    def check(self) -> GenerationOptions:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature} (use do_sample=False for greedy)")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1 or self.num_return_sequences < 1:
+            raise ValueError(f"num_beams and num_return_sequences must be at least 1, got {self.num_beams}, "
+                             f"{self.num_return_sequences}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam search is deterministic: do_sample is for sampling (num_beams=1)")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences={self.num_return_sequences} beams asked of "
+                             f"num_beams={self.num_beams}")
+        return self
+
+
+def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, positions: Tensor,
+                decoder_mask: Tensor | None = None) -> Tensor:
     """One cached decoder call: tokens (b*n, t) at positions (t,) -> next-token logits (b*n, v), float32.
 
-    Shapes never change from step to step (the cache is static and the position is a tensor), so
-    this function is what to `torch.compile` or capture in a CUDA graph."""
-    hidden = model.decoder(tokens, memory, cache=cache, positions=positions)
+    decoder_mask (b*n, t): which of these tokens are real; it is recorded in the cache, so the
+    padding of a left-padded prompt given to `prefill` stays masked in every later step without
+    being passed again. Shapes never change from step to step (the cache is static and the
+    position is a tensor), and the step makes no host-device copy: this is the function to
+    `torch.compile` or to capture in a CUDA graph (see the README for what is verified where)."""
+    hidden = model.decoder(tokens, memory, decoder_mask, cache=cache, positions=positions)
     return model.lm_head(hidden[:, -1]).float()
 
 
 @functools.cache
-def compiled_decode_step() -> Callable[[T5, Tensor, Memory, KVCache, Tensor], Tensor]:
-    """`decode_step` under torch.compile (whole graph, static shapes), compiled on first use."""
-    return torch.compile(decode_step, fullgraph=True, dynamic=False)
+def compiled_decode_step() -> Callable[..., Tensor]:
+    """`decode_step` under torch.compile (whole graph), compiled on first use. Compiled for the
+    first shapes it sees with static shapes; a later call with other (batch, source length,
+    max_len) recompiles it once with dynamic shapes, which then serve every shape, so a process
+    never reaches torch's recompile limit (tested with 12 shapes in one process)."""
+    return torch.compile(decode_step, fullgraph=True)
 
 
-def next_token(logits: Tensor, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None) -> Tensor:
+def next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Logits (b, v) -> token ids (b,): argmax, or a sample after temperature, top-k and top-p
     (in that order, as Hugging Face applies them). Sampling uses the exponential-race trick
     (argmax of p / Exp(1) noise draws from p) so it needs no device sync."""
@@ -871,18 +933,24 @@ def next_token(logits: Tensor, *, do_sample: bool, temperature: float, top_k: in
     return (probs / noise).argmax(dim=-1)
 
 
-class _Start(NamedTuple):
-    memory: Memory
-    cache: KVCache
+class Prefill(NamedTuple):
+    """Everything a decode loop needs after `prefill`."""
+
+    memory: Memory  # the encoding, with every layer's cross-attention keys/values
+    cache: KVCache  # written up to `position`
     logits: Tensor  # (b*n, v) float32: the prediction after the decoder prefix
-    position: Tensor  # (1,) where the next token goes; advanced in place, one tensor for the whole decode
+    position: Tensor  # (1,) where the next token goes; advance it in place, one tensor for the whole decode
+    length: int  # the prefix length (= position, as a Python number)
 
 
-def _start(model: T5, input_ids: Tensor, input_mask: Tensor | None, decoder_input_ids: Tensor | None,
-           decoder_mask: Tensor | None, n: int, max_new_tokens: int) -> _Start:
-    """Encode once, project the cross-attention keys/values once (shared by the n rows of each
-    input), allocate the decoder cache for the prefix plus max_new_tokens, and prefill the prefix
-    (the decoder start token, or a left-padded prompt) in one call."""
+def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
+            decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None, n: int = 1,
+            cache: KVCache | None = None) -> Prefill:
+    """Start a decode: encode once, project the cross-attention keys/values once (shared by the
+    n rows of each input: beams or samples), and run the decoder prefix (the decoder start token,
+    or a left-padded prompt with decoder_mask) in one call into a cache of prefix + max_new_tokens
+    slots (or into `cache`, reused: each call rewrites the slots it writes, mask included).
+    Then `decode_step(model, tokens, out.memory, out.cache, out.position)` per token."""
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
     batch = input_ids.shape[0]
@@ -895,56 +963,43 @@ def _start(model: T5, input_ids: Tensor, input_mask: Tensor | None, decoder_inpu
     memory = model.decoder.remember(model.encoder(input_ids, input_mask), input_mask)
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
-    cache = make_cache(model.config, batch * n, prompt.shape[1] + max_new_tokens, device=input_ids.device,
-                       dtype=memory.encoded.dtype)
-    positions = torch.arange(prompt.shape[1], device=prompt.device)
+    length = prompt.shape[1]
+    if cache is None:
+        cache = make_cache(model.config, batch * n, length + max_new_tokens, device=input_ids.device,
+                           dtype=memory.encoded.dtype)
+    elif cache.kv.shape[2] != batch * n or cache.kv.shape[-2] < length + max_new_tokens:
+        raise ValueError(f"the cache holds {cache.kv.shape[2]} rows of {cache.kv.shape[-2]} slots; this decode needs "
+                         f"{batch * n} rows of {length + max_new_tokens}")
+    positions = torch.arange(length, device=prompt.device)
     hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)
-    return _Start(memory, cache, model.lm_head(hidden[:, -1]).float(), positions[-1:] + 1)
+    return Prefill(memory, cache, model.lm_head(hidden[:, -1]).float(), positions[-1:] + 1, length)
 
 
-def _check_generate_args(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int | None,
-                         top_p: float | None, num_beams: int, num_return_sequences: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature} (use do_sample=False for greedy)")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if num_beams < 1 or num_return_sequences < 1:
-        raise ValueError(f"num_beams and num_return_sequences must be at least 1, got {num_beams}, {num_return_sequences}")
-
-
-def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int, min_new_tokens: int,
-            do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, num_return_sequences: int,
-            generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None,
-            compile: bool) -> Iterator[tuple[Tensor, Tensor]]:
+def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: GenerationOptions,
+            generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None
+            ) -> Iterator[tuple[Tensor, Tensor]]:
     """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
-    step_fn = compiled_decode_step() if compile else decode_step
-    _check_generate_args(max_new_tokens, min_new_tokens, temperature, top_k, top_p, 1, num_return_sequences)
+    step_fn = compiled_decode_step() if options.compile else decode_step
     config = model.config
-    memory, cache, logits, position = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
-                                             num_return_sequences, max_new_tokens)
+    memory, cache, logits, position, _ = prefill(model, input_ids, input_mask, max_new_tokens=options.max_new_tokens,
+                                                 decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask,
+                                                 n=options.num_return_sequences)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        if step < min_new_tokens:
+    for step in range(options.max_new_tokens):
+        if step < options.min_new_tokens:
             logits[:, config.eos_token_id] = -math.inf
-        token = next_token(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                           generator=generator)
+        token = next_token(logits, do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
+                           top_p=options.top_p, generator=generator)
         logprob = logits.log_softmax(dim=-1).gather(-1, rearrange(token, "b -> b 1"))[:, 0]
         token = token.masked_fill(finished, config.pad_token_id)
         yield token, logprob.masked_fill(finished, 0.0)
         finished |= token == config.eos_token_id
-        if step + 1 == max_new_tokens or bool(finished.all()):
+        if step + 1 == options.max_new_tokens or bool(finished.all()):  # one host sync per step
             return
         logits = step_fn(model, rearrange(token, "b -> b 1"), memory, cache, position)
         position += 1
 
 
-@torch.inference_mode()
 def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
            min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, num_return_sequences: int = 1, generator: torch.Generator | None = None,
@@ -954,15 +1009,18 @@ def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, ma
 
     Arguments as for `generate`. A row that has produced EOS yields pad from then on; the stream
     ends when every row has, or after max_new_tokens."""
-    for token, _ in _decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
-                            top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences,
-                            generator=generator, decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask,
-                            compile=compile):
-        yield token
+    options = GenerationOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                                num_return_sequences=num_return_sequences, compile=compile).check()
+    with torch.inference_mode():
+        steps = _decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)
+    while True:
+        with torch.inference_mode():
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item[0].clone()  # an ordinary tensor, usable outside inference mode
 
 
-@torch.inference_mode()
 def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
              min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
@@ -970,7 +1028,7 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, 
              generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
              decoder_mask: Tensor | None = None, compile: bool = False) -> Generation:
     """Generate up to max_new_tokens per row. Keyword names and meanings follow Hugging Face's
-    `generate`, except that top_k defaults to no limit.
+    `generate` (`GenerationOptions` lists them), except that top_k defaults to no limit.
 
     - greedy (default); sampling with do_sample=True, after temperature, top_k and top_p, drawing
       from `generator` when given (same seed, same tokens); num_return_sequences samples per input
@@ -983,26 +1041,22 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, 
       that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
       The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
       `generate` returns it in front of them).
-    - compile=True runs the decode step under torch.compile (compiled once per batch shape).
+    - compile=True runs the decode step under torch.compile (`compiled_decode_step`).
 
-    input_ids (b, s) with an optional (b, s) padding input_mask.
+    input_ids (b, s) with an optional (b, s) padding input_mask. Runs under inference mode; the
+    returned tensors are ordinary ones (they can serve as labels for training).
     """
-    if num_beams > 1:
-        if do_sample:
-            raise ValueError("beam search is deterministic: do_sample is for sampling (num_beams=1)")
-        if num_return_sequences > num_beams:
-            raise ValueError(f"num_return_sequences={num_return_sequences} beams asked of num_beams={num_beams}")
-        return _beam_search(model, input_ids, input_mask, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                            early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-                            decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask, compile=compile)
-    steps = list(_decode(model, input_ids, input_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                         num_return_sequences=num_return_sequences, generator=generator,
-                         decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask, compile=compile))
-    tokens = torch.stack([token for token, _ in steps], dim=1)
-    scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
-    return Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
+    options = GenerationOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
+                                length_penalty, early_stopping, num_return_sequences, compile).check()
+    with torch.inference_mode():
+        if num_beams > 1:
+            out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
+        else:
+            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask))
+            tokens = torch.stack([token for token, _ in steps], dim=1)
+            scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
+            out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
+    return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
 
 
 def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
@@ -1012,11 +1066,18 @@ def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
     return first
 
 
-@torch.inference_mode()
-def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max_new_tokens: int,
-                 min_new_tokens: int, num_beams: int, length_penalty: float, early_stopping: bool | str,
-                 num_return_sequences: int, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None,
-                 compile: bool) -> Generation:
+def reorder_cache(cache: KVCache, parents: Tensor, written: int) -> None:
+    """Beam search: every row continues its parent row's cache. In place, one layer's keys or
+    values of the written slots at a time: the extra memory is (rows, h, written, e), never a
+    second cache."""
+    for layer_kv in cache.kv:  # (2, b, h, max_len, e)
+        for part in layer_kv:
+            part[:, :, :written].copy_(part[:, :, :written].index_select(0, parents))
+    cache.attend.copy_(cache.attend.index_select(0, parents))
+
+
+def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: GenerationOptions,
+                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> Generation:
     """Beam search with Hugging Face's semantics.
 
     Each step, every input's num_beams running beams propose their 2*num_beams best continuations
@@ -1027,17 +1088,16 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
     or at max_new_tokens for a positive length_penalty (early_stopping="never"), cannot beat the
     worst finished one; early_stopping=True stops as soon as num_beams hypotheses are finished.
     """
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    _check_generate_args(max_new_tokens, min_new_tokens, 1.0, None, None, num_beams, 1)
     config = model.config
-    batch, beams = input_ids.shape[0], num_beams
-    step_fn = compiled_decode_step() if compile else decode_step
-    memory, cache, logits, position = _start(model, input_ids, input_mask, decoder_input_ids, decoder_mask,
-                                             beams, max_new_tokens)
+    batch, beams, steps = input_ids.shape[0], options.num_beams, options.max_new_tokens
+    early_stopping, length_penalty = options.early_stopping, options.length_penalty
+    step_fn = compiled_decode_step() if options.compile else decode_step
+    memory, cache, logits, position, written = prefill(model, input_ids, input_mask, max_new_tokens=steps,
+                                                       decoder_input_ids=decoder_input_ids,
+                                                       decoder_mask=decoder_mask, n=beams)
     device = logits.device
 
-    running = torch.full((batch, beams, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
+    running = torch.full((batch, beams, steps), config.pad_token_id, dtype=torch.long, device=device)
     running_scores = torch.zeros(batch, beams, device=device)
     running_scores[:, 1:] = -math.inf  # all beams start identical: let only the first one propose
     done = torch.full_like(running, config.pad_token_id)
@@ -1046,17 +1106,17 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
     done_full = torch.zeros(batch, beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, dtype=torch.bool, device=device)
     rank = torch.arange(2 * beams, device=device)
-    for step in range(max_new_tokens):
+    for step in range(steps):
         logprobs = logits.log_softmax(dim=-1)
-        if step < min_new_tokens:
+        if step < options.min_new_tokens:
             logprobs[:, config.eos_token_id] = -math.inf
         vocab = logprobs.shape[-1]
         totals = rearrange(logprobs, "(b n) v -> b n v", n=beams) + rearrange(running_scores, "b n -> b n 1")
         top_scores, top = rearrange(totals, "b n v -> b (n v)").topk(2 * beams, dim=-1)  # (b, 2n), best first
         parent, token = top // vocab, top % vocab
-        candidates = running.gather(1, repeat_beams(parent, max_new_tokens)).clone()
+        candidates = running.gather(1, repeat_beams(parent, steps)).clone()
         candidates[:, :, step] = token
-        ends = (token == config.eos_token_id) | (step + 1 == max_new_tokens)
+        ends = (token == config.eos_token_id) | (step + 1 == steps)
 
         # finished hypotheses: candidates that end here and rank within the first num_beams
         length = step + 1
@@ -1067,30 +1127,33 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, *, max
         all_scores = torch.cat([done_scores, new_scores], dim=1)
         merged = all_scores.topk(beams, dim=-1).indices
         done_scores = all_scores.gather(1, merged)
-        done = torch.cat([done, candidates], dim=1).gather(1, repeat_beams(merged, max_new_tokens))
+        done = torch.cat([done, candidates], dim=1).gather(1, repeat_beams(merged, steps))
         done_lengths = torch.cat([done_lengths, torch.full_like(new_scores, length, dtype=torch.long)], 1).gather(1, merged)
         done_full = torch.cat([done_full, finishing], dim=1).gather(1, merged)
 
         # running beams: the best num_beams candidates that did not end
         keep = torch.where(ends, -math.inf, top_scores).topk(beams, dim=-1).indices
         running_scores = torch.where(ends, -math.inf, top_scores).gather(1, keep)
-        running = candidates.gather(1, repeat_beams(keep, max_new_tokens))
+        running = candidates.gather(1, repeat_beams(keep, steps))
         parents = rearrange(parent.gather(1, keep) + rearrange(torch.arange(batch, device=device) * beams, "b -> b 1"),
                             "b n -> (b n)")
 
         # can an input's running beams still beat its worst finished hypothesis?
-        best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
+        best_length = steps if early_stopping == "never" and length_penalty > 0 else length
         best_possible = running_scores[:, 0] / best_length**length_penalty
         improvable &= ~done_full.all(dim=1) | (best_possible > done_scores.min(dim=1).values)
-        stop = not bool(improvable.any()) or (early_stopping is True and bool(done_full.all())) or bool(ends.all())
-        if stop or step + 1 == max_new_tokens:
+        stop = ~improvable.any() | ends.all()
+        if early_stopping is True:
+            stop |= done_full.all()
+        if step + 1 == steps or bool(stop):  # one host sync per step
             break
-        cache.kv.copy_(cache.kv.index_select(2, parents))  # each beam continues its parent's cache
+        reorder_cache(cache, parents, written)
         logits = step_fn(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
         position += 1
+        written += 1
 
     # the finished hypotheses are kept sorted, best first: return the first num_return_sequences
-    n = num_return_sequences
+    n = options.num_return_sequences
     best_length = rearrange(done_lengths[:, :n], "b n -> (b n)")
     width = int(best_length.max())
     tokens = rearrange(done[:, :n, :width], "b n t -> (b n) t")

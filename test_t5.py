@@ -7,7 +7,9 @@ hub ships them, converted with the real command-line path, and compared in float
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -769,6 +771,158 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
             token = expected.argmax(-1, keepdim=True)
             position += 1
         torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, atol=1e-5, rtol=1e-5)
+
+
+########################################################################################
+# Decoding at scale: compile, reuse, beams, custom loops, CUDA graphs
+########################################################################################
+
+
+def test_compiled_generate_survives_many_shapes() -> None:
+    """12 distinct (batch, source length, max_len) shapes with compile=True in one process: past
+    torch's recompile limit (8) with static shapes; the step recompiles once with dynamic shapes
+    and then serves all of them, with eager's tokens."""
+    import torch._dynamo
+
+    assert torch._dynamo.config.recompile_limit <= 8
+    torch._dynamo.reset()
+    t5.compiled_decode_step.cache_clear()
+    config = dataclasses.replace(tiny_config("t5-v1.1"), num_encoder_layers=1, num_decoder_layers=1)
+    model = t5.T5(config).eval()
+    t5.init_weights(model, torch.Generator().manual_seed(0))
+    shapes = [(1, 5, 4), (2, 7, 6), (3, 9, 3), (1, 12, 8), (4, 6, 5), (2, 13, 9), (5, 8, 2), (3, 17, 7), (6, 4, 4),
+              (2, 21, 10), (7, 10, 3), (8, 11, 6)]
+    for batch, src, new in shapes:
+        ids, mask = padded_batch(config.vocab_size, [src] + [max(1, src - 3)] * (batch - 1), seed=batch + src)
+        compiled = t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
+        eager = t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new)
+        assert torch.equal(compiled.tokens, eager.tokens), (batch, src, new)
+    torch._dynamo.reset()
+    t5.compiled_decode_step.cache_clear()
+
+
+def test_reused_cache_equals_fresh_cache(gen_family: Family) -> None:
+    """A cache used for a left-padded request, then reused for another request, gives the logits
+    a fresh cache gives (the padding slots of the first request do not leak)."""
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [9, 4], seed=21)
+    start = model.config.decoder_start_token_id
+    prompt = torch.tensor([[start, 5, 6, 7], [0, 0, start, 8]])
+    prompt_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    with torch.inference_mode():
+        first = t5.prefill(model, ids, mask, max_new_tokens=6, decoder_input_ids=prompt, decoder_mask=prompt_mask)
+        for _ in range(2):
+            t5.decode_step(model, first.logits.argmax(-1, keepdim=True), first.memory, first.cache, first.position)
+            first.position.add_(1)
+        assert not first.cache.attend.all()  # the first request left padding slots behind
+        other = torch.tensor([[start, 9, 10, 11], [start, 12, 13, 14]])
+        reused = t5.prefill(model, ids, mask, max_new_tokens=6, decoder_input_ids=other, cache=first.cache)
+        fresh = t5.prefill(model, ids, mask, max_new_tokens=6, decoder_input_ids=other)
+        torch.testing.assert_close(reused.logits, fresh.logits, atol=1e-6, rtol=0)
+        token = fresh.logits.argmax(-1, keepdim=True)
+        for _ in range(3):
+            a = t5.decode_step(model, token, reused.memory, reused.cache, reused.position)
+            b = t5.decode_step(model, token, fresh.memory, fresh.cache, fresh.position)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+            token = b.argmax(-1, keepdim=True)
+            reused.position.add_(1)
+            fresh.position.add_(1)
+    with pytest.raises(ValueError, match="holds 2 rows of 10 slots; this decode needs 2 rows of 11"):
+        t5.prefill(model, ids, mask, max_new_tokens=7, decoder_input_ids=other, cache=first.cache)
+
+
+def test_custom_loop_with_public_names_equals_generate(gen_family: Family) -> None:
+    """prefill + decode_step + next_token (with its defaults) is greedy `generate`, left-padded
+    decoder prompt included."""
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [11, 6], seed=23)
+    start = model.config.decoder_start_token_id
+    prompt, prompt_mask = torch.tensor([[start, 5, 6], [0, start, 7]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    reference = t5.generate(model, ids, mask, max_new_tokens=5, min_new_tokens=5, decoder_input_ids=prompt,
+                            decoder_mask=prompt_mask)
+    tokens = []
+    with torch.inference_mode():
+        state = t5.prefill(model, ids, mask, max_new_tokens=5, decoder_input_ids=prompt, decoder_mask=prompt_mask)
+        logits = state.logits
+        for _ in range(5):
+            logits[:, model.config.eos_token_id] = -math.inf  # as min_new_tokens does
+            token = t5.next_token(logits)
+            tokens.append(token)
+            logits = t5.decode_step(model, token[:, None], state.memory, state.cache, state.position,
+                                    torch.ones(2, 1, dtype=torch.long))
+            state.position.add_(1)
+    assert torch.equal(torch.stack(tokens, dim=1), reference.tokens)
+
+
+def test_generate_returns_ordinary_tensors(gen_family: Family) -> None:
+    """generate's output feeds training directly (it ran under inference mode, it is not an
+    inference tensor), and so do stream's tokens."""
+    model = t5.load(gen_family.ours_dir).train()
+    ids, mask = padded_batch(gen_family.vocab, [7, 5], seed=24)
+    for out in (t5.generate(model, ids, mask, max_new_tokens=4), t5.generate(model, ids, mask, max_new_tokens=4, num_beams=2)):
+        assert not any(tensor.is_inference() for tensor in out)
+        labels = out.tokens
+        loss = model(ids, t5.shift_right(labels, model.config), input_mask=mask, labels=labels).loss
+        loss.backward()
+    assert not any(token.is_inference() for token in t5.stream(model, ids, mask, max_new_tokens=3))
+
+
+def test_beam_reorder_needs_no_second_cache() -> None:
+    """Reordering beams copies one layer's keys or values of the written slots at a time: the
+    extra memory is bounded by that, not by the cache (6 layers, 64 slots, 5 written)."""
+    config = dataclasses.replace(tiny_config("t5-v1.1"), num_decoder_layers=6)
+    cache = t5.make_cache(config, 8, 64)
+    cache.kv.normal_()
+    parents = torch.tensor([1, 1, 0, 3, 3, 3, 6, 7])
+    expected = cache.kv.clone()
+    expected[..., :5, :] = cache.kv[:, :, parents, :, :5]
+    one_slice = cache.kv[0, 0, :, :, :5].numel() * cache.kv.element_size()
+    peak = peak_bytes(lambda: t5.reorder_cache(cache, parents, 5))
+    assert peak <= one_slice + 1024 < cache.kv.numel() * cache.kv.element_size() / 50
+    assert torch.equal(cache.kv, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (this runs wherever one is)")
+def test_decode_step_captures_in_a_cuda_graph() -> None:
+    """A manual torch.cuda.CUDAGraph capture of decode_step, replayed after updating its inputs
+    in place, gives eager's logits; torch.compile(mode="reduce-overhead") with a static-address
+    cache does too."""
+    config = tiny_config("umt5")
+    torch.manual_seed(0)
+    model = t5.T5(config).eval().cuda()
+    ids, mask = (x.cuda() for x in padded_batch(config.vocab_size, [9, 5], seed=12))
+    with torch.inference_mode():
+        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        eager_cache = t5.make_cache(config, 2, 8, device="cuda")
+        graph_cache = t5.make_cache(config, 2, 8, device="cuda")
+        token = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+        position = torch.zeros(1, dtype=torch.long, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            t5.decode_step(model, token, memory, graph_cache, position)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = t5.decode_step(model, token, memory, graph_cache, position)
+        eager_token = token.clone()
+        for step in range(3):
+            position.fill_(step)
+            graph.replay()
+            expected = t5.decode_step(model, eager_token, memory, eager_cache, position)
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+            token.copy_(expected.argmax(-1, keepdim=True))
+            eager_token = token.clone()
+        static_cache = t5.make_cache(config, 2, 8, device="cuda", static_address=True)
+        step_fn = torch.compile(t5.decode_step, mode="reduce-overhead", fullgraph=True)
+        check_cache = t5.make_cache(config, 2, 8, device="cuda")
+        token = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+        for step in range(4):
+            position = torch.full((1,), step, dtype=torch.long, device="cuda")
+            got = step_fn(model, token, memory, static_cache, position).clone()
+            expected = t5.decode_step(model, token, memory, check_cache, position)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            token = expected.argmax(-1, keepdim=True)
 
 
 ########################################################################################
