@@ -253,6 +253,37 @@ def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dt
     return torch.where(rearrange(attend, "b q k -> b 1 q k"), bias, torch.finfo(dtype).min)
 
 
+class FlexBias(NamedTuple):
+    """What FlexAttention takes instead of an additive (b, h, q, k) mask: the position bias as a
+    `score_mod` that computes each score's bucket and reads the bias table, and padding, packing
+    and causality as a block mask (which also skips fully masked blocks)."""
+
+    score_mod: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+    block_mask: object | None  # torch.nn.attention.flex_attention.BlockMask; None: every key
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., Tensor]:
+    """flex_attention under torch.compile: uncompiled it materializes the scores (and warns)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float, dropout: float) -> Tensor:
+    """q (b, h, q, e), k and v (b, h, k, e) -> (b, h, q, e), through SDPA with an additive mask,
+    or FlexAttention when the stack runs with attention="flex"."""
+    if isinstance(bias, FlexBias):
+        if dropout:
+            raise ValueError("FlexAttention has no attention dropout: train with attention='sdpa'")
+        if torch.compiler.is_compiling():
+            from torch.nn.attention.flex_attention import flex_attention as flex
+        else:
+            flex = compiled_flex_attention()
+        return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout)
+
+
 def cross_attention_bias(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A bool cross mask (b, t|1, s) -> additive SDPA mask (b, 1, t|1, s); cross-attention has no
     position bias."""
@@ -304,6 +335,22 @@ class RelativePositionBias(nn.Module):
         return relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                                         max_distance=self.max_distance)
 
+    def score_mod(self, layer: int, query_positions: Tensor | None = None
+                  ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """FlexAttention's form of layer `layer`'s bias: a function of one score and its (batch,
+        head, query, key) indices that adds the table entry of that pair's bucket. The query sits at
+        query_positions[q] (decoding with a cache), or at q."""
+        # this layer's (buckets, h) table, contiguous: inductor's CPU flex kernel miscompiles an
+        # offset head index into the shared (buckets, l*h) table (torch 2.13)
+        table = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer].contiguous()
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            query = q if query_positions is None else query_positions[q]
+            bucket = relative_position_bucket(k - query, bidirectional=self.bidirectional,
+                                              num_buckets=self.num_buckets, max_distance=self.max_distance)
+            return score + table[bucket, h].to(score.dtype)
+        return score_mod
+
     def forward(self, buckets: Tensor, layer: int) -> Tensor:
         """Bucket ids (q, k) -> layer `layer`'s bias (h, q, k) in the table's dtype (layer 0 when
         the table is shared)."""
@@ -322,11 +369,10 @@ class EncoderSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        """x (b, s, d), bias (b|1, h, s, s) additive -> (b, s, d)."""
+    def forward(self, x: Tensor, bias: Tensor | FlexBias) -> Tensor:
+        """x (b, s, d), bias (b|1, h, s, s) additive (or a FlexBias) -> (b, s, d)."""
         q, k, v = rearrange(self.qkv(x), "b s (three h e) -> three b h s e", three=3, h=self.num_heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, bias, self.scale, self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h s e -> b s (h e)"))
 
 
@@ -343,9 +389,9 @@ class DecoderSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, bias: Tensor, cache: Tensor | None = None, layer: int = 0,
+    def forward(self, x: Tensor, bias: Tensor | FlexBias, cache: Tensor | None = None, layer: int = 0,
                 positions: Tensor | None = None) -> Tensor:
-        """x (b, t, d), bias (b|1, h, t, k) additive, cache (l, 2, b, h, k, e) of all layers, this
+        """x (b, t, d), bias (b|1, h, t, k) additive (or a FlexBias), cache (l, 2, b, h, k, e) of all layers, this
         layer's index in it, positions (t,) -> (b, t, d)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
         if cache is not None:
@@ -355,8 +401,7 @@ class DecoderSelfAttention(nn.Module):
             new = rearrange(torch.stack([k, v]).to(cache.dtype), "two b h t e -> t two b h e")
             torch.ops.aten.index_put_(cache, [layer_index, None, None, None, positions], new)  # cache[l, :, :, :, t]
             k, v = cache[layer, 0], cache[layer, 1]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, bias, self.scale, self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
 
 
@@ -493,6 +538,7 @@ class T5Encoder(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
+        self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
 
     def forward(self, input_ids: Tensor, input_mask: Tensor | None = None) -> Tensor:
         """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing, True = real token.
@@ -505,8 +551,7 @@ class T5Encoder(nn.Module):
         attend = None if input_mask is None else check_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        buckets = self.position_bias.buckets(positions, positions)
-        biases = LayerBiases(self.position_bias, buckets, attend, x_dtype(self))
+        biases = LayerBiases(self.position_bias, positions, positions, attend, x_dtype(self), self.attention)
         for i, layer in enumerate(self.layers):
             x = run_layer(self, layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
@@ -538,6 +583,7 @@ class T5Decoder(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
+        self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
 
     def remember(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
         """An encoding (b, s, d) as the decoder reads it. cross_mask: (b, s) which encoder positions
@@ -593,7 +639,7 @@ class T5Decoder(nn.Module):
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
             kv_cache = cache.kv
-        biases = LayerBiases(self.position_bias, self.position_bias.buckets(positions, keys), attend, dtype)
+        biases = LayerBiases(self.position_bias, positions, keys, attend, dtype, self.attention, cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
         for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
             x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.bias, kv_cache, positions)
@@ -601,19 +647,37 @@ class T5Decoder(nn.Module):
 
 
 class LayerBiases:
-    """Each layer's additive SDPA mask (b|1, h, q, k), made when the layer asks for it: with a
-    shared table (T5) made once and handed to every layer; with a table per layer (UMT5) made
-    again for each, so that only one layer's is alive at a time."""
+    """What each layer's self-attention adds to its scores, made when the layer asks for it.
 
-    def __init__(self, position_bias: RelativePositionBias, buckets: Tensor, attend: Tensor | None,
-                 dtype: torch.dtype) -> None:
-        self.position_bias, self.buckets, self.attend, self.dtype = position_bias, buckets, attend, dtype
+    SDPA: an additive mask (b|1, h, q, k); with a shared table (T5) made once and handed to every
+    layer, with a table per layer (UMT5) made again for each, so that only one layer's is alive
+    at a time. Flex: a `FlexBias`, whose block mask is built once per stack from the bool mask
+    (b, q|1, k), and whose score_mod reads the layer's table: nothing of size (b, h, q, k)."""
+
+    def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
+                 attend: Tensor | None, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
+                 cached: bool = False) -> None:
+        self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
+        self.query_positions = query_positions if cached else None
+        self.block_mask = None
+        if kind == "flex":
+            if attend is not None:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                batch, queries, keys = attend.shape[0], len(query_positions), len(key_positions)
+                full = attend.expand(batch, queries, keys)
+                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
+                                                    device=attend.device)
+        else:
+            self.buckets = position_bias.buckets(query_positions, key_positions)
         self.shared = None if position_bias.layers > 1 else self._make(0)
 
-    def _make(self, layer: int) -> Tensor:
+    def _make(self, layer: int) -> Tensor | FlexBias:
+        if self.kind == "flex":
+            return FlexBias(self.position_bias.score_mod(layer, self.query_positions), self.block_mask)
         return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
 
-    def __getitem__(self, layer: int) -> Tensor:
+    def __getitem__(self, layer: int) -> Tensor | FlexBias:
         return self.shared if self.shared is not None else self._make(layer)
 
 
@@ -622,6 +686,27 @@ def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | No
     if stack.checkpoint_layers and stack.training and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
+
+
+def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
+    """Choose the self-attention kernel of every stack of `model` (in place; returns it).
+
+    "sdpa" (default): scaled_dot_product_attention with one additive (b|1, h, q, k) mask per layer.
+    "flex": FlexAttention (torch >= 2.5), which never builds a (b, h, q, k) tensor: the position
+    bias is a score_mod and the masks a block mask. It runs compiled (on CPU, inductor generates
+    C++ for it); it has no attention dropout, so train with "sdpa" when dropout is on.
+    Cross-attention has no position bias and stays on SDPA either way."""
+    if kind not in ("sdpa", "flex"):
+        raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
+    if kind == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
+    for module in model.modules():
+        if isinstance(module, (T5Encoder, T5Decoder)):
+            module.attention = kind
+    return model
 
 
 def x_dtype(module: nn.Module) -> torch.dtype:
@@ -1360,7 +1445,7 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 
 def load(path: str | Path, *, encoder_only: bool = False, device: torch.device | str | None = None,
-         dtype: torch.dtype | None = None) -> T5 | T5Encoder:
+         dtype: torch.dtype | None = None, attention: Literal["sdpa", "flex"] = "sdpa") -> T5 | T5Encoder:
     """Load a folder written by `convert_hf.py` (config.json + model.safetensors).
 
     encoder_only=True reads only the encoder's tensors from the file (safetensors reads lazily, so
@@ -1368,7 +1453,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     meta device and takes the loaded tensors as they are: nothing is allocated twice. Any missing
     or unexpected tensor is an error that names it. A checkpoint with fp8 weights (convert_hf.py
     --weights float8_e4m3fn) keeps them in fp8 (`Float8Linear`); `dtype` then applies to the rest,
-    the dtype the model computes in.
+    the dtype the model computes in. attention: the self-attention kernel (`set_attention`).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -1415,7 +1500,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
         if isinstance(module, Float8Linear):
             module.weight.requires_grad_(False)
             module.weight_scale.requires_grad_(False)
-    return model.eval()
+    return set_attention(model, attention).eval()
 
 
 ########################################################################################

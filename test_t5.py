@@ -177,6 +177,45 @@ def test_packing_mask_matches_separate_runs(family: Family, device: str) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_flex_attention_matches_sdpa_and_hf(family: Family, device: str) -> None:
+    """attention="flex" (compiled FlexAttention: score_mod reading the bucket table, block mask
+    for padding, packing and causality) against our SDPA path and transformers, float32, 1e-5:
+    encoder with and without a padding mask, a packed encoder row, and encoder-decoder logits
+    with a padded decoder batch; greedy decoding gives the same tokens."""
+    sdpa = t5.load(family.ours_dir, device=device)
+    flex = t5.load(family.ours_dir, device=device, attention="flex")
+    assert flex.encoder.attention == flex.decoder.attention == "flex"
+    ids, mask = (x.to(device) for x in padded_batch(family.vocab, [41, 17, 3]))
+    dec, dec_mask = (x.to(device) for x in padded_batch(family.vocab, [11, 4, 16], seed=3))
+    hf = family.hf.to(device)
+    segment = torch.tensor([[1] * 7 + [2] * 12 + [3] * 5 + [0] * 17], device=device)  # 3 sequences packed in 41
+    packing = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] > 0)
+    with torch.no_grad():
+        out = flex.encoder(ids, mask)
+        assert_close_where(out, sdpa.encoder(ids, mask), mask, 1e-5)
+        assert_close_where(out, hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state, mask, 1e-5)
+        assert (out[~mask.bool()] == 0).all()
+        torch.testing.assert_close(flex.encoder(ids), sdpa.encoder(ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(flex.encoder(ids[:1], packing), sdpa.encoder(ids[:1], packing), atol=1e-5, rtol=0)
+        logits = flex(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits
+        assert_close_where(logits, sdpa(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits, dec_mask, 1e-5)
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        assert_close_where(logits, ref, dec_mask, 1e-5)
+    assert torch.equal(t5.generate(flex, ids, mask, max_new_tokens=6).tokens,
+                       t5.generate(sdpa, ids, mask, max_new_tokens=6).tokens)
+
+
+def test_attention_choice_errors(family: Family) -> None:
+    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'flex'"):
+        t5.load(family.ours_dir, attention="xformers")
+    model = t5.load(family.ours_dir, attention="flex").train()
+    model.encoder.layers[0].attn.dropout = 0.1
+    ids, mask = padded_batch(family.vocab, [5, 3])
+    with pytest.raises(ValueError, match="FlexAttention has no attention dropout"):
+        model.encoder(ids, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_padding_invariance(device: str, tmp_path: Path) -> None:
     """A prompt's encoder output at its real tokens does not depend on how much padding follows it
     or on what else is in the batch (the guarantee text-to-image users rely on)."""
