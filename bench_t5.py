@@ -452,7 +452,7 @@ def encoder_memory_worker(family: str, impl: str, batch: int, seq: int) -> None:
         config = t5.T5Config(vocab_size=fields["vocab_size"], d_model=fields["d_model"], d_kv=fields["d_kv"],
                              num_heads=fields["num_heads"], d_ff=fields["d_ff"], num_encoder_layers=fields["num_layers"],
                              num_decoder_layers=1, ffn="gated-gelu", bias_per_layer=family == "umt5")
-        model = t5.T5Encoder(config).to(torch.bfloat16).eval()
+        model = t5.set_attention(t5.T5Encoder(config).to(torch.bfloat16).eval(), impl.split()[-1])
         run = lambda: model(ids, mask)  # noqa: E731
     with torch.inference_mode():
         run()  # warm-up: allocator pools and one-time buffers are not the forward's
@@ -466,7 +466,7 @@ def bench_encoder_memory(batch: int, seq: int) -> list[str]:
     rows = []
     for family in ("t5-v1_1", "umt5"):
         peaks = {}
-        for impl in ("t5.py sdpa", "HF"):
+        for impl in ("t5.py sdpa", "t5.py flex", "HF"):
             log(f"memory {family} {impl} {batch}x{seq} ...")
             out = subprocess.run([sys.executable, __file__, "--encoder-memory-worker", family, impl, str(batch), str(seq)],
                                  capture_output=True, text=True, check=True, env=MEASURED_ENV).stdout
