@@ -463,8 +463,11 @@ class GegluFFN(nn.Module):
         at XXL's d_ff and batch 32 x 512)."""
         gate, up = self.wi(x).chunk(2, dim=-1)
         step = max(1, FFN_SLICE // (gate.shape[0] * gate.shape[-1]))
-        hidden = torch.cat([(F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
-                            for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
+        if step >= gate.shape[1]:  # small enough at once (decoding, small batches)
+            hidden = (F.gelu(gate.float(), approximate="tanh") * up.float()).to(x.dtype)
+        else:
+            hidden = torch.cat([(F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
+                                for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
         return self.wo(self.dropout(hidden))
 
 

@@ -205,6 +205,20 @@ def test_flex_attention_matches_sdpa_and_hf(family: Family, device: str) -> None
                        t5.generate(sdpa, ids, mask, max_new_tokens=6).tokens)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_ffn_slices_equal_one_pass(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gated FFN's float32 product taken over sequence slices (what large batches do) is
+    exactly the one-pass product."""
+    config = dataclasses.replace(tiny_config("t5-v1.1"), d_ff=40)
+    torch.manual_seed(0)
+    ffn = t5.GegluFFN(config).to(dtype)
+    x = torch.randn(3, 17, config.d_model).to(dtype)
+    with torch.no_grad():
+        whole = ffn(x)
+        monkeypatch.setattr(t5, "FFN_SLICE", 3 * 40 * 4)  # 4 positions per slice: 5 slices
+        assert torch.equal(ffn(x), whole)
+
+
 def test_attention_choice_errors(family: Family) -> None:
     with pytest.raises(ValueError, match="attention must be 'sdpa' or 'flex'"):
         t5.load(family.ours_dir, attention="xformers")
