@@ -211,7 +211,7 @@ def test_gated_ffn_slices_equal_one_pass(dtype: torch.dtype, monkeypatch: pytest
     exactly the one-pass product."""
     config = dataclasses.replace(tiny_config("t5-v1.1"), d_ff=40)
     torch.manual_seed(0)
-    ffn = t5.GegluFFN(config).to(dtype)
+    ffn = t5.GegluFFN(config).to(dtype).eval()
     x = torch.randn(3, 17, config.d_model).to(dtype)
     with torch.no_grad():
         whole = ffn(x)
