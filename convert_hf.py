@@ -1,23 +1,31 @@
 """Convert a Hugging Face T5 checkpoint (T5 v1.0/v1.1, Flan-T5, mT5, UMT5/Pile-T5, ByT5) into
 t5.py's layout: OUT/config.json (our T5Config), OUT/model.safetensors (fused weights) and the
-tokenizer files.
+tokenizer files; and back (--to-hf).
 
     python convert_hf.py SRC OUT [--dtype bfloat16] [--encoder-only] [--force]
+    python convert_hf.py t5xxl_fp8_e4m3fn.safetensors OUT --tokenizer tokenizer_2/
+    python convert_hf.py --to-hf OURS OUT
 
 SRC is a local folder (config.json with model.safetensors, a sharded *.safetensors.index.json,
-or pytorch_model.bin, read with torch.load(weights_only=True)), or a hub id when huggingface_hub
-is installed and the network allows. transformers is not needed: the raw config.json fields are
-read here, not a library's reinterpretation of them.
+or pytorch_model.bin, read with torch.load(weights_only=True)); a diffusers pipeline folder or
+its text_encoder_N/ folder (tokenizer from tokenizer_N/); a single .safetensors file with
+transformers' key names under any prefix and no config (read off the shapes); or a hub id when
+huggingface_hub is installed and the network allows. transformers is not needed: the raw
+config.json fields are read here, not a library's reinterpretation of them.
 
 The whole mapping is the tables below: each of our tensors names the Hugging Face tensors it is
-made of (several = concatenated, that is where the projections are fused). Tensors are read one
-at a time and streamed into the output, so converting t5-11b does not need 45 GB of RAM.
+made of (several = concatenated, that is where the projections are fused); --to-hf splits them
+back through the same tables. Tensors are read one at a time and streamed into the output, so
+converting t5-11b does not need 45 GB of RAM. fp8 weights (float8_e4m3fn, with or without
+per-weight scales) stay fp8, with a float32 scale per output row (--weights float8_e4m3fn makes
+them from any source).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ctypes
 import json
 import os
@@ -716,11 +724,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
         raise ConversionError("--calibrate is for float16 weights; it does not combine with fp8 weights")
     specs = output_specs(config, encoder_only, dtype, weights)
 
-    tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
         config.save(tmp / "config.json")
         write_tokenizer(checkpoint.tokenizer, tmp, config)
@@ -728,10 +732,6 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
             scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
             print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(
                 f"\n  {key}: {scale}" for key, scale in scales.items()))
-        replace_folder(tmp, out, old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -744,16 +744,27 @@ def check_out(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
 
 
-def replace_folder(tmp: Path, out: Path, old: Path) -> None:
-    """Rename the finished tmp folder to OUT, moving an existing OUT aside first and deleting it
-    only once the new one is in place."""
-    if out.exists():
-        out.rename(old)
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside OUT to write into. When the block succeeds it becomes OUT (an
+    existing OUT is moved aside first and deleted only once the new one is in place); when the
+    block fails it is deleted: OUT is never half-written."""
+    tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
-        tmp.rename(out)
+        yield tmp
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)
+            raise
     except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -836,11 +847,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             hf_state[key] = part.contiguous()
     hf_config = hf_config_for(config, model_type, encoder_only, tied)
 
-    tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for name in TOKENIZER_FILES:
@@ -851,10 +858,6 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             (tmp / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": kind, "extra_ids": config.extra_ids, "eos_token": "</s>", "unk_token": "<unk>",
                  "pad_token": "<pad>"}, indent=2) + "\n")
-        replace_folder(tmp, out, old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

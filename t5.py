@@ -11,7 +11,8 @@ One model class covers every public T5 family once its weights are converted wit
 
 Notable choices:
   - No absolute positions: a learned scalar per (head, distance bucket) is added to the attention
-    logits. It is computed once per stack (all UMT5 layers in one lookup), not once per layer.
+    logits. The buckets are computed once per stack; T5's one table gives one bias for every
+    layer, UMT5's per-layer tables are looked up layer by layer (one layer's bias alive at a time).
   - No attention scale by default: Google burned d_kv**-0.5 into the query weights
     (`T5Config.scale_qk`).
   - The residual stream is float32 whatever the weight dtype; RMSNorm reads it and hands the
@@ -19,7 +20,9 @@ Notable choices:
   - Fused projections: QKV in self-attention, KV in cross-attention, both halves of the gated
     feed-forward in one matrix.
   - Attention through `torch.nn.functional.scaled_dot_product_attention`, with the position bias
-    and the masks folded into one additive `attn_mask` per stack.
+    and the masks folded into one additive `attn_mask`; or, with `set_attention(model, "flex")`,
+    through FlexAttention, with the bias as a score_mod and the masks as a block mask, so that no
+    (batch, heads, q, k) tensor is ever built.
   - Three attention classes for three jobs: the encoder's (no cache), the decoder's causal
     self-attention (writes a static cache in place) and cross-attention (reads keys/values
     computed once per encoding).
@@ -29,11 +32,13 @@ Notable choices:
     static from step to step; cross-attention keys/values are projected once per encoding.
   - float16 without clamping: blocks whose outputs would pass 65504 get a power-of-two scale,
     found by a calibration pass and folded into their weights (T5Config.out_scales).
+  - fp8 checkpoints keep their linear weights in float8_e4m3fn in memory (`Float8Linear`), each
+    dequantized to the compute dtype as it is used.
 
 Sections, top to bottom: config, outputs, helpers, modules (norm, position bias, the three
 attentions, the two feed-forwards, the two layers), stacks, model and training helpers, static
-KV cache, FLOPs, sampler (greedy, sampling, beam search), tokenizers, loading, float16
-calibration, command line.
+KV cache, FLOPs, sampler (greedy, sampling, beam search), tokenizers, loading (fp8 weights
+included), float16 calibration, command line.
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
