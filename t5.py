@@ -345,9 +345,7 @@ class RelativePositionBias(nn.Module):
         """FlexAttention's form of layer `layer`'s bias: a function of one score and its (batch,
         head, query, key) indices that adds the table entry of that pair's bucket. The query sits at
         query_positions[q] (decoding with a cache), or at q."""
-        # this layer's (buckets, h) table, contiguous: inductor's CPU flex kernel miscompiles an
-        # offset head index into the shared (buckets, l*h) table (torch 2.13)
-        table = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer].contiguous()
+        table = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer]  # (buckets, h)
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
             query = q if query_positions is None else query_positions[q]
