@@ -353,6 +353,14 @@ XXL_WIDTH = dict(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=102
 MEASURED_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def run_worker(*args: object) -> dict:
+    """Run this script's hidden worker mode in a fresh process (glibc threshold fixed, see
+    MEASURED_ENV) and return the JSON it prints last."""
+    out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, check=True,
+                         env=MEASURED_ENV).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def rss_mib(field: str) -> float:
     """VmRSS / VmHWM of this process, MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -408,9 +416,7 @@ def bench_fp8_memory(root: Path, layers: int, batch: int, seq: int) -> list[str]
         convert_hf.write_safetensors(folder / "model.safetensors", specs, random_encoder_tensors(config, specs))
         config.save(folder / "config.json")
         log(f"encoding {batch}x{seq} with it in a fresh process ...")
-        out = subprocess.run([sys.executable, __file__, "--memory-worker", str(folder), str(batch), str(seq)],
-                             capture_output=True, text=True, check=True, env=MEASURED_ENV).stdout
-        results[weights] = json.loads(out.splitlines()[-1])
+        results[weights] = run_worker("--memory-worker", folder, batch, seq)
         results[weights]["file"] = (folder / "model.safetensors").stat().st_size / 2**20
         shutil.rmtree(folder)
     dense = results["dense"]
@@ -448,10 +454,9 @@ def encoder_memory_worker(family: str, impl: str, batch: int, seq: int) -> None:
         model = model_cls(config_cls(feed_forward_proj="gated-gelu", **MEMORY_SHAPE)).to(torch.bfloat16).eval()
         run = lambda: model(input_ids=ids, attention_mask=mask)  # noqa: E731
     else:
-        fields = dict(MEMORY_SHAPE)
-        config = t5.T5Config(vocab_size=fields["vocab_size"], d_model=fields["d_model"], d_kv=fields["d_kv"],
-                             num_heads=fields["num_heads"], d_ff=fields["d_ff"], num_encoder_layers=fields["num_layers"],
-                             num_decoder_layers=1, ffn="gated-gelu", bias_per_layer=family == "umt5")
+        fields = {k: v for k, v in MEMORY_SHAPE.items() if k != "num_layers"}
+        config = t5.T5Config(**fields, num_encoder_layers=MEMORY_SHAPE["num_layers"], num_decoder_layers=1,
+                             ffn="gated-gelu", bias_per_layer=family == "umt5")
         model = t5.set_attention(t5.T5Encoder(config).to(torch.bfloat16).eval(), impl.split()[-1])
         run = lambda: model(ids, mask)  # noqa: E731
     with torch.inference_mode():
@@ -468,9 +473,7 @@ def bench_encoder_memory(batch: int, seq: int) -> list[str]:
         peaks = {}
         for impl in ("t5.py sdpa", "t5.py flex", "HF"):
             log(f"memory {family} {impl} {batch}x{seq} ...")
-            out = subprocess.run([sys.executable, __file__, "--encoder-memory-worker", family, impl, str(batch), str(seq)],
-                                 capture_output=True, text=True, check=True, env=MEASURED_ENV).stdout
-            peaks[impl] = json.loads(out.splitlines()[-1])["peak"]
+            peaks[impl] = run_worker("--encoder-memory-worker", family, impl, batch, seq)["peak"]
         for impl, peak in peaks.items():
             rows.append(f"| {family} | {batch}x{seq} | {impl} | {peak:,.0f} | {peak / peaks['HF']:.2f}x |")
     return rows

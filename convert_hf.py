@@ -41,7 +41,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from t5 import DTYPES, T5, T5Config, T5Encoder
+from t5 import DTYPES, T5, T5Config, T5Encoder, dequantize_weight
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -796,13 +796,12 @@ def hf_config_for(config: T5Config, model_type: str, encoder_only: bool, tied: b
 
 
 def dense(state: Mapping[str, Tensor], name: str) -> Tensor:
-    """One of our weights as a plain tensor: fp8 ones (with a weight_scale) dequantized in float32
-    and cast to the dtype of the embeddings."""
+    """One of our weights as a plain tensor: fp8 ones (with a weight_scale) dequantized to the
+    dtype of the embeddings, exactly as t5.Float8Linear does when it runs."""
     tensor = state[name]
     if tensor.dtype != FP8:
         return tensor
-    dtype = state["encoder.embedding.weight"].dtype
-    return tensor.to(dtype).mul_(rearrange(state[name + "_scale"].to(dtype), "o -> o 1"))  # as t5.Float8Linear does
+    return dequantize_weight(tensor, state[name + "_scale"], state["encoder.embedding.weight"].dtype)
 
 
 def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_type: str | None = None) -> Path:

@@ -340,12 +340,16 @@ class RelativePositionBias(nn.Module):
         return relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                                         max_distance=self.max_distance)
 
+    def table(self, layer: int) -> Tensor:
+        """Layer `layer`'s table (buckets, h): its own for UMT5, the shared one for T5."""
+        return rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer if self.layers > 1 else 0]
+
     def score_mod(self, layer: int, query_positions: Tensor | None = None
                   ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
         """FlexAttention's form of layer `layer`'s bias: a function of one score and its (batch,
         head, query, key) indices that adds the table entry of that pair's bucket. The query sits at
         query_positions[q] (decoding with a cache), or at q."""
-        table = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer]  # (buckets, h)
+        table = self.table(layer)
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
             query = q if query_positions is None else query_positions[q]
@@ -355,10 +359,8 @@ class RelativePositionBias(nn.Module):
         return score_mod
 
     def forward(self, buckets: Tensor, layer: int) -> Tensor:
-        """Bucket ids (q, k) -> layer `layer`'s bias (h, q, k) in the table's dtype (layer 0 when
-        the table is shared)."""
-        table = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer if self.layers > 1 else 0]
-        return rearrange(F.embedding(buckets, table), "q k h -> h q k")
+        """Bucket ids (q, k) -> layer `layer`'s bias (h, q, k) in the table's dtype."""
+        return rearrange(F.embedding(buckets, self.table(layer)), "q k h -> h q k")
 
 
 class EncoderSelfAttention(nn.Module):
@@ -464,13 +466,15 @@ class GegluFFN(nn.Module):
         once, not twice; it runs over slices of the sequence so that its float32 temporaries stay
         under FFN_SLICE elements, whatever the batch (one (b*t, f) float32 temporary is 0.6 GiB
         at XXL's d_ff and batch 32 x 512)."""
+        def product(g: Tensor, u: Tensor) -> Tensor:
+            return (F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
+
         gate, up = self.wi(x).chunk(2, dim=-1)
         step = max(1, FFN_SLICE // (gate.shape[0] * gate.shape[-1]))
-        if step >= gate.shape[1]:  # small enough at once (decoding, small batches)
-            hidden = (F.gelu(gate.float(), approximate="tanh") * up.float()).to(x.dtype)
+        if step >= gate.shape[1]:  # small enough at once (decoding, small batches): no split, no cat
+            hidden = product(gate, up)
         else:
-            hidden = torch.cat([(F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
-                                for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
+            hidden = torch.cat([product(g, u) for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
         return self.wo(self.dropout(hidden))
 
 
@@ -1415,11 +1419,19 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 ########################################################################################
 
 
+def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """An fp8 weight (o, i) with its per-row scale (o,) -> the weight in `dtype`. fp8 values are
+    exact in bfloat16, float16 and float32, so only the product with the scale rounds, once. One
+    (o, i) temporary in `dtype`, no float32 copy."""
+    return weight.to(dtype).mul_(rearrange(scale.to(dtype), "o -> o 1"))
+
+
 class Float8Linear(nn.Module):
     """A linear layer whose weight stays in float8_e4m3fn in memory, with a float32 scale per
-    output row: each call dequantizes it to the input's dtype and multiplies. Half the memory of bfloat16 weights, the same compute; the result equals running
-    the dequantized weight (`dequantize`), so this is only as lossy as fp8 storage itself.
-    `load` puts one in place of each nn.Linear whose checkpoint weight has a `weight_scale`."""
+    output row: each call dequantizes it to the input's dtype and multiplies. Half the memory of
+    bfloat16 weights, the same compute; the result equals running the dequantized weight
+    (`dequantize`), so this is only as lossy as fp8 storage itself. `load` puts one in place of
+    each nn.Linear whose checkpoint weight has a `weight_scale`."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -1429,10 +1441,7 @@ class Float8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.ones(out_features), requires_grad=False)
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
-        """The weight in `dtype`: fp8 values are exact in bfloat16, float16 and float32, so only the
-        product with the scale rounds, once. One (out, in) temporary in `dtype`, no float32 copy."""
-        weight = self.weight.to(dtype)
-        return weight.mul_(rearrange(self.weight_scale.to(dtype), "o -> o 1"))
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
@@ -1478,10 +1487,11 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     state = {}
     with weights as f:
         present = set(f.keys())
+        modules = dict(model.named_modules())
         for key in sorted(present):  # fp8 weights: their layers become Float8Linear
             if key.endswith(".weight_scale") and key.startswith(prefix):
                 name = key[len(prefix):-len(".weight_scale")]
-                linear = model.get_submodule(name) if name in dict(model.named_modules()) else None
+                linear = modules.get(name)
                 if not isinstance(linear, nn.Linear):
                     raise ValueError(f"{path}: unexpected tensor {key} (no linear layer {name})")
                 with torch.device("meta"):
@@ -1499,13 +1509,9 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             tensor = f.get_tensor(key)
             if tensor.shape != expected.shape:
                 raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says {tuple(expected.shape)}")
-            keep = expected.dtype in (torch.float8_e4m3fn,) or key.endswith(".weight_scale")  # fp8 and its scales stay
+            keep = expected.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale")  # fp8 and its scales stay
             state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
-    model.load_state_dict(state, assign=True, strict=True)
-    for module in model.modules():  # assign=True keeps the checkpoint's tensors: mark fp8 ones frozen again
-        if isinstance(module, Float8Linear):
-            module.weight.requires_grad_(False)
-            module.weight_scale.requires_grad_(False)
+    model.load_state_dict(state, assign=True, strict=True)  # assign keeps Float8Linear's requires_grad=False
     return set_attention(model, attention).eval()
 
 

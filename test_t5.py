@@ -1180,15 +1180,23 @@ def test_output_scale_rule_per_model_type() -> None:
     assert not rule("mt5", {"tie_word_embeddings": True}) and not rule("mt5", {"tie_word_embeddings": False})
 
 
+def saved_tiny_t5(folder: Path, spiece_folder: Path, model_cls: type = transformers.T5ForConditionalGeneration,
+                  config_cls: type = transformers.T5Config, **fields: object) -> torch.nn.Module:
+    """A seeded tiny random transformers model with the 300-id test tokenizer, both saved into
+    `folder` the way transformers 5 saves them (the tokenizer as tokenizer.json, no spiece.model)."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**dict(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
+                                           decoder_start_token_id=0), **fields})).eval()
+    model.save_pretrained(folder)
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(folder)
+    return model
+
+
 def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path) -> None:
     """transformers 5 saves a T5 tokenizer as tokenizer.json alone: the converter writes the
     equivalent spiece.model, whose ids (and decoded text) equal transformers' on every test text."""
     hf_dir = tmp_path / "hf"
-    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(hf_dir)
-    torch.manual_seed(0)
-    transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0)
-    ).save_pretrained(hf_dir)
+    saved_tiny_t5(hf_dir, spiece_folder)
     assert not (hf_dir / "spiece.model").exists() and (hf_dir / "tokenizer.json").exists()
     assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
     assert (tmp_path / "ours" / "spiece.model").is_file()
@@ -1443,10 +1451,7 @@ def test_readme_python_block_runs_as_pasted(spiece_folder: Path, tmp_path: Path,
     (block,) = python_blocks("## Use from Python")
     for name, kwargs in [("t5-xxl-enc", dict(feed_forward_proj="gated-gelu")), ("flan-t5-base", {})]:
         hf_dir = tmp_path / "hf" / name
-        transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(hf_dir)
-        transformers.T5ForConditionalGeneration(transformers.T5Config(
-            vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0,
-            **kwargs)).save_pretrained(hf_dir)
+        saved_tiny_t5(hf_dir, spiece_folder, **kwargs)
         assert convert_hf.main([str(hf_dir), str(tmp_path / "checkpoints" / name)]) == 0
     monkeypatch.chdir(tmp_path)
     exec(compile(block, "README.md", "exec"), {})
@@ -1764,12 +1769,8 @@ def test_readme_pipeline_recipes_equal_transformers(spiece_folder: Path, tmp_pat
     for block, (config_cls, model_cls), masked in zip(
             blocks, [(transformers.T5Config, transformers.T5EncoderModel)] * 2
             + [(transformers.UMT5Config, transformers.UMT5EncoderModel)], [False, True, True]):
-        torch.manual_seed(0)
-        hf = model_cls(config_cls(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
-                                  feed_forward_proj="gated-gelu")).eval()
         folder = tmp_path / f"hf-{model_cls.__name__}"
-        hf.save_pretrained(folder)
-        transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(folder)
+        hf = saved_tiny_t5(folder, spiece_folder, model_cls, config_cls, num_layers=2, feed_forward_proj="gated-gelu")
         ours = tmp_path / f"ours-{model_cls.__name__}"
         if not ours.exists():
             assert convert_hf.main([str(folder), str(ours)]) == 0
