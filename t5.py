@@ -58,6 +58,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -267,6 +268,11 @@ class FlexBias(NamedTuple):
     block_mask: object | None  # torch.nn.attention.flex_attention.BlockMask; None: every key
 
 
+FLEX_UNDER_COMPILE = ("attention='flex' cannot run inside torch.compile on CPU (inductor fails to lower its "
+                      "score_mod there, torch 2.13): compile a model loaded with attention='sdpa', or run flex "
+                      "uncompiled (it compiles its own kernel)")
+
+
 @functools.cache
 def compiled_flex_attention() -> Callable[..., Tensor]:
     """flex_attention under torch.compile: uncompiled it materializes the scores (and warns)."""
@@ -282,6 +288,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
         if dropout:
             raise ValueError("FlexAttention has no attention dropout: train with attention='sdpa'")
         if torch.compiler.is_compiling():
+            if q.device.type == "cpu":
+                raise ValueError(FLEX_UNDER_COMPILE)
             from torch.nn.attention.flex_attention import flex_attention as flex
         else:
             flex = compiled_flex_attention()
@@ -561,7 +569,7 @@ class T5Encoder(nn.Module):
         attend = None if input_mask is None else check_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        biases = LayerBiases(self.position_bias, positions, positions, attend, x_dtype(self), self.attention)
+        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, x_dtype(self), self.attention)
         for i, layer in enumerate(self.layers):
             x = run_layer(self, layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
@@ -649,7 +657,8 @@ class T5Decoder(nn.Module):
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
             kv_cache = cache.kv
-        biases = LayerBiases(self.position_bias, positions, keys, attend, dtype, self.attention, cached=cache is not None)
+        biases = LayerBiases(self.position_bias, positions, keys, attend, batch, dtype, self.attention,
+                             cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
         for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
             x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.bias, kv_cache, positions)
@@ -665,7 +674,7 @@ class LayerBiases:
     (b, q|1, k), and whose score_mod reads the layer's table: nothing of size (b, h, q, k)."""
 
     def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
-                 attend: Tensor | None, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
+                 attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
                  cached: bool = False) -> None:
         self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
         self.query_positions = query_positions if cached else None
@@ -674,8 +683,8 @@ class LayerBiases:
             if attend is not None:
                 from torch.nn.attention.flex_attention import create_block_mask
 
-                batch, queries, keys = attend.shape[0], len(query_positions), len(key_positions)
-                full = attend.expand(batch, queries, keys)
+                queries, keys = len(query_positions), len(key_positions)
+                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
                 self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
                                                     device=attend.device)
         else:
@@ -980,6 +989,9 @@ class GenerationOptions(NamedTuple):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search is deterministic: do_sample is for sampling (num_beams=1)")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError(f"greedy decoding gives one sequence per input: num_return_sequences="
+                             f"{self.num_return_sequences} needs do_sample=True or num_beams >= it")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(f"num_return_sequences={self.num_return_sequences} beams asked of "
                              f"num_beams={self.num_beams}")
@@ -1001,11 +1013,27 @@ def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, posit
 
 @functools.cache
 def compiled_decode_step() -> Callable[..., Tensor]:
-    """`decode_step` under torch.compile (whole graph), compiled on first use. Compiled for the
-    first shapes it sees with static shapes; a later call with other (batch, source length,
-    max_len) recompiles it once with dynamic shapes, which then serve every shape, so a process
-    never reaches torch's recompile limit (tested with 12 shapes in one process)."""
-    return torch.compile(decode_step, fullgraph=True)
+    """`decode_step` under torch.compile (whole graph), compiled on first use: with static shapes
+    first, then once with dynamic ones; batch 1, source length 1 and beams each cost one more
+    compile. Past torch's recompile limit for the step (8 by default) a new variant runs eagerly,
+    with a warning, instead of failing (tested with 15 mixed shapes in one process)."""
+    compiled = torch.compile(decode_step, fullgraph=True)
+
+    def step(*args: object) -> Tensor:
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: nothing written yet
+            warnings.warn("compiled decode step: torch's recompile limit reached, this shape runs eagerly",
+                          stacklevel=2)
+            return decode_step(*args)
+    return step
+
+
+def step_function(model: T5, compile: bool) -> Callable[..., Tensor]:
+    """`decode_step`, or its compiled form; flex attention cannot be compiled into it on CPU."""
+    if compile and model.decoder.attention == "flex" and model.lm_head.weight.device.type == "cpu":
+        raise ValueError(FLEX_UNDER_COMPILE)
+    return compiled_decode_step() if compile else decode_step
 
 
 def next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -1074,7 +1102,7 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
             generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None
             ) -> Iterator[tuple[Tensor, Tensor]]:
     """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
-    step_fn = compiled_decode_step() if options.compile else decode_step
+    step_fn = step_function(model, options.compile)
     config = model.config
     memory, cache, logits, position, _ = prefill(model, input_ids, input_mask, max_new_tokens=options.max_new_tokens,
                                                  decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask,
@@ -1186,7 +1214,7 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, option
     config = model.config
     batch, beams, steps = input_ids.shape[0], options.num_beams, options.max_new_tokens
     early_stopping, length_penalty = options.early_stopping, options.length_penalty
-    step_fn = compiled_decode_step() if options.compile else decode_step
+    step_fn = step_function(model, options.compile)
     memory, cache, logits, position, written = prefill(model, input_ids, input_mask, max_new_tokens=steps,
                                                        decoder_input_ids=decoder_input_ids,
                                                        decoder_mask=decoder_mask, n=beams)
@@ -1290,6 +1318,11 @@ class Tokenizer:
     def _is_special(self, i: int) -> bool:
         return i in (self.pad_id, self.eos_id, self.unk_id) or self.sentinel_index(i) is not None
 
+    def _has_text(self, i: int) -> bool:
+        """Whether id i is a piece or a sentinel: a model's vocabulary may be larger than its
+        tokenizer's (T5: 32128 logits, 32100 ids), and ids past the tokenizer decode to nothing."""
+        return 0 <= i < self.first_sentinel + 1 - self.extra_ids or self.sentinel_index(i) is not None
+
     def sentinel(self, index: int) -> int:
         """The id of <extra_id_{index}>."""
         if not 0 <= index < self.extra_ids:
@@ -1344,6 +1377,8 @@ class Tokenizer:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         parts, run = [], []
         for i in ids:
+            if not self._has_text(i):
+                continue
             if not self._is_special(i):
                 run.append(i)
                 continue
@@ -1420,18 +1455,19 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 
 
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """An fp8 weight (o, i) with its per-row scale (o,) -> the weight in `dtype`. fp8 values are
-    exact in bfloat16, float16 and float32, so only the product with the scale rounds, once. One
-    (o, i) temporary in `dtype`, no float32 copy."""
-    return weight.to(dtype).mul_(rearrange(scale.to(dtype), "o -> o 1"))
+    """An fp8 weight (o, i) with its float32 per-row scale (o,) -> the weight in `dtype`. The
+    product is taken in float32 and rounded to `dtype` once: rounding the scale to bfloat16 first
+    would round twice, and a small scale could underflow float16 (rows of zeros)."""
+    return weight.float().mul_(rearrange(scale.float(), "o -> o 1")).to(dtype)
 
 
 class Float8Linear(nn.Module):
     """A linear layer whose weight stays in float8_e4m3fn in memory, with a float32 scale per
-    output row: each call dequantizes it to the input's dtype and multiplies. Half the memory of
-    bfloat16 weights, the same compute; the result equals running the dequantized weight
-    (`dequantize`), so this is only as lossy as fp8 storage itself. `load` puts one in place of
-    each nn.Linear whose checkpoint weight has a `weight_scale`."""
+    output row: each call dequantizes the whole weight to the input's dtype (a dense temporary
+    per call) and multiplies. Half the memory of bfloat16 weights at rest, more time per call; the
+    result equals running the dequantized weight (`dequantize`), so this is only as lossy as fp8
+    storage itself. `load` puts one in place of each nn.Linear whose checkpoint weight has a
+    `weight_scale`."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
