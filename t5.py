@@ -837,6 +837,24 @@ def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator |
             normal(module.wo.weight, f**-0.5)
         elif isinstance(module, T5):
             normal(module.lm_head.weight, d**-0.5 if config.scale_qk else 1.0)
+    if isinstance(model, T5):  # T5 has one input table: both stacks start from the same values
+        with torch.no_grad():
+            model.decoder.embedding.weight.copy_(model.encoder.embedding.weight)
+
+
+def sum_embedding_grads(model: T5) -> None:
+    """Call after `backward()`, before the optimizer step, to train the two input tables the way
+    T5 trains its one shared table (no shared reference needed): each gets the sum of both
+    gradients, which is the shared table's gradient. From equal values, with the same optimizer,
+    they then stay equal and take transformers' update, so the result exports (`--to-hf`).
+    Gradient clipping after it counts the table twice in the total norm. (T5 v1.0's output layer,
+    tied in transformers, trains on its own here; `--to-hf` writes it untied.)"""
+    encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
+    if encoder.grad is None or decoder.grad is None:
+        raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
+    total = encoder.grad + decoder.grad
+    encoder.grad.copy_(total)
+    decoder.grad.copy_(total)
 
 
 ########################################################################################
@@ -1549,6 +1567,35 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)  # assign keeps Float8Linear's requires_grad=False
     return set_attention(model, attention).eval()
+
+
+def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write `model` as `load` reads it: config.json, model.safetensors (an encoder's tensors
+    under "encoder.", fp8 weights with their scales) and, given a sentencepiece tokenizer, its
+    spiece.model. Every file is written beside its place first and renamed into place once all are
+    written, so a failure leaves the folder as it was; files of other names are left alone."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["model.safetensors", "config.json"] + (["spiece.model"] if isinstance(tokenizer, SentencePieceTokenizer)
+                                                     else [])
+    staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
+    try:
+        prefix = "encoder." if isinstance(model, T5Encoder) else ""
+        save_file({prefix + key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()},
+                  staged["model.safetensors"], metadata={"format": "pt"})
+        model.config.save(staged["config.json"])
+        if "spiece.model" in staged:
+            staged["spiece.model"].write_bytes(tokenizer.sp.serialized_model_proto())
+        for name, path in staged.items():
+            path.replace(folder / name)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+    return folder
 
 
 ########################################################################################

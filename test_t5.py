@@ -1980,6 +1980,75 @@ def test_dropout_and_gradient_checkpointing() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["t5-v1.1", "umt5"])
+def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -> None:
+    """Fine-tune, save, --to-hf: from the same converted weights, 5 AdamW steps (weight decay on,
+    every parameter trained, embeddings included) on the same padded batches give transformers'
+    loss at every step (1e-5: float32, different summation orders); `sum_embedding_grads` keeps
+    our two input tables equal (transformers trains one shared table); `t5.save` writes the
+    result, `convert_hf.py --to-hf` exports it, and transformers computes our logits from it."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", name)
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    ours = t5.load(tmp_path / "ours")  # eval(): no dropout in either, so the two runs can be compared
+    hf = HF_MODELS[FAMILIES[name][0]].from_pretrained(hf_dir).eval()
+    vocab = FAMILIES[name][1]["vocab_size"]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01) for m in (ours, hf)]
+    for step in range(5):
+        ids, mask = padded_batch(vocab, [9, 5, 7], seed=step)
+        labels, label_mask = padded_batch(vocab, [4, 6, 3], seed=100 + step)
+        labels = labels.masked_fill(label_mask == 0, -100)
+        loss = ours(ids, t5.shift_right(labels, ours.config), input_mask=mask, labels=labels).loss
+        hf_loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert abs(loss.item() - hf_loss.item()) < 1e-5, (step, loss.item(), hf_loss.item())
+        loss.backward()
+        hf_loss.backward()
+        t5.sum_embedding_grads(ours)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert torch.equal(ours.encoder.embedding.weight, ours.decoder.embedding.weight)
+    torch.testing.assert_close(ours.encoder.embedding.weight, hf.shared.weight, atol=1e-5, rtol=0)
+    t5.save(ours, tmp_path / "finetuned")
+    assert convert_hf.main(["--to-hf", str(tmp_path / "finetuned"), str(tmp_path / "back")]) == 0
+    back = HF_MODELS[FAMILIES[name][0]].from_pretrained(tmp_path / "back").eval()
+    ids, mask = padded_batch(vocab, [8, 3], seed=50)
+    dec, dec_mask = padded_batch(vocab, [5, 2], seed=51)
+    with torch.no_grad():
+        logits = ours(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits
+        exported = back(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        assert_close_where(logits, exported.logits, dec_mask, ATOL)
+        reloaded = t5.load(tmp_path / "finetuned")(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits
+        assert torch.equal(reloaded, logits)
+
+
+def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> None:
+    """t5.save: a model (full or encoder-only) and its tokenizer come back identical from
+    t5.load; other files in the folder stay; a file in the way and a failed write leave things as
+    they were."""
+    model = t5.load(HERE / "demo")
+    tokenizer = t5.load_tokenizer(HERE / "demo")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    t5.save(model, folder, tokenizer)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
+    again = t5.load(folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert t5.load_tokenizer(folder).encode("spell: 4071") == tokenizer.encode("spell: 4071")
+    t5.save(t5.load(HERE / "demo", encoder_only=True), tmp_path / "enc")
+    assert isinstance(t5.load(tmp_path / "enc", encoder_only=True), t5.T5Encoder)
+    with pytest.raises(FileExistsError, match="not a folder"):
+        t5.save(model, folder / "notes.txt")
+    before = (folder / "model.safetensors").read_bytes()
+    broken = t5.load(HERE / "demo")
+    broken.config = None  # saving its config fails after the weights were staged
+    with pytest.raises(AttributeError):
+        t5.save(broken, folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
+
+
 def test_training_reduces_loss() -> None:
     """A tiny model learns to reverse 8 random tokens: 800 AdamW steps on CPU take the loss from
     about ln(21) = 3.0 to below 0.1 (it reaches about 0.02)."""

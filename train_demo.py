@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +109,7 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
             loss = model(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            t5.sum_embedding_grads(model)  # one input table, as T5 trains it: the result exports to transformers
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -119,20 +119,7 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
         model.eval()
         accuracy = evaluate(model, tokenizer, sorted(test))
         print(f"held-out exact match: {accuracy:.1%} of {len(test)}")
-        # write like convert_hf.py does: config.json, model.safetensors, spiece.model
-        from safetensors.torch import save_file
-
-        staging = folder / "demo"
-        staging.mkdir()
-        config.save(staging / "config.json")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors",
-                  metadata={"format": "pt"})
-        shutil.copy(folder / "spiece.model", staging / "spiece.model")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging, out.parent / f".{out.name}.tmp")
-        if out.exists():
-            shutil.rmtree(out)
-        (out.parent / f".{out.name}.tmp").rename(out)
+        t5.save(model, out, tokenizer)  # config.json, model.safetensors, spiece.model (--force: replaced)
     return accuracy
 
 
