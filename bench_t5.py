@@ -1,7 +1,7 @@
 """Benchmark t5.py side by side with its peers, in one run, on the same inputs.
 
     python bench_t5.py                      # encoder + generation tables, float32 on CPU
-    python bench_t5.py --quick              # t5-v1_1-small, one shape each, fewer repeats: about a minute
+    python bench_t5.py --quick              # t5-v1_1-small, one shape each, fewer repeats: about 45 s on 2 idle cores
     python bench_t5.py --sections encoder --models t5-v1_1-base --repeats 7
     python bench_t5.py --device cuda --dtype bfloat16
 
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
-                        "only, 3 repeats, no compile, no CTranslate2: about a minute")
+                        "only, 3 repeats, no compile, no CTranslate2: about 45 s on 2 idle cores")
     parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 table: resident memory while encoding, "
                         "bfloat16 vs fp8 weights, XXL width (takes ~10 GB of disk in a temp folder, a few minutes)")
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")

@@ -64,7 +64,9 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
-import torch
+with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (which t5.py never uses) is absent
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
@@ -1842,6 +1844,9 @@ def _check_batching(args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise CommandLineError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "no_mask", False) and not args.max_length:
+        raise CommandLineError("--no-mask needs --max-length N: without the mask every row attends to its padding, "
+                               "so its states would depend on the batch it was padded with (Flux: 512, SD3: 256)")
     if getattr(args, "max_length", None) and args.max_input_tokens:
         raise CommandLineError("--max-length already truncates: it does not combine with --max-input-tokens")
 
@@ -1854,7 +1859,7 @@ def cli_generate(args: argparse.Namespace) -> None:
     start, count, done = time.perf_counter(), 0, 0
     for texts in _prompt_batches(args):
         ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
-        if len(args.prompts) == 1 and options.get("num_beams", 1) == 1:  # one prompt: stream the text as it comes
+        if len(args.prompts) == 1 and options.get("num_beams", 1) == 1 and texts[0].strip():  # stream one prompt
             tokens: list[int] = []
             shown = ""
             for token in stream(model, ids, mask, **options):
@@ -1968,7 +1973,7 @@ def parser() -> argparse.ArgumentParser:
                    "mask and input_ids (b, s)")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
     e.add_argument("--no-mask", action="store_true", help="run the encoder without the padding mask, as Flux / SD3 "
-                   "pipelines do (default: masked)")
+                   "pipelines do; needs --max-length (default: masked)")
     e.add_argument("--max-length", type=int, help="pad (and truncate, EOS kept last) every prompt to this many tokens, "
                    "as diffusion pipelines do: Flux 512, SD3 256, PixArt-alpha 120 (default: pad to the longest)")
     e.set_defaults(run=cli_encode)

@@ -1323,6 +1323,7 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
     (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be between 0 and"),
     (["generate", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["encode", "x", "--out", "unused.safetensors", "--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
+    (["encode", "x", "--out", "unused.safetensors", "--no-mask"], "--no-mask needs --max-length N"),
     (["flops", "--batch", "0"], "--batch must be at least 1"),
     (["flops", "--src", "-5"], "--src must be at least 1"),
     (["flops", "--ckpt", "README.md"], "README.md: not a JSON config"),
@@ -1393,6 +1394,9 @@ def test_cli_stdin_lines_stay_aligned() -> None:
     result = run_cli("generate", "--batch-size", "2", stdin="spell: 12\r\n\n  \nspell: 300\r\nspell: 5\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n") == ["twelve", "", "", "three hundred", "five", ""]
+    for blank in ("", "  "):  # the same rule for a blank prompt given as an argument
+        result = run_cli("generate", blank)
+        assert result.returncode == 0 and result.stdout == "\n", (result.stdout, result.stderr)
 
 
 def test_cli_max_input_tokens_and_long_input_warning(tmp_path: Path) -> None:
@@ -1437,6 +1441,16 @@ def test_cli_dtype_defaults_to_the_checkpoint(tmp_path: Path) -> None:
     assert run_cli("encode", "spell: 7", "--ckpt", str(ckpt), "--out", str(out), "--force",
                    "--dtype", "float32").returncode == 0
     assert load_file(out)["hidden"].dtype == torch.float32
+
+
+def test_cli_is_quiet_without_numpy() -> None:
+    """The minimal requirements have no numpy; torch >= 2.12 then warns at import. The command line
+    says nothing a user did not cause (numpy is hidden from the child process here)."""
+    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['t5.py', 'generate', 'spell: 12']; " \
+           "runpy.run_path('t5.py', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0 and result.stdout == "twelve\n", result.stderr
+    assert "NumPy" not in result.stderr and "Warning" not in result.stderr, result.stderr
 
 
 def test_cli_every_option_has_help_with_its_default() -> None:
@@ -1517,6 +1531,12 @@ def test_readme_states_install_and_suite_time() -> None:
     text = (HERE / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only install
     assert "python -m pytest -q test_t5.py" in text and "minutes on 2 CPU cores" in text
+    # the CPU-build note comes before the first command that would pull the CUDA build
+    assert text.index("--index-url https://download.pytorch.org/whl/cpu") < text.index("pip install -r requirements")
+    # one truth for the quick benchmark's time: the README, bench_t5.py's docstring and its --help
+    quick = re.search(r"--quick` gives a first look in (about \d+ s)", text).group(1)
+    bench = (HERE / "bench_t5.py").read_text()
+    assert bench.count(f"{quick} on 2 idle cores") == 2, quick
 
 
 def test_bench_quiet_and_noisy_flag() -> None:
