@@ -2258,3 +2258,213 @@ def test_half_precision_greedy_matches_float32(gen_family: Family, dtype: torch.
             assert top2[0] - top2[1] < tolerance * top2.abs().max(), (row, step, top2)
             diverged += 1
     assert diverged <= 1, f"{diverged} of 4 rows diverged"
+
+
+########################################################################################
+# Issue 15: diffusion pipelines
+########################################################################################
+
+# Mixed case, spaces around, a tab, an HTML entity, and one prompt longer than every max_length:
+# what PixArt (lowercase, strip) and Wan (unescape, collapse whitespace) change before tokenizing.
+PIPELINE_PROMPTS = ["  A Photo of THE Fox  ", "Hello\t World &amp; KATO rimo ", "Kato RIMO " * 200]
+# float32 rounding: at 512 tokens each encoder is ~1.3e-5 from a float64 run of transformers' (the
+# softmax sums 512 terms), and the two differ by up to ~6e-6 here
+EMBED_ATOL = 3e-5
+# images in [0, 1] after 2 float32 steps of tiny models: measured differences 2e-7 to 5e-7, while
+# another prompt's embeddings change them by more than 1e-3 (asserted below)
+IMAGE_ATOL = 1e-5
+
+
+@dataclasses.dataclass
+class TinyPipelines:
+    """Real diffusers pipelines with tiny random components, built from configs as diffusers' own
+    tests build them, each with transformers' encoder; ours are converted from the same weights."""
+
+    t5_encoder: t5.T5Encoder
+    umt5_encoder: t5.T5Encoder
+    tokenizer: t5.Tokenizer
+    flux_parts: dict
+    pixart_parts: dict
+    flux_folder: Path
+    hf_umt5: torch.nn.Module
+    hf_tokenizer: object
+
+
+def clip_tokenizer(folder: Path) -> object:
+    """A byte-level CLIP tokenizer without merges: one token per character (`</w>` ends a word)."""
+    folder.mkdir()
+    chars = [chr(c) for c in [*range(33, 127), *range(161, 173), *range(174, 256)]]
+    chars += [chr(256 + i) for i in range(256 - len(chars))]  # GPT-2's printable stand-ins for bytes
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines(spiece_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyPipelines:
+    import diffusers
+
+    root = tmp_path_factory.mktemp("pipelines")
+    encoders = {}
+    for name, model_cls, config_cls in [("t5", transformers.T5EncoderModel, transformers.T5Config),
+                                        ("umt5", transformers.UMT5EncoderModel, transformers.UMT5Config)]:
+        saved_tiny_t5(root / f"hf-{name}", spiece_folder, model_cls, config_cls, d_model=32, num_layers=2,
+                      feed_forward_proj="gated-gelu")
+        assert convert_hf.main([str(root / f"hf-{name}"), str(root / name)]) == 0
+        encoders[name] = model_cls.from_pretrained(root / f"hf-{name}").eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "hf-t5")
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=514, bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, projection_dim=32, max_position_embeddings=77)).eval()
+    vae = dict(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, norm_num_groups=1,
+               sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
+    flux_parts = dict(
+        transformer=diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+        vae=diffusers.AutoencoderKL(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035, **vae),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), text_encoder=clip,
+        tokenizer=clip_tokenizer(root / "clip"), text_encoder_2=encoders["t5"], tokenizer_2=hf_tokenizer)
+    pixart_parts = dict(
+        transformer=diffusers.PixArtTransformer2DModel(
+            sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6),
+        vae=diffusers.AutoencoderKL(latent_channels=4, **vae), scheduler=diffusers.DDIMScheduler(),
+        text_encoder=encoders["t5"], tokenizer=hf_tokenizer)
+    diffusers.FluxPipeline(**flux_parts).save_pretrained(root / "flux")
+    return TinyPipelines(t5.load(root / "t5", encoder_only=True), t5.load(root / "umt5", encoder_only=True),
+                         t5.load_tokenizer(root / "t5"), flux_parts, pixart_parts, root / "flux", encoders["umt5"],
+                         hf_tokenizer)
+
+
+def pipeline_images(pipe: object, **inputs: object) -> torch.Tensor:
+    """2 denoising steps of an 8 x 8 image per prompt, seeded, as a (b, 3, 8, 8) tensor in [0, 1]."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(num_inference_steps=2, height=8, width=8, output_type="pt", generator=torch.Generator().manual_seed(0),
+                **inputs).images
+
+
+def run_block(block: str, **scope: object) -> dict:
+    with torch.no_grad():
+        exec(compile(block, "README.md", "exec"), scope)
+    return scope
+
+
+def test_readme_recipes_equal_the_pipelines_own_prompt_encoding(tiny_pipelines: TinyPipelines) -> None:
+    """Each recipe block of the README, run as written on mixed-case, space-padded prompts, gives
+    what the real diffusers pipeline computes itself from the same prompts (its encode_prompt with
+    transformers' encoder): Flux and SD3 take the text as it is, PixArt lowercases and strips it,
+    Wan unescapes HTML and collapses whitespace. For PixArt and Wan the cleaning changes these
+    prompts' ids, so a recipe without it fails here."""
+    import diffusers
+
+    p = tiny_pipelines
+    flux_block, pixart_block, wan_block = python_blocks("### Text encoders of diffusion pipelines")
+    scope = lambda encoder: dict(torch=torch, tokenizer=p.tokenizer, encoder=encoder, device="cpu",
+                                 prompts=list(PIPELINE_PROMPTS))
+    raw_ids = {n: p.tokenizer.encode_batch(PIPELINE_PROMPTS, max_length=n, padding="max_length", truncation=True)[0]
+               for n in (120, 512)}
+    with torch.no_grad():
+        # Flux: encode_prompt's T5 states (the first output); SD3's T5 part at the same length
+        flux = run_block(flux_block, **scope(p.t5_encoder))
+        assert flux["prompts"] == PIPELINE_PROMPTS
+        ref = diffusers.FluxPipeline(**p.flux_parts).encode_prompt(PIPELINE_PROMPTS, PIPELINE_PROMPTS)[0]
+        torch.testing.assert_close(flux["hidden"], ref, atol=EMBED_ATOL, rtol=0)
+        sd3 = diffusers.StableDiffusion3Pipeline(
+            transformer=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+            tokenizer_2=None, text_encoder_3=p.flux_parts["text_encoder_2"], tokenizer_3=p.hf_tokenizer)
+        ref = sd3._get_t5_prompt_embeds(PIPELINE_PROMPTS, max_sequence_length=512, dtype=torch.float32)
+        torch.testing.assert_close(flux["hidden"], ref, atol=EMBED_ATOL, rtol=0)
+        # PixArt: the same mask, the same states at the real tokens (padding is masked downstream)
+        pixart = run_block(pixart_block, **scope(p.t5_encoder))
+        assert not torch.equal(pixart["ids"], raw_ids[120])
+        ref, ref_mask, _, _ = diffusers.PixArtAlphaPipeline(**p.pixart_parts).encode_prompt(
+            PIPELINE_PROMPTS, do_classifier_free_guidance=False, clean_caption=False)
+        assert torch.equal(pixart["mask"], ref_mask)
+        keep = ref_mask.bool()
+        torch.testing.assert_close(pixart["hidden"][keep], ref[keep], atol=EMBED_ATOL, rtol=0)
+        # Wan: the whole (b, 512, d) tensor, zeros past each prompt's tokens included
+        wan = run_block(wan_block, **scope(p.umt5_encoder))
+        assert not torch.equal(wan["ids"], raw_ids[512])
+        ref, _ = diffusers.WanPipeline(tokenizer=p.hf_tokenizer, text_encoder=p.hf_umt5, vae=None, scheduler=None
+                                       ).encode_prompt(PIPELINE_PROMPTS, do_classifier_free_guidance=False,
+                                                       max_sequence_length=512)
+        torch.testing.assert_close(wan["hidden"], ref, atol=EMBED_ATOL, rtol=0)
+
+
+def test_pipelines_give_the_same_images_with_our_embeddings(tiny_pipelines: TinyPipelines) -> None:
+    """A real FluxPipeline and PixArtAlphaPipeline given our embeddings (`prompt_embeds=`, from the
+    README's recipes) paint the images they paint with transformers' encoder (same seed), to
+    IMAGE_ATOL; the embeddings of other prompts change the images by far more than that."""
+    import diffusers
+
+    p = tiny_pipelines
+    flux_block, pixart_block, _ = python_blocks("### Text encoders of diffusion pipelines")
+    encode = lambda block, prompts: run_block(block, torch=torch, tokenizer=p.tokenizer, encoder=p.t5_encoder,
+                                              device="cpu", prompts=list(prompts))
+    flux = diffusers.FluxPipeline(**p.flux_parts)
+    with torch.no_grad():
+        pooled = flux.encode_prompt(PIPELINE_PROMPTS, PIPELINE_PROMPTS)[1]  # from its CLIP, unchanged
+    reference = pipeline_images(flux, prompt=PIPELINE_PROMPTS)
+    ours = pipeline_images(flux, prompt_embeds=encode(flux_block, PIPELINE_PROMPTS)["hidden"],
+                           pooled_prompt_embeds=pooled)
+    torch.testing.assert_close(ours, reference, atol=IMAGE_ATOL, rtol=0)
+    other = pipeline_images(flux, prompt_embeds=encode(flux_block, ["the fox"] * 3)["hidden"],
+                            pooled_prompt_embeds=pooled)
+    assert (other - reference).abs().max() > 1e-3
+
+    pixart = diffusers.PixArtAlphaPipeline(**p.pixart_parts)  # guidance 4.5: the negative prompt "" too
+    reference = pipeline_images(pixart, prompt=PIPELINE_PROMPTS, clean_caption=False, use_resolution_binning=False)
+    negative = encode(pixart_block, [""] * 3)
+    embeds = lambda prompts: dict(prompt_embeds=(run := encode(pixart_block, prompts))["hidden"],
+                                  prompt_attention_mask=run["mask"], negative_prompt=None,
+                                  negative_prompt_embeds=negative["hidden"],
+                                  negative_prompt_attention_mask=negative["mask"], use_resolution_binning=False)
+    ours = pipeline_images(pixart, **embeds(PIPELINE_PROMPTS))
+    torch.testing.assert_close(ours, reference, atol=IMAGE_ATOL, rtol=0)
+    other = pipeline_images(pixart, **embeds(["the fox"] * 3))
+    assert (other - reference).abs().max() > 1e-3
+
+
+def test_pipeline_encoder_adapter_in_real_pipelines(tiny_pipelines: TinyPipelines) -> None:
+    """The README's PipelineEncoder, as written, is accepted as `text_encoder_2=` by
+    FluxPipeline.from_pretrained and as `text_encoder=` by PixArtAlphaPipeline: same images as the
+    stock pipelines with transformers' encoder (same seed, IMAGE_ATOL). Wan's encode_prompt (which
+    reads `.last_hidden_state`) and SD3's T5 encoding give the stock embeddings."""
+    import diffusers
+
+    p = tiny_pipelines
+    (block,) = python_blocks("### Our encoder as a pipeline's text encoder")
+    scope = run_block(block, torch=torch, diffusers=diffusers, folder=p.flux_folder, encoder=p.t5_encoder)
+    adapter = scope["PipelineEncoder"]
+    assert isinstance(scope["pipe"].text_encoder_2, adapter)
+    ours = pipeline_images(scope["pipe"], prompt=PIPELINE_PROMPTS)
+    reference = pipeline_images(diffusers.FluxPipeline(**p.flux_parts), prompt=PIPELINE_PROMPTS)
+    torch.testing.assert_close(ours, reference, atol=IMAGE_ATOL, rtol=0)
+
+    pixart = {**p.pixart_parts, "text_encoder": adapter(p.t5_encoder)}
+    inputs = dict(prompt=PIPELINE_PROMPTS, clean_caption=False, use_resolution_binning=False)
+    torch.testing.assert_close(pipeline_images(diffusers.PixArtAlphaPipeline(**pixart), **inputs),
+                               pipeline_images(diffusers.PixArtAlphaPipeline(**p.pixart_parts), **inputs),
+                               atol=IMAGE_ATOL, rtol=0)
+
+    with torch.no_grad():
+        wan = lambda encoder: diffusers.WanPipeline(tokenizer=p.hf_tokenizer, text_encoder=encoder, vae=None,
+                                                    scheduler=None).encode_prompt(
+            PIPELINE_PROMPTS, do_classifier_free_guidance=False, max_sequence_length=512)[0]
+        torch.testing.assert_close(wan(adapter(p.umt5_encoder)), wan(p.hf_umt5), atol=EMBED_ATOL, rtol=0)
+        sd3 = lambda encoder: diffusers.StableDiffusion3Pipeline(
+            transformer=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+            tokenizer_2=None, text_encoder_3=encoder, tokenizer_3=p.hf_tokenizer)._get_t5_prompt_embeds(
+            PIPELINE_PROMPTS, max_sequence_length=256, dtype=torch.float32)
+        torch.testing.assert_close(sd3(adapter(p.t5_encoder)), sd3(p.flux_parts["text_encoder_2"]), atol=EMBED_ATOL,
+                                   rtol=0)
+    wrapped = adapter(p.t5_encoder)
+    assert (wrapped.device, wrapped.dtype) == (torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="last hidden state only"):
+        wrapped(torch.ones(1, 3, dtype=torch.long), output_hidden_states=True)
