@@ -11,8 +11,9 @@ One model class covers every public T5 family once its weights are converted wit
 
 Notable choices:
   - No absolute positions: a learned scalar per (head, distance bucket) is added to the attention
-    logits. The buckets are computed once per stack; T5's one table gives one bias for every
+    logits. SDPA: the buckets are computed once per stack; T5's one table gives one bias for every
     layer, UMT5's per-layer tables are looked up layer by layer (one layer's bias alive at a time).
+    Flex: a score_mod computes each score's bucket and reads the layer's table.
   - No attention scale by default: Google burned d_kv**-0.5 into the query weights
     (`T5Config.scale_qk`).
   - The residual stream is float32 whatever the weight dtype; RMSNorm reads it and hands the

@@ -1524,7 +1524,83 @@ def test_readme_python_block_runs_as_pasted(spiece_folder: Path, tmp_path: Path,
         saved_tiny_t5(hf_dir, spiece_folder, **kwargs)
         assert convert_hf.main([str(hf_dir), str(tmp_path / "checkpoints" / name)]) == 0
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    # the custom decode loop, run after it as a reader would, is greedy decoding
+    (loop,) = python_blocks("### Static KV cache and custom decode loops")
+    exec(compile(loop, "README.md", "exec"), scope)
+    greedy = t5.generate(scope["model"], scope["ids"], scope["mask"], max_new_tokens=32)
+    width = int(greedy.lengths.max())
+    assert torch.equal(torch.stack(scope["tokens"], dim=1)[:, :width], greedy.tokens)
+    # fine-tune, save, --to-hf: transformers computes the fine-tuned model's logits
+    train_block = next(b for b in python_blocks("## Training") if "t5.save(" in b)
+    vocab = scope["model"].config.vocab_size
+    batches = [padded_batch(vocab, [7, 4], seed=seed) for seed in range(3)]
+    scope["my_loader"] = [(ids, mask, labels.masked_fill(mask == 0, -100)) for (ids, mask), (labels, _) in
+                          zip(batches, batches[1:] + batches[:1])]
+    exec(compile(train_block, "README.md", "exec"), scope)
+    assert convert_hf.main(["--to-hf", "checkpoints/my-finetune", "hf/my-finetune"]) == 0
+    finetuned = t5.load("checkpoints/my-finetune")
+    assert not torch.equal(finetuned.lm_head.weight, t5.load("checkpoints/flan-t5-base").lm_head.weight)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained("hf/my-finetune").eval()
+    ids, mask = batches[0]
+    with torch.no_grad():
+        torch.testing.assert_close(finetuned(ids, ids, input_mask=mask).logits,
+                                   hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits, atol=ATOL, rtol=0)
+
+
+def _readme_fsdp_worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
+    """One rank of the README's FSDP2 script, run as written (gloo on CPU) in a folder holding the
+    checkpoint it names; reports the last loss and whether the two input tables are still equal."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    (block,) = [b for b in python_blocks("## Training") if "fully_shard" in b]
+    vocab = t5.T5Config.load(Path(folder) / "checkpoints" / "flan-t5-base" / "config.json").vocab_size
+    ids, mask = padded_batch(vocab, [6, 3], seed=rank)
+    labels, label_mask = padded_batch(vocab, [4, 2], seed=10 + rank)
+    scope = {"my_loader": [(ids, mask, labels.masked_fill(label_mask == 0, -100))] * 2}
+    block = block.replace("dist.destroy_process_group()", "")  # read the result first
+    exec(compile(block, "README.md", "exec"), scope)
+    model = scope["model"]
+    tables = [model.encoder.embedding.weight.full_tensor(), model.decoder.embedding.weight.full_tensor()]
+    if rank == 0:
+        torch.save({"loss": scope["loss"].item(), "equal": torch.equal(*tables)}, out)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as _fsdp_worker: no interpreter teardown with gloo threads alive
+
+
+def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    saved_tiny_t5(tmp_path / "hf", spiece_folder, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    assert convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "checkpoints" / "flan-t5-base")]) == 0
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_readme_fsdp_worker, args=(2, str(tmp_path), port, str(out)), nprocs=2, join=True)
+    result = torch.load(out)
+    assert math.isfinite(result["loss"]) and result["equal"]
+
+
+def test_every_readme_python_block_is_run() -> None:
+    """Each ```python block of the README belongs to a section whose blocks a test executes as
+    written; a new block elsewhere fails this until a test runs it."""
+    tested = {"## Use from Python": 1, "### Text encoders of diffusion pipelines": 3,
+              "### Our encoder as a pipeline's text encoder": 1, "### Static KV cache and custom decode loops": 1,
+              "## Training": 2}
+    assert sum(len(python_blocks(heading)) for heading in tested) == sum(tested.values())
+    assert (HERE / "README.md").read_text().count("```python\n") == sum(tested.values())
 
 
 def test_readme_states_install_and_suite_time() -> None:
