@@ -4,7 +4,7 @@ tokenizer files; and back (--to-hf).
 
     python convert_hf.py SRC OUT [--dtype bfloat16] [--encoder-only] [--force]
     python convert_hf.py t5xxl_fp8_e4m3fn.safetensors OUT --tokenizer tokenizer_2/
-    python convert_hf.py --to-hf OURS OUT
+    python convert_hf.py --to-hf OURS OUT [--dtype float32]
 
 SRC is a local folder (config.json with model.safetensors, a sharded *.safetensors.index.json,
 or pytorch_model.bin, read with torch.load(weights_only=True)); a diffusers pipeline folder or
