@@ -87,7 +87,8 @@ WEIGHTS = ("dense", "float8_e4m3fn")  # how linear weights are stored (--weights
 # to fp8. We compute in the activation dtype (the weight is dequantized), so it does not apply: ignored.
 SCALE_SUFFIX, FP8_MARKER, INPUT_SCALE_SUFFIX = "scale_weight", "scaled_fp8", "scale_input"
 # The tensors of a T5 in transformers' names: in a single file, anything else is another model's (ignored)
-T5_KEY = re.compile(r"(shared|lm_head)\.\w+|scaled_fp8|(encoder|decoder)\.(block\.\d+|final_layer_norm|embed_tokens)\..+")
+T5_KEY = re.compile(r"(shared|lm_head)\.\w+|scaled_fp8"
+                    r"|(encoder|decoder)\.(block\.\d+|final_layer_norm|embed_tokens)\..+")
 
 
 class ConversionError(ValueError):
@@ -725,7 +726,8 @@ def added_tokens(folder: Path) -> dict[int, str]:
     added_tokens_decoder, or an older added_tokens.json)."""
     found: dict[int, str] = {}
     if (folder / "tokenizer.json").is_file():
-        found.update({token["id"]: token["content"] for token in read_json(folder / "tokenizer.json").get("added_tokens", [])})
+        tokens = read_json(folder / "tokenizer.json").get("added_tokens", [])
+        found.update({token["id"]: token["content"] for token in tokens})
     if (folder / "tokenizer_config.json").is_file():
         decoder = read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
         found.update({int(i): token["content"] for i, token in decoder.items()})
@@ -741,7 +743,8 @@ def check_tokenizer(folder: Path, config: T5Config, source: Path | None) -> bool
     sentinels and the special tokens). Returns False when there is no tokenizer at all."""
     from t5 import load_tokenizer
 
-    if config.tokenizer == "sentencepiece" and not any((folder / n).is_file() for n in ("spiece.model", "tokenizer.model")):
+    if config.tokenizer == "sentencepiece" and not any((folder / n).is_file()
+                                                       for n in ("spiece.model", "tokenizer.model")):
         return False
     try:
         tokenizer = load_tokenizer(folder, config)
@@ -753,7 +756,8 @@ def check_tokenizer(folder: Path, config: T5Config, source: Path | None) -> bool
         if sentinel and int(sentinel[1]) < tokenizer.extra_ids and (
                 config.tokenizer == "bytes" or i == tokenizer.sentinel(int(sentinel[1]))):
             continue  # (ByT5Tokenizer numbers its sentinels up from 259, t5.py down from the end: see README)
-        if tokenizer.specials.get(content) != i:
+        own = getattr(tokenizer, "sp", None)  # a piece of the sentencepiece model itself (a BOS <s>), at its id
+        if tokenizer.specials.get(content) != i and not (own and i < own.get_piece_size() and own.id_to_piece(i) == content):
             unsupported.append(f"{content!r} (id {i})")
     if unsupported:
         raise ConversionError(f"the tokenizer of {source} has {len(unsupported)} added token(s) t5.py does not "
@@ -864,7 +868,9 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
         raise ConversionError("--calibrate is for float16 weights; it does not combine with fp8 weights")
     specs = output_specs(config, encoder_only, dtype, weights)
     # the tensors made from the shared embedding first, one after the other: it is held only that long
-    specs = {name: specs[name] for name in sorted(specs, key=lambda n: embedding not in plan[n.removesuffix("_scale")].keys)}
+    made_from_embedding = {name for name, source in plan.items() if embedding in source.keys}
+    order = sorted(specs, key=lambda name: name.removesuffix("_scale") not in made_from_embedding)
+    specs = {name: specs[name] for name in order}
 
     with staged_folder(out) as tmp:
         write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
@@ -884,7 +890,8 @@ def check_out(out: Path, force: bool, src: Path) -> None:
     """OUT is a folder or absent, and never holds SRC. An existing OUT is replaced only with --force,
     and only when it holds nothing but files this tool writes (OUR_FILES): nothing else is ever deleted."""
     if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
-        raise ConversionError(f"{src} is inside OUT {out}: writing OUT would destroy it; choose another OUT")
+        where = "is OUT" if src.resolve() == out.resolve() else f"is inside OUT {out}"
+        raise ConversionError(f"{src} {where}: writing OUT would destroy the source; choose another OUT")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; OUT must be a folder (or absent), and this is "
                               "left untouched")
@@ -998,6 +1005,10 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
 
     with open_safetensors(src / "model.safetensors") as f:
         encoder_only = not any(key.startswith("decoder.") for key in f.keys())
+        for name, shape in expected_shapes(config, encoder_only).items():  # from the header: nothing read yet
+            if name not in f.keys() or f.get_slice(name).get_shape() != list(shape):
+                raise ConversionError(f"{src / 'model.safetensors'}: {name} is missing or not {tuple(shape)}, as "
+                                      "config.json says")
         compute = TORCH_DTYPES[f.get_slice("encoder.embedding.weight").get_dtype()]  # what the model computes in
         dtype = dtype or compute
 
@@ -1013,13 +1024,15 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             tensor[rows] /= scale  # exact: a power of two
             result = tensor.to(dtype)
             if not torch.isfinite(result).all():
+                kind = str(dtype).removeprefix("torch.")
                 raise ConversionError(f"{name}: undoing the float16 scale {scale} of {block} gives values past "
-                                      f"{str(dtype).removeprefix('torch.')}'s range: export with --dtype float32 or bfloat16")
+                                      f"{kind}'s range: export with --dtype float32 or bfloat16")
             return result
 
         shared = read("encoder.embedding.weight", compute)
         if not encoder_only and not torch.equal(shared, read("decoder.embedding.weight", compute)):
-            raise ConversionError("the encoder and decoder embeddings differ: transformers' T5 has one shared embedding")
+            raise ConversionError("the encoder and decoder embeddings differ: transformers' T5 has one shared "
+                                  "embedding")
         first = {"encoder.embedding.weight": shared}  # read already: written first, then let go
         tied = False
         if not encoder_only and model_type != "mt5":  # v1.0: is lm_head still the scaled embedding?

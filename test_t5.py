@@ -2316,9 +2316,9 @@ def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     cases = [([str(family.hf_dir), str(checkpoints), "--force"], "holds what this tool did not write (notes.txt, sibling)"),
              ([str(family.hf_dir), str(mine), "--force"], "holds what this tool did not write (notes.txt)"),
-             ([str(hf_copy), str(hf_copy), "--force"], "is inside OUT"),
+             ([str(hf_copy), str(hf_copy), "--force"], "is OUT: writing OUT would destroy the source"),
              ([str(inside / "t5.safetensors"), str(inside), "--force"], "is inside OUT"),
-             ([str(ours), str(ours), "--force", "--to-hf"], "is inside OUT"),
+             ([str(ours), str(ours), "--force", "--to-hf"], "is OUT: writing OUT would destroy the source"),
              ([str(ours), str(tmp_path), "--force", "--to-hf"], "is inside OUT"),
              ([str(family.hf_dir), str(ours)], "exists; pass --force to overwrite it (replaces its config.json, "
                                                 "model.safetensors)")]
