@@ -2234,16 +2234,17 @@ def test_convert_unreadable_weights_are_one_line(family: Family, tmp_path: Path,
             assert not (tmp_path / "out").exists()
 
 
-def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path) -> None:
+def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`t5.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(HERE / "demo", broken)
     data = (broken / "spiece.model").read_bytes()
     (broken / "spiece.model").write_bytes(data[:len(data) // 3])
-    result = run_cli("generate", "spell: 7", "--ckpt", str(broken))
-    assert_one_line_error(result, f"{broken / 'spiece.model'}: not a readable sentencepiece model")
-    assert result.returncode == 2
+    assert t5.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'spiece.model'}: not a readable sentencepiece model" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("to_hf", [False, True])
@@ -2439,15 +2440,17 @@ def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, mon
     assert t5.load(tmp_path / "out").config.vocab_size == 103
 
 
-def test_encoder_only_outputs_name_only_the_encoder(family: Family, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    enc = tmp_path / "enc"
-    assert convert_hf.main([str(family.hf_dir), str(enc), "--encoder-only"]) == 0
+def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """convert_hf.py's summary line and `t5.py flops` (their mains, in this process) on an
+    encoder-only checkpoint name no decoder."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "enc"), "--encoder-only"]) == 0
     out = capsys.readouterr().out
-    layers = FAMILIES[family.name][1]["num_layers"]
-    assert f"({layers} encoder layers, d_model" in out and "decoder" not in out, out
-    result = run_cli("flops", "--ckpt", str(enc))
-    assert result.returncode == 0, result.stderr
-    assert "encoder forward" in result.stdout and "decoder" not in result.stdout, result.stdout
-    full = run_cli("flops", "--ckpt", str(family.ours_dir))
-    assert "decode step" in full.stdout
+    assert "(3 encoder layers, d_model 32" in out and "decoder" not in out, out
+    assert t5.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
+    out = capsys.readouterr().out
+    assert "encoder forward" in out and "decoder" not in out, out
+    assert t5.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
+    assert "one cached decode step" in capsys.readouterr().out
