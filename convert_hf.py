@@ -756,8 +756,9 @@ def check_tokenizer(folder: Path, config: T5Config, source: Path | None) -> bool
         if sentinel and int(sentinel[1]) < tokenizer.extra_ids and (
                 config.tokenizer == "bytes" or i == tokenizer.sentinel(int(sentinel[1]))):
             continue  # (ByT5Tokenizer numbers its sentinels up from 259, t5.py down from the end: see README)
-        own = getattr(tokenizer, "sp", None)  # a piece of the sentencepiece model itself (a BOS <s>), at its id
-        if tokenizer.specials.get(content) != i and not (own and i < own.get_piece_size() and own.id_to_piece(i) == content):
+        sp = getattr(tokenizer, "sp", None)
+        own_piece = sp is not None and i < sp.get_piece_size() and sp.id_to_piece(i) == content  # e.g. a BOS <s>
+        if tokenizer.specials.get(content) != i and not own_piece:
             unsupported.append(f"{content!r} (id {i})")
     if unsupported:
         raise ConversionError(f"the tokenizer of {source} has {len(unsupported)} added token(s) t5.py does not "
@@ -873,12 +874,12 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     specs = {name: specs[name] for name in order}
 
     with staged_folder(out) as tmp:
-        write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
-        config.save(tmp / "config.json")
-        write_tokenizer(checkpoint.tokenizer, tmp, config)
+        write_tokenizer(checkpoint.tokenizer, tmp, config)  # first: a tokenizer we refuse fails fast
         if not check_tokenizer(tmp, config, checkpoint.tokenizer):
             print(f"convert_hf.py: warning: no tokenizer found for {src}; {out} runs on token ids only (pass "
                   "--tokenizer with a tokenizer folder or a spiece.model to include one)", file=sys.stderr)
+        write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
+        config.save(tmp / "config.json")
         if calibrate_texts is not None:
             scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
             print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(

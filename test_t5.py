@@ -2271,7 +2271,8 @@ def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path,
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C came out of main: a traceback")
     assert code == 130
-    assert capsys.readouterr().err == "convert_hf.py: interrupted\n"
+    err = capsys.readouterr().err  # (after the no-tokenizer warning, for a convert)
+    assert err.splitlines()[-1] == "convert_hf.py: interrupted" and "Traceback" not in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["config.json"]
     assert (out / "config.json").read_text() == "precious"
 
