@@ -4,7 +4,7 @@ tokenizer files; and back (--to-hf).
 
     python convert_hf.py SRC OUT [--dtype bfloat16] [--encoder-only] [--force]
     python convert_hf.py t5xxl_fp8_e4m3fn.safetensors OUT --tokenizer tokenizer_2/
-    python convert_hf.py --to-hf OURS OUT
+    python convert_hf.py --to-hf OURS OUT [--dtype float32]
 
 SRC is a local folder (config.json with model.safetensors, a sharded *.safetensors.index.json,
 or pytorch_model.bin, read with torch.load(weights_only=True)); a diffusers pipeline folder or
@@ -41,7 +41,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from t5 import DTYPES, T5, T5Config, T5Encoder, dequantize_weight
+from t5 import DTYPES, SENTINEL, T5, T5Config, T5Encoder, dequantize_weight
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -61,6 +61,7 @@ HF_DEFAULTS = {
 }
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
+OUR_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)  # all this tool writes, all --force replaces
 CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a file: varied, T5-style prompts
     "translate English to German: The house is wonderful, and the garden is even better.",
     "summarize: The city council met on Tuesday to discuss the new budget, which includes funding for "
@@ -75,12 +76,19 @@ CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a fil
     "<extra_id_0> walks in <extra_id_1> park. The <extra_id_2> was sunny and the children <extra_id_3>.",
 ]
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+TORCH_DTYPES = {**{name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}, "F64": torch.float64,
+                "F8_E5M2": torch.float8_e5m2}  # a safetensors header's dtype names
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 WEIGHTS = ("dense", "float8_e4m3fn")  # how linear weights are stored (--weights)
 # Tensors of fp8 files made for diffusion tools (ComfyUI's "scaled fp8"): X.scale_weight scales
-# X.weight (a scalar, or one value per output row); scaled_fp8 is an empty marker tensor.
-SCALE_SUFFIX, FP8_MARKER = "scale_weight", "scaled_fp8"
+# X.weight (a scalar, or one value per output row); scaled_fp8 is an empty marker tensor. Some also
+# carry X.scale_input: the scale an fp8 matmul kernel divides the activations by before casting them
+# to fp8. We compute in the activation dtype (the weight is dequantized), so it does not apply: ignored.
+SCALE_SUFFIX, FP8_MARKER, INPUT_SCALE_SUFFIX = "scale_weight", "scaled_fp8", "scale_input"
+# The tensors of a T5 in transformers' names: in a single file, anything else is another model's (ignored)
+T5_KEY = re.compile(r"(shared|lm_head)\.\w+|scaled_fp8"
+                    r"|(encoder|decoder)\.(block\.\d+|final_layer_norm|embed_tokens)\..+")
 
 
 class ConversionError(ValueError):
@@ -166,9 +174,20 @@ def config_from_hf(hf: Mapping, tokenizer_config: Mapping | None = None) -> tupl
         decoder_start_token_id=fields.get("decoder_start_token_id", pad),
         tokenizer="bytes" if is_bytes else "sentencepiece",
         dropout=fields.get("dropout_rate", 0.1),
-        extra_ids=tokenizer_config.get("extra_ids", 125 if is_bytes else 100),
+        extra_ids=sentinel_count(tokenizer_config, 125 if is_bytes else 100),
     )
     return config, scales_decoder_output(model_type, hf)
+
+
+def sentinel_count(tokenizer_config: Mapping, default: int) -> int:
+    """How many sentinels (<extra_id_N>) a tokenizer has. transformers 5 keeps them as added tokens
+    ("added_tokens_decoder", "extra_special_tokens"), and its ByT5 folders write "extra_ids": 0."""
+    added = [token.get("content") for token in (tokenizer_config.get("added_tokens_decoder") or {}).values()]
+    for field in ("extra_special_tokens", "additional_special_tokens"):
+        listed = tokenizer_config.get(field) or []
+        added += list(listed.values()) if isinstance(listed, dict) else list(listed)
+    sentinels = {token for token in added if isinstance(token, str) and SENTINEL.fullmatch(token)}
+    return len(sentinels) or tokenizer_config.get("extra_ids", default)
 
 
 def scales_decoder_output(model_type: str, hf: Mapping) -> bool:
@@ -232,6 +251,7 @@ def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only:
         raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}"
                               f"{' ...' if len(missing) > 10 else ''}")
     dropped = set(EMBEDDINGS) | {FP8_MARKER}  # tied copies of the embedding; the fp8 marker
+    dropped |= {key.removesuffix("weight") + INPUT_SCALE_SUFFIX for key in used} & hf_keys  # fp8 kernels' input scales
     if encoder_only:  # a full checkpoint converted --encoder-only: its decoder is left behind
         dropped |= {k for k in hf_keys if k.startswith("decoder.") or k.startswith("lm_head.")}
     unexpected = sorted(hf_keys - used - dropped)
@@ -291,10 +311,40 @@ def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | No
     return tensor.to(dtype or exact[0].dtype, memory_format=torch.contiguous_format, copy=True), None
 
 
+class ReadOnce(Mapping):
+    """`tensors`, each read once: one that several of ours are made from (shared.weight makes both
+    embeddings, and v1.0's lm_head) is kept from its first use to its last, `uses` telling how many."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], uses: Mapping[str, int]) -> None:
+        self._tensors, self._uses, self._held = tensors, dict(uses), {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        tensor = self._held.pop(key) if key in self._held else self._tensors[key]
+        self._uses[key] = self._uses.get(key, 1) - 1
+        if self._uses[key] > 0:
+            self._held[key] = tensor
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+
 def build_all(plan: Mapping[str, Source], tensors: Mapping[str, Tensor], dtype: torch.dtype | None,
               specs: Mapping[str, tuple[torch.Size, torch.dtype]]) -> Iterator[tuple[str, Tensor]]:
     """Our tensors one at a time, in the order of `specs`, each checked against its shape; an fp8
-    weight is followed by its `weight_scale`, as `specs` lists them."""
+    weight is followed by its `weight_scale`, as `specs` lists them. Each source tensor is read once."""
+    uses: dict[str, int] = {}
+    for name in specs:
+        for key in plan[name].keys if name in plan else ():
+            for read in (key, scale_key(key)):
+                uses[read] = uses.get(read, 0) + 1
+    tensors = ReadOnce(tensors, uses)
     for name, (shape, stored) in specs.items():
         if name.endswith(".weight_scale"):
             continue  # yielded right after its weight
@@ -305,6 +355,7 @@ def build_all(plan: Mapping[str, Source], tensors: Mapping[str, Tensor], dtype: 
         yield name, tensor
         if scale is not None:
             yield name + "_scale", scale
+        del tensor, scale  # before the next one is read
 
 
 def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Size]:
@@ -349,19 +400,22 @@ class CheckpointTensors(Mapping):
     access. With a prefix, only the keys under it are seen, and without it (SD3-style single files
     keep the T5 encoder under "text_encoders.t5xxl.transformer.", beside other models)."""
 
-    def __init__(self, path: Path, prefix: str = "") -> None:
-        from safetensors import safe_open
-
+    def __init__(self, path: Path, prefix: str = "", keep: re.Pattern | None = None) -> None:
         self._files: dict[str, object] = {}  # key -> an open safetensors file, or a loaded state dict
         self._prefix = prefix
         shards = [path] if path.is_file() else [path / shard for shard in weight_files(path)]
         for shard in shards:
             if shard.name.endswith(".safetensors"):
-                handle = safe_open(str(shard), framework="pt")
-                self._files.update({key: handle for key in handle.keys() if key.startswith(prefix)})
+                handle = open_safetensors(shard)
+                keys: Iterable[str] = handle.keys()
             else:  # weights_only: a pickle may hold tensors and nothing that runs code
-                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-                self._files.update({key: state for key in state if key.startswith(prefix)})
+                try:
+                    handle = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors
+                    raise ConversionError(f"{shard}: not a readable PyTorch checkpoint ({error})") from None
+                keys = handle
+            self._files.update({key: handle for key in keys if key.startswith(prefix)
+                                and (keep is None or keep.fullmatch(key[len(prefix):]))})
 
     def __getitem__(self, key: str) -> Tensor:
         source = self._files[self._prefix + key]
@@ -372,11 +426,43 @@ class CheckpointTensors(Mapping):
         return tuple(source[self._prefix + key].shape) if isinstance(source, dict) else \
             tuple(source.get_slice(self._prefix + key).get_shape())
 
+    def dtype(self, key: str) -> torch.dtype:
+        """Read from the file's header, not from the tensor."""
+        source = self._files[self._prefix + key]
+        if isinstance(source, dict):
+            return source[self._prefix + key].dtype
+        name = source.get_slice(self._prefix + key).get_dtype()
+        if name not in TORCH_DTYPES:
+            raise ConversionError(f"{key}: a {name} tensor; T5 checkpoints are floating point")
+        return TORCH_DTYPES[name]
+
     def __iter__(self) -> Iterator[str]:
         return (key[len(self._prefix):] for key in self._files)
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def open_safetensors(path: Path):  # -> safetensors' safe_open handle
+    """A safetensors file opened for reading one tensor at a time; a truncated or foreign file is one
+    error line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise ConversionError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a source folder; a broken file is one error line naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return value
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -386,7 +472,7 @@ def weight_files(folder: Path) -> list[str]:
         if (folder / weights).is_file():
             return [weights]
         if (folder / index_name).is_file():
-            return sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            return sorted(set(read_json(folder / index_name).get("weight_map", {}).values()))
     raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors.index.json or pytorch_model.bin")
 
 
@@ -475,7 +561,7 @@ def find_tokenizer(path: Path | None) -> tuple[Path | None, dict | None]:
                                                      "tokenizer_config.json")):
         raise ConversionError(f"--tokenizer {path}: no spiece.model, tokenizer.json or tokenizer_config.json there")
     config = path / "tokenizer_config.json"
-    return path, json.loads(config.read_text()) if config.is_file() else None
+    return path, read_json(config) if config.is_file() else None
 
 
 def diffusers_encoder(root: Path) -> Path:
@@ -484,7 +570,7 @@ def diffusers_encoder(root: Path) -> Path:
     found = []
     for folder in sorted(root.glob("text_encoder*")):
         config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") in SUPPORTED_MODEL_TYPES:
+        if config.is_file() and read_json(config).get("model_type") in SUPPORTED_MODEL_TYPES:
             found.append(folder)
     if len(found) != 1:
         raise ConversionError(f"{root}: a diffusers pipeline with {len(found)} T5 text encoders "
@@ -502,7 +588,7 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
         if path.suffix != ".safetensors":
             raise ConversionError(f"{src}: a single-file checkpoint must be a .safetensors file")
         tensors = CheckpointTensors(path)
-        tensors = CheckpointTensors(path, find_prefix(path, tensors, prefix))
+        tensors = CheckpointTensors(path, find_prefix(path, tensors, prefix), keep=T5_KEY)  # other models' ignored
         return Checkpoint(config_from_shapes(tensors, guess), tensors, *find_tokenizer(
             Path(tokenizer) if tokenizer else None))
     folder = fetch(src)
@@ -511,7 +597,7 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = read_json(config_path)
     config_from_hf(hf_config)  # unsupported architectures fail before any tensor is read
     if tokenizer:
         tokenizer_path: Path | None = Path(tokenizer)
@@ -522,21 +608,31 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
     return Checkpoint(hf_config, CheckpointTensors(folder), *find_tokenizer(tokenizer_path))
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; a path that exists is never one
+
+
 def fetch(src: str) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded with huggingface_hub."""
+    """A local folder as is; otherwise a hub id (owner/name), downloaded with huggingface_hub."""
     path = Path(src)
     if path.is_dir():
         return path
-    if path.exists() or src.startswith((".", "/")):
+    if path.exists():
         raise FileNotFoundError(f"{src} is not a folder")
+    if not HUB_ID.fullmatch(src) or ".." in src:
+        raise FileNotFoundError(f"{src}: no such folder")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FileNotFoundError(f"{src} is not a local folder, and huggingface_hub is not installed to fetch it "
-                                "from the hub") from None
-    folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.model", "*.safetensors"]))
-    if not list(folder.glob("*.safetensors")):
-        folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.model", "*.bin"]))
+        raise FileNotFoundError(f"{src}: no such folder (and huggingface_hub, to fetch it as a hub id, is not "
+                                "installed)") from None
+    try:
+        folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.model", "*.safetensors"]))
+        if not list(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.model", "*.bin"]))
+    except Exception as error:  # offline, no such repository, gated, ...: hub errors run over many lines
+        first = next((line for line in str(error).splitlines() if line.strip()), "")
+        raise FileNotFoundError(f"{src}: no such folder, and as a hub id it could not be fetched "
+                                f"({type(error).__name__}: {first.strip()})") from None
     return folder
 
 
@@ -624,6 +720,53 @@ def sentencepiece_from_tokenizer_json(tokenizer: Mapping, path: str = "tokenizer
     return pieces + _field(2, trainer) + _field(3, normalizer)
 
 
+def added_tokens(folder: Path) -> dict[int, str]:
+    """The tokens a transformers tokenizer folder adds to its model's vocabulary, by id: special
+    tokens, sentinels, and any added with `add_tokens` (tokenizer.json, tokenizer_config.json's
+    added_tokens_decoder, or an older added_tokens.json)."""
+    found: dict[int, str] = {}
+    if (folder / "tokenizer.json").is_file():
+        tokens = read_json(folder / "tokenizer.json").get("added_tokens", [])
+        found.update({token["id"]: token["content"] for token in tokens})
+    if (folder / "tokenizer_config.json").is_file():
+        decoder = read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        found.update({int(i): token["content"] for i, token in decoder.items()})
+    if (folder / "added_tokens.json").is_file():
+        found.update({i: content for content, i in read_json(folder / "added_tokens.json").items()})
+    return found
+
+
+def check_tokenizer(folder: Path, config: T5Config, source: Path | None) -> bool:
+    """Load the tokenizer written into `folder` as t5.py will, and refuse one that t5.py would read
+    differently from transformers: unreadable, larger than the model's vocabulary, or with tokens
+    added to it (`add_tokens`; t5.py's tokenizer is the sentencepiece model, or bytes, plus the
+    sentinels and the special tokens). Returns False when there is no tokenizer at all."""
+    from t5 import load_tokenizer
+
+    if config.tokenizer == "sentencepiece" and not any((folder / n).is_file()
+                                                       for n in ("spiece.model", "tokenizer.model")):
+        return False
+    try:
+        tokenizer = load_tokenizer(folder, config)
+    except ValueError as error:
+        raise ConversionError(f"the tokenizer of {source}: {str(error).replace(str(folder) + os.sep, '')}") from None
+    unsupported = []
+    for i, content in sorted(added_tokens(folder).items()):
+        sentinel = SENTINEL.fullmatch(content)
+        if sentinel and int(sentinel[1]) < tokenizer.extra_ids and (
+                config.tokenizer == "bytes" or i == tokenizer.sentinel(int(sentinel[1]))):
+            continue  # (ByT5Tokenizer numbers its sentinels up from 259, t5.py down from the end: see README)
+        sp = getattr(tokenizer, "sp", None)
+        own_piece = sp is not None and i < sp.get_piece_size() and sp.id_to_piece(i) == content  # e.g. a BOS <s>
+        if tokenizer.specials.get(content) != i and not own_piece:
+            unsupported.append(f"{content!r} (id {i})")
+    if unsupported:
+        raise ConversionError(f"the tokenizer of {source} has {len(unsupported)} added token(s) t5.py does not "
+                              f"support: {', '.join(unsupported[:5])}{' ...' if len(unsupported) > 5 else ''}; "
+                              "t5.py reads the sentencepiece model (or bytes), its sentinels and special tokens only")
+    return True
+
+
 def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
     """Copy the tokenizer files of a Hugging Face folder (or a sentencepiece model file) into OUT;
     when it has only tokenizer.json (as transformers 5 saves T5 tokenizers), write the spiece.model
@@ -639,7 +782,7 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
             shutil.copy2(folder / name, out / name)
     if config.tokenizer == "sentencepiece" and not any((out / n).is_file() for n in ("spiece.model", "tokenizer.model")) \
             and (out / "tokenizer.json").is_file():
-        model = sentencepiece_from_tokenizer_json(json.loads((out / "tokenizer.json").read_text()),
+        model = sentencepiece_from_tokenizer_json(read_json(folder / "tokenizer.json"),
                                                   str(folder / "tokenizer.json"))
         (out / "spiece.model").write_bytes(model)
 
@@ -670,6 +813,7 @@ def write_safetensors(path: Path, specs: Mapping[str, tuple[torch.Size, torch.dt
             tensor = tensor.contiguous()
             f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
             written += 1
+            del tensor  # before the next one is made
     assert written == len(specs), f"{written} of {len(specs)} tensors written"
 
 
@@ -707,13 +851,14 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     the default when the source's weights are fp8).
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force, Path(src))
     checkpoint = open_checkpoint(src, tokenizer=tokenizer, prefix=prefix, guess=guess)
     tensors = checkpoint.tensors
     config, plan, encoder_only = plan_conversion(checkpoint.hf_config, tensors.keys(), encoder_only=encoder_only,
                                                  tokenizer_config=checkpoint.tokenizer_config)
-    stored = tensors[plan["encoder.embedding.weight"].keys[0]].dtype
-    source_fp8 = tensors[plan["encoder.layers.0.attn.qkv.weight"].keys[0]].dtype == FP8
+    embedding = plan["encoder.embedding.weight"].keys[0]
+    stored = tensors.dtype(embedding)  # dtypes from the file's header: no tensor is read for them
+    source_fp8 = tensors.dtype(plan["encoder.layers.0.attn.qkv.weight"].keys[0]) == FP8
     weights = weights or ("float8_e4m3fn" if source_fp8 else "dense")
     if weights not in WEIGHTS:
         raise ConversionError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
@@ -723,11 +868,18 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     if calibrate_texts is not None and weights != "dense":
         raise ConversionError("--calibrate is for float16 weights; it does not combine with fp8 weights")
     specs = output_specs(config, encoder_only, dtype, weights)
+    # the tensors made from the shared embedding first, one after the other: it is held only that long
+    made_from_embedding = {name for name, source in plan.items() if embedding in source.keys}
+    order = sorted(specs, key=lambda name: name.removesuffix("_scale") not in made_from_embedding)
+    specs = {name: specs[name] for name in order}
 
     with staged_folder(out) as tmp:
+        write_tokenizer(checkpoint.tokenizer, tmp, config)  # first: a tokenizer we refuse fails fast
+        if not check_tokenizer(tmp, config, checkpoint.tokenizer):
+            print(f"convert_hf.py: warning: no tokenizer found for {src}; {out} runs on token ids only (pass "
+                  "--tokenizer with a tokenizer folder or a spiece.model to include one)", file=sys.stderr)
         write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
         config.save(tmp / "config.json")
-        write_tokenizer(checkpoint.tokenizer, tmp, config)
         if calibrate_texts is not None:
             scales = calibrate(tmp, dtype, calibrate_texts, encoder_only=encoder_only)
             print(f"float16 calibration: {len(scales)} block(s) scaled" + "".join(
@@ -735,13 +887,26 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     return out
 
 
-def check_out(out: Path, force: bool) -> None:
-    """OUT is a folder or absent; an existing one is replaced only with --force."""
+def check_out(out: Path, force: bool, src: Path) -> None:
+    """OUT is a folder or absent, and never holds SRC. An existing OUT is replaced only with --force,
+    and only when it holds nothing but files this tool writes (OUR_FILES): nothing else is ever deleted."""
+    if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
+        where = "is OUT" if src.resolve() == out.resolve() else f"is inside OUT {out}"
+        raise ConversionError(f"{src} {where}: writing OUT would destroy the source; choose another OUT")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; OUT must be a folder (or absent), and this is "
                               "left untouched")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    if not out.exists():
+        return
+    ours = sorted(p.name for p in out.iterdir() if p.name in OUR_FILES and p.is_file())
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if others:
+        raise FileExistsError(f"{out} exists and holds what this tool did not write ({', '.join(others[:5])}"
+                              f"{' ...' if len(others) > 5 else ''}); it is left untouched, even with --force (which "
+                              "replaces only a converted folder): choose another OUT")
+    if not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it (replaces its {', '.join(ours)})"
+                              if ours else f"{out} exists; pass --force to write into it (it is empty)")
 
 
 @contextlib.contextmanager
@@ -795,68 +960,118 @@ def hf_config_for(config: T5Config, model_type: str, encoder_only: bool, tied: b
     }
 
 
-def dense(state: Mapping[str, Tensor], name: str) -> Tensor:
-    """One of our weights as a plain tensor: fp8 ones (with a weight_scale) dequantized to the
-    dtype of the embeddings, exactly as t5.Float8Linear does when it runs."""
-    tensor = state[name]
-    if tensor.dtype != FP8:
-        return tensor
-    return dequantize_weight(tensor, state[name + "_scale"], state["encoder.embedding.weight"].dtype)
+def value_rows(config: T5Config, block: str) -> tuple[str, slice]:
+    """The tensor and rows that a float16 output scale of `block` ("encoder.3.ffn", ...) multiplies,
+    as t5.apply_out_scales does: attention V, FFN up-projection (all of wi for ReLU)."""
+    stack, index, kind = block.split(".")
+    layer, inner = f"{stack}.layers.{index}", config.inner_dim
+    if kind in ("attn", "self_attn"):
+        return f"{layer}.{kind}.qkv.weight", slice(2 * inner, None)
+    if kind == "cross_attn":
+        return f"{layer}.cross_attn.kv.weight", slice(inner, None)
+    return f"{layer}.ffn.wi.weight", slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None)
 
 
-def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_type: str | None = None) -> Path:
+def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_type: str | None = None,
+              dtype: torch.dtype | None = None) -> Path:
     """Our folder -> a transformers folder: config.json, model.safetensors with transformers' key
     names (each fused tensor split back into its parts), the tokenizer files. The inverse of
-    `convert`, through the same tables: transformers -> ours -> transformers is bit-exact.
+    `convert`, through the same tables: transformers -> ours -> transformers is bit-exact. Streamed:
+    each tensor is read once and written before the next is read.
 
     model_type: "t5", "mt5" or "umt5" (default: umt5 for per-layer position bias, mt5 for mT5's
     vocabulary of 250112, t5 otherwise; the tensors are the same for t5 and mt5). T5 v1.0's
     lm_head (the embedding scaled by d_model**-0.5, folded by `convert`) goes back to being the
     tied embedding when it still is exactly that; a lm_head trained apart is written as its own
-    tensor with no output scale, which computes the same logits."""
-    from safetensors.torch import load_file, save_file
-
+    tensor with no output scale, which computes the same logits. fp8 weights are dequantized to the
+    embeddings' dtype, as t5.Float8Linear computes. A float16-calibrated checkpoint's out_scales
+    are undone exactly (powers of two, in float32): a value that then no longer fits float16 is
+    refused, naming the tensor (export it with dtype float32 or bfloat16). dtype: of the written
+    tensors (default: the embeddings')."""
     src, out = Path(src), Path(out)
-    check_out(out, force)
+    check_out(out, force, src)
     config = T5Config.load(src / "config.json")
     if not (src / "model.safetensors").is_file():
         raise FileNotFoundError(f"{src / 'model.safetensors'} not found (is {src} a folder written by convert_hf.py?)")
-    state = load_file(src / "model.safetensors")
-    encoder_only = not any(key.startswith("decoder.") for key in state)
     model_type = model_type or ("umt5" if config.bias_per_layer else "mt5" if config.vocab_size == 250112 else "t5")
     if model_type not in HF_ARCHITECTURES:
         raise ConversionError(f"--model-type must be one of {sorted(HF_ARCHITECTURES)}, got {model_type!r}")
     if (model_type == "umt5") != config.bias_per_layer:
         raise ConversionError(f"model_type {model_type!r} does not fit this checkpoint: UMT5 and only UMT5 has "
                               "a position bias table per layer")
-    shared = dense(state, "encoder.embedding.weight")
-    if not encoder_only and not torch.equal(shared, dense(state, "decoder.embedding.weight")):
-        raise ConversionError("the encoder and decoder embeddings differ: transformers' T5 has one shared embedding")
-    tied = False
-    if not encoder_only and model_type != "mt5":  # v1.0: is lm_head still the scaled embedding?
-        folded = (shared.float() * config.d_model**-0.5).to(shared.dtype)
-        tied = torch.equal(dense(state, "lm_head.weight"), folded)
-    plan = make_plan(config, embedding="shared.weight", lm_head=not tied, scale_lm_head=tied, encoder_only=encoder_only)
-    hf_state: dict[str, Tensor] = {}
-    for name, source in plan.items():
-        if name == "lm_head.weight" and tied:
-            continue  # transformers ties it to shared.weight and applies the scale itself
-        parts = dense(state, name).chunk(len(source.keys), dim=source.dim)
-        for key, part in zip(source.keys, parts):
-            hf_state[key] = part.contiguous()
-    hf_config = hf_config_for(config, model_type, encoder_only, tied)
+    unscale = {}  # our tensor -> (rows, block, scale) of the float16 output scales to undo
+    for block, scale in config.out_scales.items():
+        name, rows = value_rows(config, block)
+        unscale[name] = (rows, block, scale)
 
-    with staged_folder(out) as tmp:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        if not (tmp / "tokenizer_config.json").exists():
-            kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
-            (tmp / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": kind, "extra_ids": config.extra_ids, "eos_token": "</s>", "unk_token": "<unk>",
-                 "pad_token": "<pad>"}, indent=2) + "\n")
+    with open_safetensors(src / "model.safetensors") as f:
+        encoder_only = not any(key.startswith("decoder.") for key in f.keys())
+        for name, shape in expected_shapes(config, encoder_only).items():  # from the header: nothing read yet
+            if name not in f.keys() or f.get_slice(name).get_shape() != list(shape):
+                raise ConversionError(f"{src / 'model.safetensors'}: {name} is missing or not {tuple(shape)}, as "
+                                      "config.json says")
+        compute = TORCH_DTYPES[f.get_slice("encoder.embedding.weight").get_dtype()]  # what the model computes in
+        dtype = dtype or compute
+
+        def read(name: str, dtype: torch.dtype) -> Tensor:
+            """One of our tensors as transformers computes with it, in `dtype`."""
+            tensor = f.get_tensor(name)
+            if tensor.dtype == FP8:
+                tensor = dequantize_weight(tensor, f.get_tensor(name + "_scale"), compute)
+            if name not in unscale:
+                return tensor.to(dtype)
+            rows, block, scale = unscale[name]
+            tensor = tensor.to(torch.float32, copy=True)
+            tensor[rows] /= scale  # exact: a power of two
+            result = tensor.to(dtype)
+            if not torch.isfinite(result).all():
+                kind = str(dtype).removeprefix("torch.")
+                raise ConversionError(f"{name}: undoing the float16 scale {scale} of {block} gives values past "
+                                      f"{kind}'s range: export with --dtype float32 or bfloat16")
+            return result
+
+        shared = read("encoder.embedding.weight", compute)
+        if not encoder_only and not torch.equal(shared, read("decoder.embedding.weight", compute)):
+            raise ConversionError("the encoder and decoder embeddings differ: transformers' T5 has one shared "
+                                  "embedding")
+        first = {"encoder.embedding.weight": shared}  # read already: written first, then let go
+        tied = False
+        if not encoder_only and model_type != "mt5":  # v1.0: is lm_head still the scaled embedding?
+            first["lm_head.weight"] = read("lm_head.weight", compute)
+            tied = torch.equal(first["lm_head.weight"], (shared.float() * config.d_model**-0.5).to(shared.dtype))
+            if tied:
+                del first["lm_head.weight"]  # transformers ties it to shared.weight and applies the scale itself
+        del shared
+        plan = make_plan(config, embedding="shared.weight", lm_head=not tied, scale_lm_head=tied,
+                         encoder_only=encoder_only)
+        skip = {"decoder.embedding.weight"} | ({"lm_head.weight"} if tied else set())  # both are shared.weight
+        names = [*first, *(name for name in plan if name not in first and name not in skip)]
+        specs = {}
+        for name in names:
+            source, shape = plan[name], list(f.get_slice(name).get_shape())
+            shape[source.dim] //= len(source.keys)
+            specs.update({key: (torch.Size(shape), dtype) for key in source.keys})
+
+        def tensors() -> Iterator[tuple[str, Tensor]]:
+            for name in names:
+                source = plan[name]
+                tensor = first.pop(name).to(dtype) if name in first else read(name, dtype)
+                for key, part in zip(source.keys, tensor.chunk(len(source.keys), dim=source.dim)):
+                    yield key, part
+                del tensor, part  # before the next one is read
+
+        with staged_folder(out) as tmp:
+            write_safetensors(tmp / "model.safetensors", specs, tensors())
+            hf_config = hf_config_for(config, model_type, encoder_only, tied)
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            if not (tmp / "tokenizer_config.json").exists():
+                kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
+                (tmp / "tokenizer_config.json").write_text(json.dumps(
+                    {"tokenizer_class": kind, "extra_ids": config.extra_ids, "eos_token": "</s>", "unk_token": "<unk>",
+                     "pad_token": "<pad>"}, indent=2) + "\n")
     return out
 
 
@@ -867,12 +1082,14 @@ def main(argv: list[str] | None = None) -> int:
                         "or a single .safetensors file (with --to-hf: one of our folders)")
     parser.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer files)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights (fp8 checkpoints: all but the fp8 "
-                        "weights) in this dtype (default: as the checkpoint; bfloat16 for an fp8 source)")
+                        "weights; with --to-hf: all) in this dtype (default: as the checkpoint; bfloat16 for an fp8 "
+                        "source)")
     parser.add_argument("--weights", choices=WEIGHTS, help="float8_e4m3fn: linear weights in fp8 with a float32 scale "
                         "per row, embeddings and norms in --dtype (default: fp8 when the source's are, else dense)")
     parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion "
                         "models) (default: everything the source has)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists and holds only what this tool "
+                        "writes: config.json, model.safetensors, tokenizer files (default: refuse)")
     parser.add_argument("--tokenizer", help="where the tokenizer is: a folder (diffusers' tokenizer_2/, a transformers "
                         "tokenizer folder) or a spiece.model (default: the source folder; for diffusers, tokenizer_N/ "
                         "beside text_encoder_N/)")
@@ -895,7 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.to_hf:
-            out = export_hf(args.src, args.out, force=args.force, model_type=args.model_type)
+            out = export_hf(args.src, args.out, force=args.force, model_type=args.model_type,
+                            dtype=DTYPES.get(args.dtype))
             print(f"wrote {out} ({json.loads((out / 'config.json').read_text())['architectures'][0]})")
             return 0
         texts = None
@@ -908,10 +1126,16 @@ def main(argv: list[str] | None = None) -> int:
                       prefix=args.prefix, guess=guess)
     except (ConversionError, OSError, ValueError) as error:
         print(f"convert_hf.py: error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt:  # the temporary folder is gone already (staged_folder); OUT is as it was
+        print("convert_hf.py: interrupted", file=sys.stderr)
+        return 130
     config = T5Config.load(out / "config.json")
-    print(f"wrote {out} ({config.num_encoder_layers} encoder + {config.num_decoder_layers} decoder layers, "
-          f"d_model {config.d_model}, ffn {config.ffn}{', per-layer bias' if config.bias_per_layer else ''})")
+    with open_safetensors(out / "model.safetensors") as f:
+        decoder = any(key.startswith("decoder.") for key in f.keys())
+    layers = f"{config.num_encoder_layers} encoder" + (f" + {config.num_decoder_layers} decoder" if decoder else "")
+    print(f"wrote {out} ({layers} layers, d_model {config.d_model}, ffn {config.ffn}"
+          f"{', per-layer bias' if config.bias_per_layer else ''})")
     return 0
 
 

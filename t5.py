@@ -1315,19 +1315,22 @@ def repeat_beams(index: Tensor, width: int) -> Tensor:
 # Tokenizers
 ########################################################################################
 
-SENTINEL = re.compile(r"<extra_id_(\d+)>")
+SENTINEL = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # as in transformers: "<extra_id_05>" is plain text
 
 
 class Tokenizer:
     """Text <-> ids for a T5 checkpoint: sentencepiece pieces (or ByT5's bytes) plus T5's sentinels
     `<extra_id_0>`, `<extra_id_1>`, ... whose ids count down from the end of the vocabulary
     (`<extra_id_0>` is the last id). The text between sentinels is encoded piece by piece, as
-    Hugging Face's T5Tokenizer does; EOS is appended by default."""
+    Hugging Face's T5Tokenizer does; EOS is appended by default. The special tokens written in text
+    (`</s>`, `<pad>`, `<unk>`) become their ids too, as in transformers."""
 
     def __init__(self, config: T5Config) -> None:
         self.pad_id, self.eos_id = config.pad_token_id, config.eos_token_id
         self.extra_ids = config.extra_ids
         self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; set by subclasses to their vocabulary's end
+        self.specials: dict[str, int] = {}  # special tokens as written in text -> id; set by subclasses
+        self.strip_specials = False  # ByT5's: the whitespace around them is dropped (transformers' lstrip/rstrip)
 
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -1355,12 +1358,20 @@ class Tokenizer:
         return index if 0 <= index < self.extra_ids else None
 
     def encode(self, text: str, *, eos: bool = True) -> list[int]:
+        pattern = "|".join([SENTINEL.pattern, *map(re.escape, self.specials)])
         ids: list[int] = []
         start = 0
-        for match in SENTINEL.finditer(text):
-            if int(match.group(1)) < self.extra_ids:
-                ids += self._encode_text(text[start:match.start()]) + [self.sentinel(int(match.group(1)))]
-                start = match.end()
+        for match in re.finditer(pattern, text):
+            sentinel = match.group(1)
+            if sentinel is not None and int(sentinel) >= self.extra_ids:
+                continue  # past this vocabulary's sentinels: plain text
+            strip = self.strip_specials and sentinel is None
+            before = text[start:match.start()]
+            ids += self._encode_text(before.rstrip() if strip else before)
+            ids.append(self.sentinel(int(sentinel)) if sentinel is not None else self.specials[match[0]])
+            start = match.end()
+            if strip:
+                start += len(text[start:]) - len(text[start:].lstrip())
         ids += self._encode_text(text[start:])
         return ids + [self.eos_id] if eos else ids
 
@@ -1420,8 +1431,13 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece
 
         super().__init__(config)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except RuntimeError as error:  # a truncated or foreign file
+            raise ValueError(f"{model_file}: not a readable sentencepiece model ({error})") from None
         self.unk_id = self.sp.unk_id()
+        self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.unk_id)
+                         if 0 <= i < self.sp.get_piece_size() and (self.sp.is_control(i) or self.sp.is_unknown(i))}
         self.first_sentinel = self.sp.get_piece_size() + self.extra_ids - 1
         if self.first_sentinel >= config.vocab_size:
             raise ValueError(f"{model_file}: {self.sp.get_piece_size()} pieces + {self.extra_ids} sentinels do not fit "
@@ -1446,6 +1462,7 @@ class ByteTokenizer(Tokenizer):
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
         self.unk_id = 2
+        self.specials, self.strip_specials = {"<pad>": self.pad_id, "</s>": self.eos_id, "<unk>": self.unk_id}, True
         if config.vocab_size < 256 + self.OFFSET + self.extra_ids:
             raise ValueError(f"a byte vocabulary needs {256 + self.OFFSET} ids plus sentinels, the model has "
                              f"{config.vocab_size}")
@@ -1935,6 +1952,8 @@ def cli_flops(args: argparse.Namespace) -> None:
     rows = [(f"encoder forward ({b} x {s})", encoder_flops(config, b, s)),
             (f"decoder forward, {t} tokens over {s} (prefill)", decoder_flops(config, b, t, s)),
             (f"one cached decode step (cache of {s + t}, over {s})", decode_step_flops(config, b, s, s + t))]
+    if path.is_dir() and (path / "model.safetensors").is_file() and not _has_decoder(path):
+        rows = rows[:1]  # an encoder-only checkpoint
     print(f"{'':50} {'attn proj':>12} {'attn scores':>12} {'ffn':>12} {'lm_head':>12} {'total':>12}  GFLOP")
     for name, f in rows:
         print(f"{name:50} " + " ".join(f"{x / 1e9:12.4f}" for x in (*f, f.total)))
