@@ -33,11 +33,14 @@ import re
 import shutil
 import struct
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
+with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unused here) is absent
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
 from einops import rearrange
 from torch import Tensor
 
@@ -862,6 +865,11 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     weights = weights or ("float8_e4m3fn" if source_fp8 else "dense")
     if weights not in WEIGHTS:
         raise ConversionError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    if dtype is None and stored == torch.float16 and calibrate_texts is None:
+        # v1.1 / Flan XL and XXL overflow float16 without calibration (t5xxl_fp16 files are common)
+        dtype = torch.bfloat16
+        print(f"convert_hf.py: note: {src} is float16; storing bfloat16, which cannot overflow (keep float16 with "
+              "--dtype float16 --calibrate)", file=sys.stderr)
     dtype = dtype or (torch.bfloat16 if stored == FP8 or source_fp8 else stored)
     if dtype not in DTYPES.values():
         raise ConversionError(f"cannot compute in {dtype}; use --dtype float32, bfloat16 or float16")
@@ -999,10 +1007,17 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
     if (model_type == "umt5") != config.bias_per_layer:
         raise ConversionError(f"model_type {model_type!r} does not fit this checkpoint: UMT5 and only UMT5 has "
                               "a position bias table per layer")
-    unscale = {}  # our tensor -> (rows, block, scale) of the float16 output scales to undo
+    # our tensor -> [(rows, factor, why)]: float16 output scales to undo (exact: powers of two), and
+    # with scale_qk the attention scale, which transformers' T5 expects burned into the queries
+    rescale: dict[str, list[tuple[slice, float, str]]] = {}
     for block, scale in config.out_scales.items():
         name, rows = value_rows(config, block)
-        unscale[name] = (rows, block, scale)
+        rescale.setdefault(name, []).append((rows, 1 / scale, f"undoing the float16 scale {scale} of {block}"))
+    if config.scale_qk:
+        for name in expected_shapes(config, False):
+            if name.endswith(("attn.qkv.weight", "cross_attn.q.weight")):
+                rescale.setdefault(name, []).append((slice(0, config.inner_dim), config.d_kv**-0.5,
+                                                     "folding the attention scale into the queries"))
 
     with open_safetensors(src / "model.safetensors") as f:
         encoder_only = not any(key.startswith("decoder.") for key in f.keys())
@@ -1018,15 +1033,15 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             tensor = f.get_tensor(name)
             if tensor.dtype == FP8:
                 tensor = dequantize_weight(tensor, f.get_tensor(name + "_scale"), compute)
-            if name not in unscale:
+            if name not in rescale:
                 return tensor.to(dtype)
-            rows, block, scale = unscale[name]
             tensor = tensor.to(torch.float32, copy=True)
-            tensor[rows] /= scale  # exact: a power of two
+            for rows, factor, _ in rescale[name]:
+                tensor[rows] *= factor
             result = tensor.to(dtype)
             if not torch.isfinite(result).all():
                 kind = str(dtype).removeprefix("torch.")
-                raise ConversionError(f"{name}: undoing the float16 scale {scale} of {block} gives values past "
+                raise ConversionError(f"{name}: {' and '.join(why for _, _, why in rescale[name])} gives values past "
                                       f"{kind}'s range: export with --dtype float32 or bfloat16")
             return result
 

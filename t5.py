@@ -1607,7 +1607,8 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         prefix = "encoder." if isinstance(model, T5Encoder) else ""
         save_file({prefix + key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()},
                   staged["model.safetensors"], metadata={"format": "pt"})
-        model.config.save(staged["config.json"])
+        model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
+        os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # safetensors: 0600
         if "spiece.model" in staged:
             staged["spiece.model"].write_bytes(tokenizer.sp.serialized_model_proto())
         for name, path in staged.items():

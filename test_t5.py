@@ -1641,6 +1641,25 @@ def test_demo_spells_small_numbers_and_train_demo_keeps_demo(tmp_path: Path) -> 
     assert default.resolve() != (HERE / "demo").resolve()
 
 
+def test_demo_exports_to_transformers(tmp_path: Path) -> None:
+    """The shipped demo (trained with sum_embedding_grads, so its two tables are equal) exports
+    with --to-hf; it was trained with scale_qk=True, which the export folds into the queries
+    (d_kv**-0.5 = 32**-0.5 is no power of two: float32 rounding, hence 1e-5 of the largest logit),
+    and transformers spells the numbers as we do."""
+    assert convert_hf.main(["--to-hf", str(HERE / "demo"), str(tmp_path / "hf")]) == 0
+    ours, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = tokenizer.encode_batch(["spell: 4071", "spell: 12", "spell: 99999"])
+    with torch.no_grad():
+        logits = ours(ids, ids, input_mask=mask).logits
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits
+        torch.testing.assert_close(logits, ref, atol=1e-5 * float(logits.abs().max()), rtol=0)
+        hf_tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=24)
+    texts = [tokenizer.decode(row) for row in t5.generate(ours, ids, mask, max_new_tokens=24).tokens]
+    assert texts == [tokenizer.decode(row) for row in hf_tokens] == ["four thousand seventy-one", "twelve",
+                                                                     "ninety-nine thousand nine hundred ninety-nine"]
+
+
 ########################################################################################
 # Checkpoints as the ecosystem ships them: single files, fp8, diffusers folders, back to transformers
 ########################################################################################
@@ -1661,6 +1680,21 @@ def single_file(family: Family, path: Path, *, prefix: str = "", encoder_only: b
         state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
     save_file({prefix + k: v for k, v in state.items()} | (extra or {}), path)
     return path
+
+
+def test_float16_single_file_defaults_to_bfloat16(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A float16 source (t5xxl_fp16.safetensors) is stored in bfloat16 unless told otherwise: v1.1
+    XL / XXL overflow float16 without calibration. --dtype float16 keeps it, --calibrate too."""
+    state = load_file(build_hf_checkpoint(tmp_path / "hf", "t5-v1.1") / "model.safetensors")
+    src = tmp_path / "t5xxl_fp16.safetensors"
+    save_file({k: v.half() for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}, src)
+    flags = SHAPE_FLAGS["t5-v1.1"]
+    assert convert_hf.main([str(src), str(tmp_path / "default"), *flags]) == 0
+    assert "is float16; storing bfloat16" in capsys.readouterr().err
+    assert load_file(tmp_path / "default" / "model.safetensors")["encoder.embedding.weight"].dtype == torch.bfloat16
+    assert convert_hf.main([str(src), str(tmp_path / "half"), "--dtype", "float16", *flags]) == 0
+    assert "storing bfloat16" not in capsys.readouterr().err
+    assert load_file(tmp_path / "half" / "model.safetensors")["encoder.embedding.weight"].dtype == torch.float16
 
 
 def assert_same_checkpoint(a: Path, b: Path) -> None:
@@ -2129,6 +2163,8 @@ def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> Non
     (folder / "notes.txt").write_text("mine")
     t5.save(model, folder, tokenizer)
     assert (folder / "notes.txt").read_text() == "mine"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the umask's, like any file the user writes
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
     again = t5.load(folder)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
