@@ -50,15 +50,12 @@ Shape legend (einops names used throughout):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
 import os
 import re
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -987,9 +984,9 @@ class GenerationOptions(NamedTuple):
     top_p: float | None = None  # sampling: only the smallest set of tokens with this much probability
     num_beams: int = 1  # beam search when > 1
     length_penalty: float = 1.0  # beam search: finished hypotheses score sum / length**length_penalty
-    early_stopping: bool | Literal["never"] = False  # beam search: when an input stops
+    early_stopping: bool | Literal["never"] = False  # beam search: when an input stops (True, False, "never")
     num_return_sequences: int = 1  # samples (or best beams) per input, adjacent in the output
-    compile: bool = False  # run the decode step under torch.compile
+    compile: bool = False  # run the decode step under torch.compile (`compiled_decode_step`)
 
     def check(self) -> GenerationOptions:
         if self.max_new_tokens < 1:
@@ -1003,9 +1000,9 @@ class GenerationOptions(NamedTuple):
             raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1 or self.num_return_sequences < 1:
-            raise ValueError(f"num_beams and num_return_sequences must be at least 1, got {self.num_beams}, "
-                             f"{self.num_return_sequences}")
+        for name in ("num_beams", "num_return_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.do_sample:
@@ -1144,17 +1141,27 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
         position += 1
 
 
-def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
-           min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, num_return_sequences: int = 1, generator: torch.Generator | None = None,
-           decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None,
-           compile: bool = False) -> Iterator[Tensor]:
+def generation_options(options: GenerationOptions | None, keywords: dict[str, object]) -> GenerationOptions:
+    """`options` (or the defaults) with Hugging Face-named keywords applied, checked; an unknown
+    keyword is a TypeError that names it."""
+    unknown = sorted(set(keywords) - set(GenerationOptions._fields))
+    if unknown:
+        raise TypeError(f"unknown generation options {unknown}; GenerationOptions has {list(GenerationOptions._fields)}")
+    if options is None:
+        return GenerationOptions(**keywords).check()  # type: ignore[arg-type]
+    return options._replace(**keywords).check()
+
+
+def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
+           *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+           decoder_mask: Tensor | None = None, **keywords: object) -> Iterator[Tensor]:
     """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
 
-    Arguments as for `generate`. A row that has produced EOS yields pad from then on; the stream
-    ends when every row has, or after max_new_tokens."""
-    options = GenerationOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                                num_return_sequences=num_return_sequences, compile=compile).check()
+    Arguments as for `generate` (no beam search). A row that has produced EOS yields pad from then
+    on; the stream ends when every row has, or after max_new_tokens."""
+    options = generation_options(options, keywords)
+    if options.num_beams > 1:
+        raise ValueError("stream does not do beam search (num_beams=1): use generate")
     with torch.inference_mode():
         steps = _decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)
     while True:
@@ -1165,35 +1172,29 @@ def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, ma
         yield item[0].clone()  # an ordinary tensor, usable outside inference mode
 
 
-def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
-             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | Literal["never"] = False, num_return_sequences: int = 1,
-             generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
-             decoder_mask: Tensor | None = None, compile: bool = False) -> Generation:
-    """Generate up to max_new_tokens per row. Keyword names and meanings follow Hugging Face's
-    `generate` (`GenerationOptions` lists them), except that top_k defaults to no limit.
+def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
+             *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+             decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
+    """Generate up to max_new_tokens per row, as `options` (a `GenerationOptions`) says, or its
+    fields given as keywords (Hugging Face's names: `generate(model, ids, mask, max_new_tokens=32,
+    num_beams=4)`); keywords given with `options` replace its fields.
 
-    - greedy (default); sampling with do_sample=True, after temperature, top_k and top_p, drawing
-      from `generator` when given (same seed, same tokens); num_return_sequences samples per input
-      share one encoding (rows of one input are adjacent in the output).
-    - beam search with num_beams > 1, length_penalty and early_stopping (True, False or "never")
-      as Hugging Face defines them; returns the best beam of each input, or its
+    - greedy (default); sampling with do_sample=True, drawing from `generator` when given (same
+      seed, same tokens); num_return_sequences samples per input share one encoding (rows of one
+      input are adjacent in the output).
+    - beam search with num_beams > 1; returns the best beam of each input, or its
       num_return_sequences (<= num_beams) best beams, best first.
-    - min_new_tokens: EOS is forbidden before that many tokens.
     - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
       that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
       The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
       `generate` returns it in front of them).
-    - compile=True runs the decode step under torch.compile (`compiled_decode_step`).
 
     input_ids (b, s) with an optional (b, s) padding input_mask. Runs under inference mode; the
     returned tensors are ordinary ones (they can serve as labels for training).
     """
-    options = GenerationOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
-                                length_penalty, early_stopping, num_return_sequences, compile).check()
+    options = generation_options(options, keywords)
     with torch.inference_mode():
-        if num_beams > 1:
+        if options.num_beams > 1:
             out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
         else:
             steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask))
@@ -1491,6 +1492,8 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 # Loading
 ########################################################################################
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
+
 
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """An fp8 weight (o, i) with its float32 per-row scale (o,) -> the weight in `dtype`. The
@@ -1709,319 +1712,3 @@ def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
         setattr(layer, f"{block}_unscale", getattr(layer, f"{block}_unscale") / scale)
         config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
     T5Config(**dataclasses.asdict(config))  # still a valid config
-
-
-########################################################################################
-# Command line
-########################################################################################
-
-DEMO = Path(__file__).resolve().parent / "demo"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LONG_INPUT = 1024  # tokens: twice the 512 of T5's pre-training; longer prompts get a warning
-
-
-class CommandLineError(Exception):
-    """A mistake in how the command was called: reported in one line, no traceback."""
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CommandLineError(f"--device {name}: unknown device (cpu, cuda, cuda:N)") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CommandLineError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CommandLineError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return device
-    raise CommandLineError(f"--device {name}: not a device this machine can run on (cpu"
-                           f"{', cuda' if torch.cuda.is_available() else ''})")
-
-
-def _check_text(text: str, where: str) -> str:
-    try:  # undecodable bytes reach Python as lone surrogates
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CommandLineError(f"{where} is not valid UTF-8") from None
-    return text
-
-
-def _prompt_batches(args: argparse.Namespace) -> Iterator[list[str]]:
-    """The prompts in batches of --batch-size: the arguments, or else stdin read lazily, one prompt
-    per line (CRLF or LF), blank lines included, so that outputs line up with inputs."""
-    if args.prompts:
-        lines: Iterator[str] = (_check_text(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts))
-    else:
-        lines = _stdin_lines()
-    batch: list[str] = []
-    for line in lines:
-        batch.append(line)
-        if len(batch) == args.batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _stdin_lines() -> Iterator[str]:
-    seen = False
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        seen = True
-        try:
-            yield raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
-        except UnicodeDecodeError:
-            raise CommandLineError(f"line {number} of stdin is not valid UTF-8") from None
-    if not seen:
-        raise CommandLineError("no prompt: give prompts as arguments or one per line on stdin")
-
-
-def _encode_prompts(tokenizer: Tokenizer, texts: list[str], args: argparse.Namespace, first: int,
-                    device: torch.device) -> tuple[Tensor, Tensor]:
-    """Tokenize a batch (truncated to --max-input-tokens), warning about prompts far longer than
-    T5 models are trained on."""
-    fixed = getattr(args, "max_length", None)  # encode --max-length: pipelines' fixed-length padding
-    limit = fixed or args.max_input_tokens
-    ids, mask = tokenizer.encode_batch(texts, device=device, max_length=limit, truncation=limit is not None,
-                                       padding="max_length" if fixed else "longest")
-    for i, length in enumerate(mask.sum(dim=1).tolist() if limit is None else []):
-        if length > LONG_INPUT:
-            print(f"t5.py: warning: prompt {first + i + 1} is {length} tokens long, far past the 512 that T5 models "
-                  "are trained on (--max-input-tokens N truncates)", file=sys.stderr)
-    return ids, mask
-
-
-def _has_decoder(ckpt: Path) -> bool:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-            return any(key.startswith("decoder.") for key in f.keys())
-    except SafetensorError as error:
-        raise CommandLineError(f"{ckpt / 'model.safetensors'}: not a readable safetensors file ({error})") from None
-
-
-def _load_for_cli(args: argparse.Namespace, *, encoder_only: bool = False) -> tuple[T5 | T5Encoder, Tokenizer]:
-    ckpt = Path(args.ckpt)
-    if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
-        raise CommandLineError(f"--ckpt {ckpt}: no converted checkpoint there (config.json and model.safetensors); "
-                               "convert one with convert_hf.py")
-    device = _device(args.device)
-    config = T5Config.load(ckpt / "config.json")
-    tokenizer = load_tokenizer(ckpt, config)
-    if not encoder_only and not _has_decoder(ckpt):
-        raise CommandLineError(f"--ckpt {ckpt} holds only an encoder: it can `encode`, not `generate`")
-    model = load(ckpt, encoder_only=encoder_only, device=device, dtype=DTYPES.get(args.dtype))
-    return model, tokenizer
-
-
-def _sampling(args: argparse.Namespace) -> dict[str, object]:
-    """Check the generation flags (before the model is loaded) and turn them into `generate`'s
-    keyword arguments."""
-    if args.max_new_tokens < 1:
-        raise CommandLineError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
-        raise CommandLineError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
-                               f"got {args.min_new_tokens}")
-    if args.num_beams < 1:
-        raise CommandLineError(f"--num-beams must be at least 1, got {args.num_beams}")
-    if args.temperature is not None and args.temperature < 0:
-        raise CommandLineError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise CommandLineError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise CommandLineError(f"--top-p must be in (0, 1], got {args.top_p}")
-    filters = args.top_k is not None or args.top_p is not None
-    if args.temperature == 0 and filters:
-        raise CommandLineError("--temperature 0 is greedy decoding: it does not combine with --top-k/--top-p")
-    sample = bool(args.temperature) or filters
-    if sample and args.num_beams > 1:
-        raise CommandLineError("--num-beams is beam search: it does not combine with --temperature/--top-k/--top-p")
-    if args.seed is not None and not sample:
-        raise CommandLineError("--seed only matters when sampling (--temperature, --top-k or --top-p)")
-    options: dict[str, object] = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                      compile=args.compile)
-    if args.num_beams > 1:
-        return {**options, "num_beams": args.num_beams}
-    if sample:
-        generator = None if args.seed is None else torch.Generator(_device(args.device)).manual_seed(args.seed)
-        options.update(do_sample=True, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                       generator=generator)
-    return options
-
-
-def _check_batching(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise CommandLineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for flag in ("max_input_tokens", "max_length"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise CommandLineError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if getattr(args, "no_mask", False) and not args.max_length:
-        raise CommandLineError("--no-mask needs --max-length N: without the mask every row attends to its padding, "
-                               "so its states would depend on the batch it was padded with (Flux: 512, SD3: 256)")
-    if getattr(args, "max_length", None) and args.max_input_tokens:
-        raise CommandLineError("--max-length already truncates: it does not combine with --max-input-tokens")
-
-
-def cli_generate(args: argparse.Namespace) -> None:
-    options = _sampling(args)
-    _check_batching(args)
-    model, tokenizer = _load_for_cli(args)
-    device = model.lm_head.weight.device
-    start, count, done = time.perf_counter(), 0, 0
-    for texts in _prompt_batches(args):
-        ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
-        if len(args.prompts) == 1 and options.get("num_beams", 1) == 1 and texts[0].strip():  # stream one prompt
-            tokens: list[int] = []
-            shown = ""
-            for token in stream(model, ids, mask, **options):
-                tokens.append(int(token[0]))
-                text = tokenizer.decode(tokens).replace("\n", " ")
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-            print()
-            count += len(tokens)
-        else:
-            real = [i for i, text in enumerate(texts) if text.strip()]  # blank lines answer blank lines
-            lines = [""] * len(texts)
-            if real:
-                out = generate(model, ids[real], mask[real], **options)
-                for i, row in zip(real, out.tokens):
-                    lines[i] = tokenizer.decode(row).replace("\n", " ")
-                count += int(out.lengths.sum())
-            print("\n".join(lines), flush=True)
-        done += len(texts)
-    elapsed = time.perf_counter() - start
-    print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """The --out of `encode`, checked before any work is done."""
-    if out.is_dir():
-        raise CommandLineError(f"--out {out} is a folder; name a .safetensors file")
-    if not out.parent.is_dir():
-        raise CommandLineError(f"--out {out}: folder {out.parent} does not exist")
-    if out.exists() and not force:
-        raise CommandLineError(f"--out {out} exists; pass --force to overwrite it")
-
-
-def cli_encode(args: argparse.Namespace) -> None:
-    from safetensors.torch import save
-
-    _check_out(args.out, args.force)
-    _check_batching(args)
-    encoder, tokenizer = _load_for_cli(args, encoder_only=True)
-    device = encoder.embedding.weight.device
-    batches, done = [], 0
-    with torch.inference_mode():
-        for texts in _prompt_batches(args):
-            ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
-            batches.append((ids.cpu(), mask.cpu(), encoder(ids, None if args.no_mask else mask).cpu()))
-            done += len(texts)
-    width = max(ids.shape[1] for ids, _, _ in batches)  # batches pad to their longest row: pad them all alike
-    pad = tokenizer.pad_id
-
-    def widen(x: Tensor, value: float) -> Tensor:
-        return F.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]), value=value)
-
-    hidden = torch.cat([widen(h, 0.0) for _, _, h in batches]).contiguous()
-    mask = torch.cat([widen(m, 0) for _, m, _ in batches])
-    data = save({"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])})
-    tmp = args.out.parent / f".{args.out.name}.tmp-{os.getpid()}"
-    try:  # written beside --out and renamed into place: never half a file
-        tmp.write_bytes(data)
-        tmp.replace(args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {args.out}: hidden {tuple(hidden.shape)} {hidden.dtype}, mask {tuple(mask.shape)}", file=sys.stderr)
-
-
-def cli_flops(args: argparse.Namespace) -> None:
-    for flag in ("batch", "src", "tgt"):
-        if getattr(args, flag) < 1:
-            raise CommandLineError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    path = Path(args.ckpt)
-    config = T5Config.load(path / "config.json" if path.is_dir() else path)
-    b, s, t = args.batch, args.src, args.tgt
-    rows = [(f"encoder forward ({b} x {s})", encoder_flops(config, b, s)),
-            (f"decoder forward, {t} tokens over {s} (prefill)", decoder_flops(config, b, t, s)),
-            (f"one cached decode step (cache of {s + t}, over {s})", decode_step_flops(config, b, s, s + t))]
-    if path.is_dir() and (path / "model.safetensors").is_file() and not _has_decoder(path):
-        rows = rows[:1]  # an encoder-only checkpoint
-    print(f"{'':50} {'attn proj':>12} {'attn scores':>12} {'ffn':>12} {'lm_head':>12} {'total':>12}  GFLOP")
-    for name, f in rows:
-        print(f"{name:50} " + " ".join(f"{x / 1e9:12.4f}" for x in (*f, f.total)))
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line; every option says its default."""
-    top = argparse.ArgumentParser(prog="t5.py", description="T5 from the command line. With no --ckpt, the "
-                                  "demo model in demo/ (it spells out numbers: 'spell: 4071').")
-    commands = top.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin, blank lines included; "
-                       "output lines match input lines)")
-        p.add_argument("--ckpt", default=str(DEMO), help="a folder written by convert_hf.py (default: the demo model)")
-        p.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: as stored in --ckpt)")
-        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
-        p.add_argument("--batch-size", type=int, default=16, help="prompts run together (default: 16)")
-        p.add_argument("--max-input-tokens", type=int, help="truncate prompts to this many tokens, EOS kept last "
-                       f"(default: no limit; prompts over {LONG_INPUT} tokens get a warning)")
-
-    g = commands.add_parser("generate", help="generate text for prompts (greedy unless told otherwise)")
-    common(g)
-    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per prompt (default: 64)")
-    g.add_argument("--min-new-tokens", type=int, default=0, help="EOS is forbidden before this many (default: 0)")
-    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy; 0 is greedy too)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: no limit)")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much probability "
-                   "(default: 1, no limit)")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1, none)")
-    g.add_argument("--seed", type=int, help="seed of the sampling generator, same seed same text (default: random)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
-    g.set_defaults(run=cli_generate)
-    e = commands.add_parser("encode", help="write encoder hidden states (and mask) of prompts to a safetensors file")
-    common(e)
-    e.add_argument("--out", required=True, type=Path, help="output .safetensors file (required): hidden (b, s, d), "
-                   "mask and input_ids (b, s)")
-    e.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
-    e.add_argument("--no-mask", action="store_true", help="run the encoder without the padding mask, as Flux / SD3 "
-                   "pipelines do; needs --max-length (default: masked)")
-    e.add_argument("--max-length", type=int, help="pad (and truncate, EOS kept last) every prompt to this many tokens, "
-                   "as diffusion pipelines do: Flux 512, SD3 256, PixArt-alpha 120 (default: pad to the longest)")
-    e.set_defaults(run=cli_encode)
-    f = commands.add_parser("flops", help="print the FLOP breakdown of a config for given sizes")
-    f.add_argument("--ckpt", default=str(DEMO), help="a checkpoint folder or a config.json (default: the demo model)")
-    f.add_argument("--batch", type=int, default=1, help="rows (default: 1)")
-    f.add_argument("--src", type=int, default=512, help="encoder tokens per row (default: 512)")
-    f.add_argument("--tgt", type=int, default=64, help="decoder tokens per row (default: 64)")
-    f.set_defaults(run=cli_flops)
-    return top
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except BrokenPipeError:  # `t5.py ... | head -2`: the reader left, nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
-        return 141  # what a shell reports for SIGPIPE
-    except (CommandLineError, OSError, ValueError) as error:  # OSError: FileNotFoundError, PermissionError, ...
-        print(f"t5.py {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"t5.py {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import bench_t5
+import cli
 import convert_hf
 import t5
 
@@ -1123,7 +1124,7 @@ def test_demo_model_spells_held_out_numbers() -> None:
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "t5.py", *args], cwd=HERE, capture_output=True, text=True, input=stdin,
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, text=True, input=stdin,
                           timeout=300)
 
 
@@ -1281,7 +1282,7 @@ def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: p
 
 
 def run_cli_bytes(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "t5.py", *args], cwd=HERE, capture_output=True, input=stdin, timeout=300)
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, input=stdin, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
@@ -1321,7 +1322,7 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
     (["generate", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["generate", "x", "--seed", "3"], "--seed only matters when sampling"),
     (["generate", "x", "--num-beams", "2", "--seed", "3"], "--seed only matters when sampling"),
-    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be between 0 and"),
+    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be in [0, --max-new-tokens=4]"),
     (["generate", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["encode", "x", "--out", "unused.safetensors", "--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
     (["encode", "x", "--out", "unused.safetensors", "--no-mask"], "--no-mask needs --max-length N"),
@@ -1370,7 +1371,7 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     reader that goes away (| head) and Ctrl-C end it quietly, without a traceback."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "t5.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write("spell: 12\r\n")
     proc.stdin.flush()
@@ -1379,7 +1380,7 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
     lines = "".join(f"spell: {n}\n" for n in range(1, 200))
-    proc = subprocess.Popen([sys.executable, "t5.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write(lines)
     proc.stdin.close()
@@ -1409,7 +1410,7 @@ def test_cli_max_input_tokens_and_long_input_warning(tmp_path: Path) -> None:
     assert saved["input_ids"].shape == (2, 5) and saved["input_ids"][0, -1] == tokenizer.eos_id
     assert saved["input_ids"][0].tolist() == tokenizer.encode("spell: 123456789")[:4] + [tokenizer.eos_id]
     length = len(tokenizer.encode("spell: " + "7" * 1100))
-    assert length > t5.LONG_INPUT
+    assert length > cli.LONG_INPUT
     long = run_cli("encode", "spell: " + "7" * 1100, "--out", str(out), "--force")
     assert long.returncode == 0 and f"prompt 1 is {length} tokens long" in long.stderr, long.stderr
     assert "--max-input-tokens" in long.stderr
@@ -1447,8 +1448,8 @@ def test_cli_dtype_defaults_to_the_checkpoint(tmp_path: Path) -> None:
 def test_cli_is_quiet_without_numpy() -> None:
     """The minimal requirements have no numpy; torch >= 2.12 then warns at import. The command line
     says nothing a user did not cause (numpy is hidden from the child process here)."""
-    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['t5.py', 'generate', 'spell: 12']; " \
-           "runpy.run_path('t5.py', run_name='__main__')"
+    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['cli.py', 'generate', 'spell: 12']; " \
+           "runpy.run_path('cli.py', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0 and result.stdout == "twelve\n", result.stderr
     assert "NumPy" not in result.stderr and "Warning" not in result.stderr, result.stderr
@@ -1457,7 +1458,7 @@ def test_cli_is_quiet_without_numpy() -> None:
 def test_cli_every_option_has_help_with_its_default() -> None:
     import argparse
 
-    commands = next(a for a in t5.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in commands.choices.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
@@ -1465,10 +1466,29 @@ def test_cli_every_option_has_help_with_its_default() -> None:
             assert action.help, (name, action.dest)
             if not action.required:
                 assert "default" in action.help, (name, action.dest, action.help)
-            if action.default not in (None, False, t5.DEMO, str(t5.DEMO), []):
+            if action.default not in (None, False, cli.DEMO, str(cli.DEMO), []):
                 assert f"default: {action.default}" in action.help, (name, action.dest, action.help)
     text = run_cli("generate", "--help").stdout
     assert "(default: 64)" in text and "(default: 0)" in text
+
+
+def test_generation_options_once() -> None:
+    """generate and stream take a GenerationOptions or its fields as Hugging Face-named keywords
+    (keywords replace the options' fields); an unknown keyword is named."""
+    model, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
+    ids, mask = tokenizer.encode_batch(["spell: 12", "spell: 300"])
+    by_keywords = t5.generate(model, ids, mask, max_new_tokens=8, num_beams=2)
+    options = t5.GenerationOptions(max_new_tokens=3, num_beams=2)
+    by_options = t5.generate(model, ids, mask, options, max_new_tokens=8)
+    assert torch.equal(by_keywords.tokens, by_options.tokens)
+    with pytest.raises(TypeError, match="max_tokens"):
+        t5.generate(model, ids, mask, max_new_tokens=8, max_tokens=3)
+    with pytest.raises(TypeError, match="beams"):
+        next(t5.stream(model, ids, mask, max_new_tokens=8, beams=3))
+    with pytest.raises(ValueError, match="num_beams must be at least 1"):
+        t5.generate(model, ids, mask, options, num_beams=0)
+    with pytest.raises(ValueError, match="stream does not do beam search"):
+        next(t5.stream(model, ids, mask, options))
 
 
 def test_python_api_mistakes() -> None:
@@ -2719,14 +2739,14 @@ def test_convert_unreadable_weights_are_one_line(family: Family, tmp_path: Path,
 
 
 def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`t5.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
+    """`cli.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(HERE / "demo", broken)
     data = (broken / "spiece.model").read_bytes()
     (broken / "spiece.model").write_bytes(data[:len(data) // 3])
-    assert t5.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
+    assert cli.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
     err = capsys.readouterr().err
     assert f"{broken / 'spiece.model'}: not a readable sentencepiece model" in err and len(err.splitlines()) == 1, err
 
@@ -2926,7 +2946,7 @@ def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, mon
 
 
 def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """convert_hf.py's summary line and `t5.py flops` (their mains, in this process) on an
+    """convert_hf.py's summary line and `cli.py flops` (their mains, in this process) on an
     encoder-only checkpoint name no decoder."""
     hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
     assert convert_hf.main([str(hf_dir), str(tmp_path / "full")]) == 0
@@ -2934,8 +2954,8 @@ def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pyte
     assert convert_hf.main([str(hf_dir), str(tmp_path / "enc"), "--encoder-only"]) == 0
     out = capsys.readouterr().out
     assert "(3 encoder layers, d_model 32" in out and "decoder" not in out, out
-    assert t5.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
+    assert cli.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
     out = capsys.readouterr().out
     assert "encoder forward" in out and "decoder" not in out, out
-    assert t5.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
+    assert cli.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
     assert "one cached decode step" in capsys.readouterr().out
