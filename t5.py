@@ -105,7 +105,7 @@ class T5Config:
     # float16 safety: block -> power-of-two scale s < 1 ("encoder.3.ffn", "decoder.0.cross_attn", ...).
     # The block's value rows (attention V, FFN up-projection) are stored multiplied by s, so its output
     # comes out s times smaller, and is multiplied by 1/s in float32 when added to the residual.
-    # Set by `calibrate_float16` + `apply_out_scales` (or convert_hf.py --calibrate).
+    # Set by convert_hf.py's `calibrate_float16` + `apply_out_scales` (or convert_hf.py --calibrate).
     out_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -498,13 +498,13 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
-        self.attn_unscale = config.unscale(f"encoder.{index}.attn")  # 1 unless calibrated for float16
-        self.ffn_unscale = config.unscale(f"encoder.{index}.ffn")
+        # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
+        self.unscale = {block: config.unscale(f"encoder.{index}.{block}") for block in ("attn", "ffn")}
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x: float32 residual stream (b, s, d); bias (b|1, h, s, s)."""
-        x = x.add(self.dropout(self.attn(self.attn_norm(x), bias)).float(), alpha=self.attn_unscale)
-        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.ffn_unscale)
+        x = x.add(self.dropout(self.attn(self.attn_norm(x), bias)).float(), alpha=self.unscale["attn"])
+        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.unscale["ffn"])
 
 
 class DecoderLayer(nn.Module):
@@ -518,9 +518,8 @@ class DecoderLayer(nn.Module):
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
         self.index = index  # where this layer's keys/values live in the KV cache
-        self.self_attn_unscale = config.unscale(f"decoder.{index}.self_attn")  # 1 unless calibrated for float16
-        self.cross_attn_unscale = config.unscale(f"decoder.{index}.cross_attn")
-        self.ffn_unscale = config.unscale(f"decoder.{index}.ffn")
+        # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
+        self.unscale = {block: config.unscale(f"decoder.{index}.{block}") for block in ("self_attn", "cross_attn", "ffn")}
 
     def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
                 cross_bias: Tensor | None, cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
@@ -531,10 +530,10 @@ class DecoderLayer(nn.Module):
         if cross_kv is None:
             cross_kv = self.cross_attn.project_kv(encoded)
         y = self.self_attn(self.self_attn_norm(x), self_bias, cache, self.index, positions)
-        x = x.add(self.dropout(y).float(), alpha=self.self_attn_unscale)
+        x = x.add(self.dropout(y).float(), alpha=self.unscale["self_attn"])
         y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
-        x = x.add(self.dropout(y).float(), alpha=self.cross_attn_unscale)
-        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.ffn_unscale)
+        x = x.add(self.dropout(y).float(), alpha=self.unscale["cross_attn"])
+        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.unscale["ffn"])
 
 
 ########################################################################################
@@ -1620,95 +1619,3 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         for path in staged.values():
             path.unlink(missing_ok=True)
     return folder
-
-
-########################################################################################
-# Float16 calibration
-########################################################################################
-
-FLOAT16_MAX = 65504.0
-
-
-def _value_rows(layer: EncoderLayer | DecoderLayer, block: str, config: T5Config) -> Tensor:
-    """The weight rows whose scale a block's output follows linearly: attention V, FFN up-projection
-    (all of wi for ReLU, which is positively homogeneous)."""
-    if block in ("attn", "self_attn"):
-        return getattr(layer, block).qkv.weight[2 * config.inner_dim:]
-    if block == "cross_attn":
-        return layer.cross_attn.kv.weight[config.inner_dim:]
-    return layer.ffn.wi.weight[config.d_ff:] if config.ffn == "gated-gelu" else layer.ffn.wi.weight
-
-
-def _stacks(model: T5 | T5Encoder) -> dict[str, T5Encoder | T5Decoder]:
-    return {"encoder": model.encoder, "decoder": model.decoder} if isinstance(model, T5) else {"encoder": model}
-
-
-@torch.no_grad()
-def calibrate_float16(model: T5 | T5Encoder, input_ids: Tensor, input_mask: Tensor | None = None,
-                      decoder_input_ids: Tensor | None = None, *, headroom: float = 4.0) -> dict[str, float]:
-    """Which blocks would overflow float16, and the power-of-two scale each needs.
-
-    Runs the model as it is (float32 or bfloat16: their range is wide) on the calibration inputs
-    and records, per attention and feed-forward block, the largest magnitude on its value path:
-    V and the attention output before and after the out-projection; the FFN up-projection, the
-    hidden after the gate and the FFN output. Each scale starts at 1 and is halved until the
-    block's largest value times the scale is at most 65504 / headroom. Returns the blocks that
-    need a scale below 1 (to give to `apply_out_scales`). decoder_input_ids default to the inputs."""
-    if x_dtype(model.encoder if isinstance(model, T5) else model) == torch.float16:
-        raise ValueError("calibrate a float32 or bfloat16 model: float16 values have already overflowed")
-    config = model.config
-    peaks: dict[str, float] = {}
-    hooks = []
-
-    def watch(key: str, module: nn.Module, rows: slice | None = None) -> None:
-        def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            values = [output if rows is None else output[..., rows]] + ([] if rows is not None else [inputs[0]])
-            peaks[key] = max([peaks.get(key, 0.0)] + [float(v.detach().abs().max()) for v in values])
-        hooks.append(module.register_forward_hook(hook))
-
-    for stack, module in _stacks(model).items():
-        for index, layer in enumerate(module.layers):
-            for block in ("attn",) if stack == "encoder" else ("self_attn", "cross_attn"):
-                key, attention = f"{stack}.{index}.{block}", getattr(layer, block)
-                projection = attention.qkv if block != "cross_attn" else attention.kv
-                width = projection.weight.shape[0]
-                watch(key, projection, slice(width - config.inner_dim, width))  # V
-                watch(key, attention.out)  # attention output and the block's output
-            key = f"{stack}.{index}.ffn"
-            watch(key, layer.ffn.wi, slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None))
-            watch(key, layer.ffn.wo)  # the hidden after the gate, and the block's output
-    try:
-        if isinstance(model, T5):
-            decoder_ids = input_ids if decoder_input_ids is None else decoder_input_ids
-            model(input_ids, decoder_ids, input_mask=input_mask)
-        else:
-            model(input_ids, input_mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    scales = {}
-    for key, peak in peaks.items():
-        scale = 1.0
-        while peak * scale > FLOAT16_MAX / headroom:
-            scale /= 2
-        if scale < 1.0:
-            scales[key] = scale
-    return scales
-
-
-@torch.no_grad()
-def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
-    """Fold float16 output scales into the weights, in place (exact: powers of two), make each
-    scaled block's output be multiplied back in float32 as it joins the residual stream, and record
-    the scales in model.config.out_scales (saved with it in config.json)."""
-    config = model.config
-    stacks = _stacks(model)
-    for key, scale in scales.items():
-        stack, index, block = key.split(".")
-        if stack not in stacks or key not in scalable_blocks(config):
-            raise ValueError(f"no block {key!r} in this model")
-        layer = stacks[stack].layers[int(index)]
-        _value_rows(layer, block, config).mul_(scale)
-        setattr(layer, f"{block}_unscale", getattr(layer, f"{block}_unscale") / scale)
-        config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
-    T5Config(**dataclasses.asdict(config))  # still a valid config

@@ -2325,9 +2325,9 @@ def test_float16_overflow_needs_calibration_and_calibration_fixes_it() -> None:
             torch.randn(2, 12, model.config.d_model))).abs().max() > 65504  # really past float16
         plain = copy.deepcopy(model).half()
         assert not torch.isfinite(plain.encoder(ids)).all() and not torch.isfinite(plain(ids, ids).logits).all()
-        scales = t5.calibrate_float16(model, ids)
+        scales = convert_hf.calibrate_float16(model, ids)
         assert set(scales) == {"encoder.1.ffn", "decoder.0.ffn"}
-        t5.apply_out_scales(model, scales)
+        convert_hf.apply_out_scales(model, scales)
         torch.testing.assert_close(model.encoder(ids), encoded, atol=1e-5, rtol=1e-5)  # exact rescaling in float32
         half = model.half()
         encoded16, logits16 = half.encoder(ids).float(), half(ids, ids).logits.float()
@@ -2362,9 +2362,9 @@ def test_out_scales_validation() -> None:
         t5.T5Config(out_scales={"encoder.0.ffn": 0.3})
     model = random_model("t5-v1.1")
     with pytest.raises(ValueError, match="no block 'decoder.0.attn'"):
-        t5.apply_out_scales(model, {"decoder.0.attn": 0.5})
+        convert_hf.apply_out_scales(model, {"decoder.0.attn": 0.5})
     with pytest.raises(ValueError, match="calibrate a float32 or bfloat16 model"):
-        t5.calibrate_float16(model.half(), torch.zeros(1, 3, dtype=torch.long))
+        convert_hf.calibrate_float16(model.half(), torch.zeros(1, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -2647,7 +2647,7 @@ def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path,
         for param in model.parameters():
             param[param.abs() < 2**-10] = 0
     plain = save_ours(model, tmp_path / "plain", torch.float16)
-    t5.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
+    convert_hf.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
     scaled = save_ours(model, tmp_path / "scaled", torch.float16)
     for folder in (plain, scaled):
         assert convert_hf.main([str(folder), str(tmp_path / f"{folder.name}-hf"), "--to-hf"]) == 0
