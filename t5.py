@@ -70,13 +70,17 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
+
+# ======== Config ================================================================================
+
 FFN_KINDS = ("relu", "gated-gelu")
 FFN_SLICE = 2**22  # elements of each float32 temporary of the gated feed-forward (16 MiB)
 
 
-########################################################################################
-# Config
-########################################################################################
+def scalable_blocks(config: T5Config) -> list[str]:
+    """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
+    return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
+        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers) for block in ("self_attn", "cross_attn", "ffn")]
 
 
 @dataclass
@@ -171,26 +175,12 @@ class T5Config:
         return cls(**fields)
 
 
-def scalable_blocks(config: T5Config) -> list[str]:
-    """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
-    return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
-        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers) for block in ("self_attn", "cross_attn", "ffn")]
-
-
-########################################################################################
-# Outputs
-########################################################################################
-
-
 class T5Output(NamedTuple):
     logits: Tensor  # (b, t, v) in the weight dtype
     loss: Tensor | None  # mean cross-entropy over labels != -100, when labels were given
 
 
-########################################################################################
-# Helpers: position buckets, input checks, masks
-########################################################################################
-
+# ======== Helpers: position buckets, input checks, masks ========================================
 
 def relative_position_bucket(relative_position: Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
@@ -232,7 +222,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
             raise ValueError(f"{name} holds token id {bad}, outside [0, {vocab_size})")
 
 
-def check_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> Tensor:
+def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> Tensor:
     """A padding mask (batch, keys) or a packing mask (batch, queries, keys) -> bool (b, q or 1, k).
 
     True (or nonzero) means "may attend". Float masks are refused: additive and multiplicative
@@ -258,6 +248,17 @@ def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dt
         return bias
     return torch.where(rearrange(attend, "b q k -> b 1 q k"), bias, torch.finfo(dtype).min)
 
+
+def additive_cross_mask(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool cross mask (b, t|1, s) -> additive SDPA mask (b, 1, t|1, s); cross-attention has no
+    position bias."""
+    if attend is None:
+        return None
+    zeros = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+    return rearrange(zeros.masked_fill(~attend, torch.finfo(dtype).min), "b t s -> b 1 t s")
+
+
+# ======== Attention kernels: SDPA or FlexAttention ==============================================
 
 class FlexBias(NamedTuple):
     """What FlexAttention takes instead of an additive (b, h, q, k) mask: the position bias as a
@@ -297,19 +298,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout)
 
 
-def cross_attention_bias(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A bool cross mask (b, t|1, s) -> additive SDPA mask (b, 1, t|1, s); cross-attention has no
-    position bias."""
-    if attend is None:
-        return None
-    zeros = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
-    return rearrange(zeros.masked_fill(~attend, torch.finfo(dtype).min), "b t s -> b 1 t s")
-
-
-########################################################################################
-# Modules, in data-flow order
-########################################################################################
-
+# ======== Norm and relative position bias =======================================================
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm without mean or bias (T5's "LayerNorm").
@@ -371,6 +360,93 @@ class RelativePositionBias(nn.Module):
         return rearrange(F.embedding(buckets, self.table(layer)), "q k h -> h q k")
 
 
+class LayerBiases:
+    """What each layer's self-attention adds to its scores, made when the layer asks for it.
+
+    SDPA: an additive mask (b|1, h, q, k); with a shared table (T5) made once and handed to every
+    layer, with a table per layer (UMT5) made again for each, so that only one layer's is alive
+    at a time. Flex: a `FlexBias`, whose block mask is built once per stack from the bool mask
+    (b, q|1, k), and whose score_mod reads the layer's table: nothing of size (b, h, q, k)."""
+
+    def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
+                 attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
+                 cached: bool = False) -> None:
+        self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
+        self.query_positions = query_positions if cached else None
+        self.block_mask = None
+        if kind == "flex":
+            if attend is not None:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                queries, keys = len(query_positions), len(key_positions)
+                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
+                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
+                                                    device=attend.device)
+        else:
+            self.buckets = position_bias.buckets(query_positions, key_positions)
+        self.shared = None if position_bias.layers > 1 else self._make(0)
+
+    def _make(self, layer: int) -> Tensor | FlexBias:
+        if self.kind == "flex":
+            return FlexBias(self.position_bias.score_mod(layer, self.query_positions), self.block_mask)
+        return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
+
+    def __getitem__(self, layer: int) -> Tensor | FlexBias:
+        return self.shared if self.shared is not None else self._make(layer)
+
+
+# ======== Static KV cache =======================================================================
+
+class KVCache(NamedTuple):
+    """Decoder self-attention keys/values for every layer in one preallocated tensor, written in
+    place at the step's positions (`update`). Nothing grows or is reallocated."""
+
+    kv: Tensor  # (l, 2, b, h, max_len, e)
+    attend: Tensor  # bool (b, max_len): False for slots of a left-padded decoder prompt's padding
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write layer `layer`'s k and v (b, h, t, e) at positions (t,); return all of its keys and
+        values (b, h, max_len, e). One scatter into the cache tensor itself (not into a view of it),
+        so that torch.compile updates it in place instead of copying it."""
+        layer_index = torch.full((1,), layer, dtype=torch.long, device=self.kv.device)
+        new = rearrange(torch.stack([k, v]).to(self.kv.dtype), "two b h t e -> t two b h e")
+        torch.ops.aten.index_put_(self.kv, [layer_index, None, None, None, positions], new)  # kv[l, :, :, :, t]
+        return self.kv[layer, 0], self.kv[layer, 1]
+
+
+def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
+    """A zeroed cache for `batch` rows of `max_len` slots. Reuse it as it is for a new decode of
+    the same size: every cached call rewrites the keys, values and mask of the slots it writes,
+    and later slots are never read before they are written.
+
+    static_address=True tells torch.compile that these tensors keep their address (like
+    parameters), which `mode="reduce-overhead"` (CUDA graphs) needs to accept a decode step that
+    writes into them; leave it off otherwise (a new cache would then mean a recompile)."""
+    kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
+                     device=device, dtype=dtype)
+    attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
+    if static_address:
+        torch._dynamo.mark_static_address(kv)
+        torch._dynamo.mark_static_address(attend)
+    return KVCache(kv, attend)
+
+
+def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
+    """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
+    and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
+    if positions is None or positions.dim() != 1 or positions.shape[0] != length or positions.dtype != torch.long:
+        shape = None if positions is None else (tuple(positions.shape), positions.dtype)
+        raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
+    max_len = cache.kv.shape[-2]
+    if positions.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(positions.min()) < 0 or int(positions.max()) >= max_len:
+            raise ValueError(f"decoder position {int(positions.max())} is past the cache's max_len {max_len}")
+    return positions
+
+
+# ======== Attention (x3) and feed-forward (x2) ==================================================
+
 class EncoderSelfAttention(nn.Module):
     """Bidirectional self-attention over the input; no cache (the encoder runs once)."""
 
@@ -402,18 +478,13 @@ class DecoderSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
         self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
-    def forward(self, x: Tensor, bias: Tensor | FlexBias, cache: Tensor | None = None, layer: int = 0,
+    def forward(self, x: Tensor, bias: Tensor | FlexBias, cache: KVCache | None = None, layer: int = 0,
                 positions: Tensor | None = None) -> Tensor:
-        """x (b, t, d), bias (b|1, h, t, k) additive (or a FlexBias), cache (l, 2, b, h, k, e) of all layers, this
-        layer's index in it, positions (t,) -> (b, t, d)."""
+        """x (b, t, d), bias (b|1, h, t, k) additive (or a FlexBias); with a cache, this layer's
+        index in it and the positions (t,) to write -> (b, t, d)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
         if cache is not None:
-            # one scatter into the cache tensor itself (not into a view of it), so that
-            # torch.compile updates it in place instead of copying it
-            layer_index = torch.full((1,), layer, dtype=torch.long, device=cache.device)
-            new = rearrange(torch.stack([k, v]).to(cache.dtype), "two b h t e -> t two b h e")
-            torch.ops.aten.index_put_(cache, [layer_index, None, None, None, positions], new)  # cache[l, :, :, :, t]
-            k, v = cache[layer, 0], cache[layer, 1]
+            k, v = cache.update(layer, positions, k, v)
         y = attention(q, k, v, bias, self.scale, self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
 
@@ -436,13 +507,13 @@ class CrossAttention(nn.Module):
         """Encoder output (b, s, d) -> keys and values (2, b, h, s, e)."""
         return rearrange(self.kv(memory), "b s (two h e) -> two b h s e", two=2, h=self.num_heads)
 
-    def forward(self, x: Tensor, kv: Tensor, bias: Tensor | None) -> Tensor:
-        """x (b*n, t, d), kv (2, b, h, s, e), bias (b, 1, t|1, s) additive -> (b*n, t, d)."""
+    def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+        """x (b*n, t, d), kv (2, b, h, s, e), mask (b, 1, t|1, s) additive -> (b*n, t, d)."""
         batch = kv.shape[1]
         q = rearrange(self.q(x), "(b n) t (h e) -> b h (n t) e", b=batch, h=self.num_heads)
-        if bias is not None and bias.shape[-2] != 1:  # a per-query mask repeats for each of the n rows
-            bias = bias.repeat(1, 1, x.shape[0] // batch, 1)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=self.scale,
+        if mask is not None and mask.shape[-2] != 1:  # a per-query mask repeats for each of the n rows
+            mask = mask.repeat(1, 1, x.shape[0] // batch, 1)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h (n t) e -> (b n) t (h e)", n=x.shape[0] // batch))
 
@@ -490,6 +561,8 @@ def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
     return ReluFFN(config) if config.ffn == "relu" else GegluFFN(config)
 
 
+# ======== Layers ================================================================================
+
 class EncoderLayer(nn.Module):
     def __init__(self, config: T5Config, index: int) -> None:
         super().__init__()
@@ -522,23 +595,32 @@ class DecoderLayer(nn.Module):
         self.unscale = {block: config.unscale(f"decoder.{index}.{block}") for block in ("self_attn", "cross_attn", "ffn")}
 
     def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
-                cross_bias: Tensor | None, cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                cross_mask: Tensor | None, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
         """x: float32 residual stream (b, t, d); encoded (b, s, d) the encoder output, whose
         cross-attention keys/values cross_kv (2, b, h, s, e) are projected here unless precomputed;
-        cache: the whole KV cache tensor (this layer writes at its own index); see the attention
+        cache: the KV cache of every layer (this layer writes at its own index); see the attention
         classes for the rest."""
         if cross_kv is None:
             cross_kv = self.cross_attn.project_kv(encoded)
         y = self.self_attn(self.self_attn_norm(x), self_bias, cache, self.index, positions)
         x = x.add(self.dropout(y).float(), alpha=self.unscale["self_attn"])
-        y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
+        y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_mask)
         x = x.add(self.dropout(y).float(), alpha=self.unscale["cross_attn"])
         return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.unscale["ffn"])
 
 
-########################################################################################
-# Stacks
-########################################################################################
+# ======== Stacks ================================================================================
+
+def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | None) -> Tensor:
+    """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
+    if stack.checkpoint_layers and stack.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the layers compute in: the embeddings' (fp8 weights are dequantized to it)."""
+    return module.embedding.weight.dtype
 
 
 class T5Encoder(nn.Module):
@@ -565,10 +647,10 @@ class T5Encoder(nn.Module):
         """
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, seq = input_ids.shape
-        attend = None if input_mask is None else check_mask(input_mask, batch, seq, seq, "input_mask")
+        attend = None if input_mask is None else bool_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, x_dtype(self), self.attention)
+        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, compute_dtype(self), self.attention)
         for i, layer in enumerate(self.layers):
             x = run_layer(self, layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
@@ -579,10 +661,10 @@ class T5Encoder(nn.Module):
 
 
 class Memory(NamedTuple):
-    """What the decoder reads of one encoding, made by `T5Decoder.remember`."""
+    """What the decoder reads of one encoding, made by `T5Decoder.memory`."""
 
     encoded: Tensor  # (b, s, d) encoder output
-    bias: Tensor | None  # additive mask (b, 1, t|1, s): which encoder positions each decoder query may see
+    cross_mask: Tensor | None  # additive (b, 1, t|1, s): which encoder positions each decoder query may see
     kv: Tensor | None  # (l, 2, b, h, s, e) every layer's cross-attention keys/values, when precomputed
 
 
@@ -602,7 +684,7 @@ class T5Decoder(nn.Module):
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
         self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
 
-    def remember(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
+    def memory(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
         """An encoding (b, s, d) as the decoder reads it. cross_mask: (b, s) which encoder positions
         are real, or (b, t, s) per decoder position (packed sequences).
 
@@ -614,9 +696,9 @@ class T5Decoder(nn.Module):
         attend = None
         if cross_mask is not None:
             queries = cross_mask.shape[1] if cross_mask.dim() == 3 else 1
-            attend = check_mask(cross_mask, batch, queries, seq, "cross_mask")
+            attend = bool_mask(cross_mask, batch, queries, seq, "cross_mask")
         kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) if precompute else None
-        return Memory(encoded, cross_attention_bias(attend, x_dtype(self)), kv)
+        return Memory(encoded, additive_cross_mask(attend, compute_dtype(self)), kv)
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
@@ -631,17 +713,16 @@ class T5Decoder(nn.Module):
         batch, length = input_ids.shape
         if batch % memory.encoded.shape[0]:
             raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.encoded.shape[0]}")
-        if memory.bias is not None and memory.bias.shape[2] not in (1, length):
-            raise ValueError(f"cross_mask covers {memory.bias.shape[2]} decoder positions, the input has {length}")
+        if memory.cross_mask is not None and memory.cross_mask.shape[2] not in (1, length):
+            raise ValueError(f"cross_mask covers {memory.cross_mask.shape[2]} decoder positions, the input has {length}")
         x = self.dropout(self.embedding(input_ids)).float()
-        dtype = x_dtype(self)
+        dtype = compute_dtype(self)
         if cache is None:
             positions = torch.arange(length, device=input_ids.device)
             keys = positions
             attend = rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")  # causal
             if input_mask is not None:
-                attend = attend & check_mask(input_mask, batch, length, length, "decoder_mask")
-            kv_cache = None
+                attend = attend & bool_mask(input_mask, batch, length, length, "decoder_mask")
         else:
             positions = check_positions(positions, length, cache)
             keys = torch.arange(cache.kv.shape[-2], device=input_ids.device)
@@ -651,91 +732,19 @@ class T5Decoder(nn.Module):
             else:
                 if input_mask.dim() != 2:
                     raise ValueError("with a cache, decoder_mask must be a (batch, t) padding mask")
-                cache.attend.index_copy_(1, positions, rearrange(check_mask(input_mask, batch, length, length,
+                cache.attend.index_copy_(1, positions, rearrange(bool_mask(input_mask, batch, length, length,
                                                                             "decoder_mask"), "b 1 t -> b t"))
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
-            kv_cache = cache.kv
         biases = LayerBiases(self.position_bias, positions, keys, attend, batch, dtype, self.attention,
                              cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
         for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
-            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.bias, kv_cache, positions)
+            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache, positions)
         return self.dropout(self.final_norm(x))
 
 
-class LayerBiases:
-    """What each layer's self-attention adds to its scores, made when the layer asks for it.
-
-    SDPA: an additive mask (b|1, h, q, k); with a shared table (T5) made once and handed to every
-    layer, with a table per layer (UMT5) made again for each, so that only one layer's is alive
-    at a time. Flex: a `FlexBias`, whose block mask is built once per stack from the bool mask
-    (b, q|1, k), and whose score_mod reads the layer's table: nothing of size (b, h, q, k)."""
-
-    def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
-                 attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
-                 cached: bool = False) -> None:
-        self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
-        self.query_positions = query_positions if cached else None
-        self.block_mask = None
-        if kind == "flex":
-            if attend is not None:
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                queries, keys = len(query_positions), len(key_positions)
-                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
-                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
-                                                    device=attend.device)
-        else:
-            self.buckets = position_bias.buckets(query_positions, key_positions)
-        self.shared = None if position_bias.layers > 1 else self._make(0)
-
-    def _make(self, layer: int) -> Tensor | FlexBias:
-        if self.kind == "flex":
-            return FlexBias(self.position_bias.score_mod(layer, self.query_positions), self.block_mask)
-        return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
-
-    def __getitem__(self, layer: int) -> Tensor | FlexBias:
-        return self.shared if self.shared is not None else self._make(layer)
-
-
-def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | None) -> Tensor:
-    """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
-    if stack.checkpoint_layers and stack.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
-
-
-def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
-    """Choose the self-attention kernel of every stack of `model` (in place; returns it).
-
-    "sdpa" (default): scaled_dot_product_attention with one additive (b|1, h, q, k) mask per layer.
-    "flex": FlexAttention (torch >= 2.5), which never builds a (b, h, q, k) tensor: the position
-    bias is a score_mod and the masks a block mask. It runs compiled (on CPU, inductor generates
-    C++ for it); it has no attention dropout, so train with "sdpa" when dropout is on.
-    Cross-attention has no position bias and stays on SDPA either way."""
-    if kind not in ("sdpa", "flex"):
-        raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
-    if kind == "flex":
-        try:
-            import torch.nn.attention.flex_attention  # noqa: F401
-        except ImportError:
-            raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
-    for module in model.modules():
-        if isinstance(module, (T5Encoder, T5Decoder)):
-            module.attention = kind
-    return model
-
-
-def x_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the layers compute in: that of the weights."""
-    return module.embedding.weight.dtype
-
-
-########################################################################################
-# Model
-########################################################################################
-
+# ======== Model and training helpers ============================================================
 
 class T5(nn.Module):
     """Encoder + decoder + lm_head. No tied or shared weights: v1.0's tied output embedding is a
@@ -763,7 +772,7 @@ class T5(nn.Module):
                 raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask (batch, t, s)")
             cross_mask = input_mask
         encoded = self.encoder(input_ids, input_mask)
-        memory = self.decoder.remember(encoded, cross_mask, precompute=False)
+        memory = self.decoder.memory(encoded, cross_mask, precompute=False)
         logits = self.lm_head(self.decoder(decoder_input_ids, memory, decoder_mask))
         loss = None
         if labels is not None:
@@ -772,6 +781,27 @@ class T5(nn.Module):
                                  f"got {tuple(labels.shape)}")
             loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(), ignore_index=-100)
         return T5Output(logits, loss)
+
+
+def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
+    """Choose the self-attention kernel of every stack of `model` (in place; returns it).
+
+    "sdpa" (default): scaled_dot_product_attention with one additive (b|1, h, q, k) mask per layer.
+    "flex": FlexAttention (torch >= 2.5), which never builds a (b, h, q, k) tensor: the position
+    bias is a score_mod and the masks a block mask. It runs compiled (on CPU, inductor generates
+    C++ for it); it has no attention dropout, so train with "sdpa" when dropout is on.
+    Cross-attention has no position bias and stays on SDPA either way."""
+    if kind not in ("sdpa", "flex"):
+        raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
+    if kind == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
+    for module in model.modules():
+        if isinstance(module, (T5Encoder, T5Decoder)):
+            module.attention = kind
+    return model
 
 
 def shift_right(labels: Tensor, config: T5Config) -> Tensor:
@@ -856,54 +886,7 @@ def sum_embedding_grads(model: T5) -> None:
     decoder.grad.copy_(total)
 
 
-########################################################################################
-# Static KV cache
-########################################################################################
-
-
-class KVCache(NamedTuple):
-    """Decoder self-attention keys/values for every layer in one preallocated tensor, written in
-    place by `T5Decoder.forward` at the step's positions. Nothing grows or is reallocated."""
-
-    kv: Tensor  # (l, 2, b, h, max_len, e)
-    attend: Tensor  # bool (b, max_len): False for slots of a left-padded decoder prompt's padding
-
-
-def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
-    """A zeroed cache for `batch` rows of `max_len` slots. Reuse it as it is for a new decode of
-    the same size: every cached call rewrites the keys, values and mask of the slots it writes,
-    and later slots are never read before they are written.
-
-    static_address=True tells torch.compile that these tensors keep their address (like
-    parameters), which `mode="reduce-overhead"` (CUDA graphs) needs to accept a decode step that
-    writes into them; leave it off otherwise (a new cache would then mean a recompile)."""
-    kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
-                     device=device, dtype=dtype)
-    attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
-    if static_address:
-        torch._dynamo.mark_static_address(kv)
-        torch._dynamo.mark_static_address(attend)
-    return KVCache(kv, attend)
-
-
-def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
-    """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
-    and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
-    if positions is None or positions.dim() != 1 or positions.shape[0] != length or positions.dtype != torch.long:
-        shape = None if positions is None else (tuple(positions.shape), positions.dtype)
-        raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
-    max_len = cache.kv.shape[-2]
-    if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(positions.min()) < 0 or int(positions.max()) >= max_len:
-            raise ValueError(f"decoder position {int(positions.max())} is past the cache's max_len {max_len}")
-    return positions
-
-
-########################################################################################
-# FLOPs
-########################################################################################
-
+# ======== FLOPs =================================================================================
 
 class Flops(NamedTuple):
     """Matmul FLOPs of a forward pass by component (a multiply-add counts as 2 FLOPs). Norms,
@@ -959,10 +942,7 @@ def decode_step_flops(config: T5Config, batch: int, src: int, max_len: int) -> F
     return decoder_flops(config, batch, 1, src, keys=max_len, cross_kv=False)
 
 
-########################################################################################
-# Sampler
-########################################################################################
-
+# ======== Sampler: greedy, sampling, beam search ================================================
 
 class Generation(NamedTuple):
     # n = num_return_sequences rows per input, adjacent
@@ -1100,7 +1080,7 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
         decoder_input_ids = torch.full((batch, 1), model.config.decoder_start_token_id, device=input_ids.device)
     if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch:
         raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, got {tuple(decoder_input_ids.shape)}")
-    memory = model.decoder.remember(model.encoder(input_ids, input_mask), input_mask)
+    memory = model.decoder.memory(model.encoder(input_ids, input_mask), input_mask)
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
     length = prompt.shape[1]
@@ -1140,69 +1120,6 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
         position += 1
 
 
-def generation_options(options: GenerationOptions | None, keywords: dict[str, object]) -> GenerationOptions:
-    """`options` (or the defaults) with Hugging Face-named keywords applied, checked; an unknown
-    keyword is a TypeError that names it."""
-    unknown = sorted(set(keywords) - set(GenerationOptions._fields))
-    if unknown:
-        raise TypeError(f"unknown generation options {unknown}; GenerationOptions has {list(GenerationOptions._fields)}")
-    if options is None:
-        return GenerationOptions(**keywords).check()  # type: ignore[arg-type]
-    return options._replace(**keywords).check()
-
-
-def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
-           *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
-           decoder_mask: Tensor | None = None, **keywords: object) -> Iterator[Tensor]:
-    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
-
-    Arguments as for `generate` (no beam search). A row that has produced EOS yields pad from then
-    on; the stream ends when every row has, or after max_new_tokens."""
-    options = generation_options(options, keywords)
-    if options.num_beams > 1:
-        raise ValueError("stream does not do beam search (num_beams=1): use generate")
-    with torch.inference_mode():
-        steps = _decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)
-    while True:
-        with torch.inference_mode():
-            item = next(steps, None)
-        if item is None:
-            return
-        yield item[0].clone()  # an ordinary tensor, usable outside inference mode
-
-
-def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
-             *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
-             decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
-    """Generate up to max_new_tokens per row, as `options` (a `GenerationOptions`) says, or its
-    fields given as keywords (Hugging Face's names: `generate(model, ids, mask, max_new_tokens=32,
-    num_beams=4)`); keywords given with `options` replace its fields.
-
-    - greedy (default); sampling with do_sample=True, drawing from `generator` when given (same
-      seed, same tokens); num_return_sequences samples per input share one encoding (rows of one
-      input are adjacent in the output).
-    - beam search with num_beams > 1; returns the best beam of each input, or its
-      num_return_sequences (<= num_beams) best beams, best first.
-    - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
-      that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
-      The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
-      `generate` returns it in front of them).
-
-    input_ids (b, s) with an optional (b, s) padding input_mask. Runs under inference mode; the
-    returned tensors are ordinary ones (they can serve as labels for training).
-    """
-    options = generation_options(options, keywords)
-    with torch.inference_mode():
-        if options.num_beams > 1:
-            out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
-        else:
-            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask))
-            tokens = torch.stack([token for token, _ in steps], dim=1)
-            scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
-            out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
-    return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
-
-
 def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
     """(b, n) generated tokens -> (b,) count up to and including the first EOS (n if none)."""
     is_eos = tokens == eos_token_id
@@ -1218,6 +1135,11 @@ def reorder_cache(cache: KVCache, parents: Tensor, written: int) -> None:
         for part in layer_kv:
             part[:, :, :written].copy_(part[:, :, :written].index_select(0, parents))
     cache.attend.copy_(cache.attend.index_select(0, parents))
+
+
+def repeat_beams(index: Tensor, width: int) -> Tensor:
+    """(b, k) beam indices -> (b, k, width), to gather whole token rows along the beam axis."""
+    return rearrange(index, "b k -> b k 1").expand(-1, -1, width)
 
 
 def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: GenerationOptions,
@@ -1306,14 +1228,70 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, option
     return Generation(tokens, best_length, rearrange(done_scores[:, :n], "b n -> (b n)"))
 
 
-def repeat_beams(index: Tensor, width: int) -> Tensor:
-    """(b, k) beam indices -> (b, k, width), to gather whole token rows along the beam axis."""
-    return rearrange(index, "b k -> b k 1").expand(-1, -1, width)
+def generation_options(options: GenerationOptions | None, keywords: dict[str, object]) -> GenerationOptions:
+    """`options` (or the defaults) with Hugging Face-named keywords applied, checked; an unknown
+    keyword is a TypeError that names it."""
+    unknown = sorted(set(keywords) - set(GenerationOptions._fields))
+    if unknown:
+        raise TypeError(f"unknown generation options {unknown}; GenerationOptions has {list(GenerationOptions._fields)}")
+    if options is None:
+        return GenerationOptions(**keywords).check()  # type: ignore[arg-type]
+    return options._replace(**keywords).check()
 
 
-########################################################################################
-# Tokenizers
-########################################################################################
+def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
+           *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+           decoder_mask: Tensor | None = None, **keywords: object) -> Iterator[Tensor]:
+    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
+
+    Arguments as for `generate` (no beam search). A row that has produced EOS yields pad from then
+    on; the stream ends when every row has, or after max_new_tokens."""
+    options = generation_options(options, keywords)
+    if options.num_beams > 1:
+        raise ValueError("stream does not do beam search (num_beams=1): use generate")
+    with torch.inference_mode():
+        steps = _decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)
+    while True:
+        with torch.inference_mode():
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item[0].clone()  # an ordinary tensor, usable outside inference mode
+
+
+def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
+             *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+             decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
+    """Generate up to max_new_tokens per row, as `options` (a `GenerationOptions`) says, or its
+    fields given as keywords (Hugging Face's names: `generate(model, ids, mask, max_new_tokens=32,
+    num_beams=4)`); keywords given with `options` replace its fields.
+
+    - greedy (default); sampling with do_sample=True, drawing from `generator` when given (same
+      seed, same tokens); num_return_sequences samples per input share one encoding (rows of one
+      input are adjacent in the output).
+    - beam search with num_beams > 1; returns the best beam of each input, or its
+      num_return_sequences (<= num_beams) best beams, best first.
+    - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
+      that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
+      The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
+      `generate` returns it in front of them).
+
+    input_ids (b, s) with an optional (b, s) padding input_mask. Runs under inference mode; the
+    returned tensors are ordinary ones (they can serve as labels for training).
+    """
+    options = generation_options(options, keywords)
+    with torch.inference_mode():
+        if options.num_beams > 1:
+            out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
+        else:
+            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask))
+            tokens = torch.stack([token for token, _ in steps], dim=1)
+            scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
+            out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
+    return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
+
+
+# ======== Tokenizers ============================================================================
 
 SENTINEL = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # as in transformers: "<extra_id_05>" is plain text
 
@@ -1487,9 +1465,7 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
     raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of this checkpoint)")
 
 
-########################################################################################
-# Loading
-########################################################################################
+# ======== Loading and saving (fp8 weights included) =============================================
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
 

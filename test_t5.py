@@ -560,7 +560,7 @@ def gen_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 def greedy_with_cache(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, steps: int,
                       max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decode through the low-level pieces; returns (decoder inputs (b, steps), logits (b, steps, v))."""
-    memory = model.decoder.remember(model.encoder(ids, mask), mask)
+    memory = model.decoder.memory(model.encoder(ids, mask), mask)
     cache = t5.make_cache(model.config, ids.shape[0], max_len or steps, device=ids.device)
     token = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, device=ids.device)
     inputs, logits = [], []
@@ -732,7 +732,7 @@ def test_decode_memory_is_flat(family: Family, device: str) -> None:
     model = t5.load(family.ours_dir, device=device)
     ids, mask = (x.to(device) for x in padded_batch(family.vocab, [13, 7], seed=11))
     with torch.inference_mode():
-        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        memory = model.decoder.memory(model.encoder(ids, mask), mask)
         cache = t5.make_cache(model.config, 2, 256, device=device)
 
         def decode(steps: int) -> object:
@@ -752,7 +752,7 @@ def test_decode_memory_is_flat(family: Family, device: str) -> None:
 def test_cache_errors(family: Family) -> None:
     model = t5.load(family.ours_dir)
     ids, mask = padded_batch(family.vocab, [5, 3])
-    memory = model.decoder.remember(model.encoder(ids, mask), mask)
+    memory = model.decoder.memory(model.encoder(ids, mask), mask)
     cache = t5.make_cache(model.config, 2, 4)
     token = torch.zeros(2, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="decoder position 4 is past the cache's max_len 4"):
@@ -805,7 +805,7 @@ def test_flop_counter_matches_flop_counter_mode(name: str) -> None:
         assert counted(lambda: model.encoder(ids)) == t5.encoder_flops(config, 3, 17).total
         full = t5.encoder_flops(config, 3, 17).total + t5.decoder_flops(config, 3, 6, 17).total
         assert counted(lambda: model(ids, dec)) == full
-        memory = model.decoder.remember(model.encoder(ids), None)
+        memory = model.decoder.memory(model.encoder(ids), None)
         cache = t5.make_cache(config, 3, 21)
         step = t5.decode_step_flops(config, 3, 17, 21)
         assert counted(lambda: t5.decode_step(model, dec[:, :1], memory, cache, torch.tensor([4]))) == step.total
@@ -836,7 +836,7 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
     with torch.inference_mode():
         encoder = torch.compile(model.encoder, fullgraph=True, dynamic=False)
         torch.testing.assert_close(encoder(ids, mask), model.encoder(ids, mask), atol=1e-5, rtol=1e-5)
-        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        memory = model.decoder.memory(model.encoder(ids, mask), mask)
         eager_cache, compiled_cache = t5.make_cache(config, 2, 8, device=device), t5.make_cache(config, 2, 8, device=device)
         step = torch.compile(t5.decode_step, fullgraph=True, dynamic=False)
         token = torch.zeros(2, 1, dtype=torch.long, device=device)
@@ -983,7 +983,7 @@ def test_decode_step_captures_in_a_cuda_graph() -> None:
     model = t5.T5(config).eval().cuda()
     ids, mask = (x.cuda() for x in padded_batch(config.vocab_size, [9, 5], seed=12))
     with torch.inference_mode():
-        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        memory = model.decoder.memory(model.encoder(ids, mask), mask)
         eager_cache = t5.make_cache(config, 2, 8, device="cuda")
         graph_cache = t5.make_cache(config, 2, 8, device="cuda")
         token = torch.zeros(2, 1, dtype=torch.long, device="cuda")
