@@ -1,45 +1,14 @@
 """T5 in one file: the encoder-decoder of Raffel et al. 2020, "Exploring the Limits of Transfer
 Learning with a Unified Text-to-Text Transformer" (arXiv:1910.10683), in plain PyTorch.
 
-One model class covers every public T5 family once its weights are converted with
-`convert_hf.py`:
-  - T5 v1.0 (t5-small ... t5-11b): ReLU feed-forward, output embedding tied to the input one and
-    rescaled by d_model**-0.5 (the converter folds the scale into a separate `lm_head`).
-  - T5 v1.1, Flan-T5, mT5, ByT5: gated-GELU feed-forward (tanh approximation), untied `lm_head`;
-    ByT5 has a deeper encoder than decoder.
-  - UMT5 / Pile-T5: every layer owns its relative position bias table.
+Families (weights converted by convert_hf.py): T5 v1.0 (ReLU feed-forward, lm_head pre-scaled);
+T5 v1.1, Flan-T5, mT5, ByT5 (gated-GELU, untied lm_head); UMT5 / Pile-T5 (a position bias table
+per layer). The design choices and their reasons are in README.md ("How t5.py reads").
 
-Notable choices:
-  - No absolute positions: a learned scalar per (head, distance bucket) is added to the attention
-    logits. SDPA: the buckets are computed once per stack; T5's one table gives one bias for every
-    layer, UMT5's per-layer tables are looked up layer by layer (one layer's bias alive at a time).
-    Flex: a score_mod computes each score's bucket and reads the layer's table.
-  - No attention scale by default: Google burned d_kv**-0.5 into the query weights
-    (`T5Config.scale_qk`).
-  - The residual stream is float32 whatever the weight dtype; RMSNorm reads it and hands the
-    layer its input in the weight dtype, and each block's output is added back in float32.
-  - Fused projections: QKV in self-attention, KV in cross-attention, both halves of the gated
-    feed-forward in one matrix.
-  - Attention through `torch.nn.functional.scaled_dot_product_attention`, with the position bias
-    and the masks folded into one additive `attn_mask`; or, with `set_attention(model, "flex")`,
-    through FlexAttention, with the bias as a score_mod and the masks as a block mask, so that no
-    (batch, heads, q, k) tensor is ever built.
-  - Three attention classes for three jobs: the encoder's (no cache), the decoder's causal
-    self-attention (writes a static cache in place) and cross-attention (reads keys/values
-    computed once per encoding).
-  - Padding never leaks: a prompt's encoder output at its real tokens does not depend on the
-    padding after it or on the other rows of the batch, and padded positions come out as zeros.
-  - Decoding keeps its keys/values in one preallocated cache written in place, with every shape
-    static from step to step; cross-attention keys/values are projected once per encoding.
-  - float16 without clamping: blocks whose outputs would pass 65504 get a power-of-two scale,
-    found by a calibration pass and folded into their weights (T5Config.out_scales).
-  - fp8 checkpoints keep their linear weights in float8_e4m3fn in memory (`Float8Linear`), each
-    dequantized to the compute dtype as it is used.
-
-Sections, top to bottom: config, outputs, helpers, modules (norm, position bias, the three
-attentions, the two feed-forwards, the two layers), stacks, model and training helpers, static
-KV cache, FLOPs, sampler (greedy, sampling, beam search), tokenizers, loading (fp8 weights
-included), float16 calibration, command line.
+Sections, top to bottom: config; helpers (position buckets, input checks, masks); attention
+kernels (SDPA or FlexAttention); norm and relative position bias; static KV cache; attention x3
+and feed-forward x2; layers; stacks; model and training helpers; FLOPs; sampler (greedy,
+sampling, beam search); tokenizers; loading and saving (fp8 weights included).
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
@@ -80,7 +49,8 @@ FFN_SLICE = 2**22  # elements of each float32 temporary of the gated feed-forwar
 def scalable_blocks(config: T5Config) -> list[str]:
     """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
     return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
-        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers) for block in ("self_attn", "cross_attn", "ffn")]
+        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers)
+         for block in ("self_attn", "cross_attn", "ffn")]
 
 
 @dataclass
@@ -129,9 +99,11 @@ class T5Config:
         for key, scale in self.out_scales.items():
             if key not in scalable_blocks(self):
                 raise ValueError(f"T5Config.out_scales: no block {key!r} (blocks look like 'encoder.0.attn', "
-                                 "'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', 'decoder.0.ffn')")
+                                 "'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', "
+                                 "'decoder.0.ffn')")
             if not (0 < scale <= 1 and math.frexp(scale)[0] == 0.5):
-                raise ValueError(f"T5Config.out_scales[{key!r}] must be a power of two in (0, 1], got {scale}")
+                raise ValueError(f"T5Config.out_scales[{key!r}] must be a power of two in (0, 1], "
+                                 f"got {scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"T5Config.dropout must be in [0, 1), got {self.dropout}")
         if not self.eps > 0:
@@ -212,7 +184,8 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
     out-of-range id there trips the embedding's device-side assert instead (an opaque CUDA error).
     """
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be a (batch, seq) integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+        raise ValueError(f"{name} must be a (batch, seq) integer tensor, got {ids.dtype} of shape "
+                         f"{tuple(ids.shape)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}")
     if ids.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -282,7 +255,8 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float, dropout: float) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float,
+              dropout: float) -> Tensor:
     """q (b, h, q, e), k and v (b, h, k, e) -> (b, h, q, e), through SDPA with an additive mask,
     or FlexAttention when the stack runs with attention="flex"."""
     if isinstance(bias, FlexBias):
@@ -334,12 +308,13 @@ class RelativePositionBias(nn.Module):
     def buckets(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
         """(q,) and (k,) int positions -> bucket ids (q, k)."""
         relative = rearrange(key_positions, "k -> 1 k") - rearrange(query_positions, "q -> q 1")
-        return relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
-                                        max_distance=self.max_distance)
+        return relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                        num_buckets=self.num_buckets, max_distance=self.max_distance)
 
     def table(self, layer: int) -> Tensor:
         """Layer `layer`'s table (buckets, h): its own for UMT5, the shared one for T5."""
-        return rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer if self.layers > 1 else 0]
+        tables = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)
+        return tables[layer if self.layers > 1 else 0]
 
     def score_mod(self, layer: int, query_positions: Tensor | None = None
                   ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -380,8 +355,8 @@ class LayerBiases:
 
                 queries, keys = len(query_positions), len(key_positions)
                 full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
-                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
-                                                    device=attend.device)
+                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries,
+                                                    keys, device=attend.device)
         else:
             self.buckets = position_bias.buckets(query_positions, key_positions)
         self.shared = None if position_bias.layers > 1 else self._make(0)
@@ -410,7 +385,7 @@ class KVCache(NamedTuple):
         so that torch.compile updates it in place instead of copying it."""
         layer_index = torch.full((1,), layer, dtype=torch.long, device=self.kv.device)
         new = rearrange(torch.stack([k, v]).to(self.kv.dtype), "two b h t e -> t two b h e")
-        torch.ops.aten.index_put_(self.kv, [layer_index, None, None, None, positions], new)  # kv[l, :, :, :, t]
+        torch.ops.aten.index_put_(self.kv, [layer_index, None, None, None, positions], new)  # kv[l,:,:,:,t]
         return self.kv[layer, 0], self.kv[layer, 1]
 
 
@@ -435,7 +410,8 @@ def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.devi
 def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
     """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
     and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
-    if positions is None or positions.dim() != 1 or positions.shape[0] != length or positions.dtype != torch.long:
+    if positions is None or positions.dim() != 1 or positions.shape[0] != length \
+            or positions.dtype != torch.long:
         shape = None if positions is None else (tuple(positions.shape), positions.dtype)
         raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
     max_len = cache.kv.shape[-2]
@@ -553,7 +529,8 @@ class GegluFFN(nn.Module):
         if step >= gate.shape[1]:  # small enough at once (decoding, small batches): no split, no cat
             hidden = product(gate, up)
         else:
-            hidden = torch.cat([product(g, u) for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
+            pieces = zip(gate.split(step, dim=1), up.split(step, dim=1))
+            hidden = torch.cat([product(g, u) for g, u in pieces], dim=1)
         return self.wo(self.dropout(hidden))
 
 
@@ -592,10 +569,12 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
         self.index = index  # where this layer's keys/values live in the KV cache
         # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
-        self.unscale = {block: config.unscale(f"decoder.{index}.{block}") for block in ("self_attn", "cross_attn", "ffn")}
+        self.unscale = {block: config.unscale(f"decoder.{index}.{block}")
+                        for block in ("self_attn", "cross_attn", "ffn")}
 
     def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
-                cross_mask: Tensor | None, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+                cross_mask: Tensor | None, cache: KVCache | None = None,
+                positions: Tensor | None = None) -> Tensor:
         """x: float32 residual stream (b, t, d); encoded (b, s, d) the encoder output, whose
         cross-attention keys/values cross_kv (2, b, h, s, e) are projected here unless precomputed;
         cache: the KV cache of every layer (this layer writes at its own index); see the attention
@@ -650,7 +629,8 @@ class T5Encoder(nn.Module):
         attend = None if input_mask is None else bool_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, compute_dtype(self), self.attention)
+        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, compute_dtype(self),
+                             self.attention)
         for i, layer in enumerate(self.layers):
             x = run_layer(self, layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
@@ -697,7 +677,8 @@ class T5Decoder(nn.Module):
         if cross_mask is not None:
             queries = cross_mask.shape[1] if cross_mask.dim() == 3 else 1
             attend = bool_mask(cross_mask, batch, queries, seq, "cross_mask")
-        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) if precompute else None
+        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) \
+            if precompute else None
         return Memory(encoded, additive_cross_mask(attend, compute_dtype(self)), kv)
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
@@ -712,9 +693,11 @@ class T5Decoder(nn.Module):
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, length = input_ids.shape
         if batch % memory.encoded.shape[0]:
-            raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.encoded.shape[0]}")
+            raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch "
+                             f"{memory.encoded.shape[0]}")
         if memory.cross_mask is not None and memory.cross_mask.shape[2] not in (1, length):
-            raise ValueError(f"cross_mask covers {memory.cross_mask.shape[2]} decoder positions, the input has {length}")
+            raise ValueError(f"cross_mask covers {memory.cross_mask.shape[2]} decoder positions, "
+                             f"the input has {length}")
         x = self.dropout(self.embedding(input_ids)).float()
         dtype = compute_dtype(self)
         if cache is None:
@@ -740,7 +723,8 @@ class T5Decoder(nn.Module):
                              cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
         for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
-            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache, positions)
+            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache,
+                          positions)
         return self.dropout(self.final_norm(x))
 
 
@@ -769,7 +753,8 @@ class T5(nn.Module):
         """
         if cross_mask is None and input_mask is not None:
             if input_mask.dim() != 2:
-                raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask (batch, t, s)")
+                raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask "
+                                 "(batch, t, s)")
             cross_mask = input_mask
         encoded = self.encoder(input_ids, input_mask)
         memory = self.decoder.memory(encoded, cross_mask, precompute=False)
@@ -779,7 +764,8 @@ class T5(nn.Module):
             if labels.shape != decoder_input_ids.shape:
                 raise ValueError(f"labels must have the decoder's shape {tuple(decoder_input_ids.shape)}, "
                                  f"got {tuple(labels.shape)}")
-            loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(),
+                                   ignore_index=-100)
         return T5Output(logits, loss)
 
 
@@ -820,7 +806,8 @@ def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tens
     decoder); padding attends to nothing. T5's positions are relative, so a packed example sees
     exactly what it would see alone."""
     def same(q: Tensor, k: Tensor) -> Tensor:
-        return (rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")) & rearrange(q > 0, "b q -> b q 1")
+        pair = rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")
+        return pair & rearrange(q > 0, "b q -> b q 1")
     return same(input_segments, input_segments), same(target_segments, target_segments), \
         same(target_segments, input_segments)
 
@@ -948,7 +935,7 @@ class Generation(NamedTuple):
     # n = num_return_sequences rows per input, adjacent
     tokens: Tensor  # (b*n, t) generated ids, decoder start / prompt excluded; pad after a row's EOS
     lengths: Tensor  # (b*n,) tokens generated per row, its EOS included
-    scores: Tensor  # (b*n,) sum of the chosen tokens' log-probs (beam search: divided by length**length_penalty)
+    scores: Tensor  # (b*n,) sum of the chosen tokens' log-probs (beams: / length**length_penalty)
 
 
 class GenerationOptions(NamedTuple):
@@ -974,7 +961,8 @@ class GenerationOptions(NamedTuple):
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature} (use do_sample=False for greedy)")
+            raise ValueError(f"temperature must be positive, got {self.temperature} "
+                             "(use do_sample=False for greedy)")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -1077,9 +1065,11 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     if decoder_input_ids is None:
         if decoder_mask is not None:
             raise ValueError("decoder_mask without decoder_input_ids")
-        decoder_input_ids = torch.full((batch, 1), model.config.decoder_start_token_id, device=input_ids.device)
+        start = model.config.decoder_start_token_id
+        decoder_input_ids = torch.full((batch, 1), start, device=input_ids.device)
     if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch:
-        raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, got {tuple(decoder_input_ids.shape)}")
+        raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, "
+                         f"got {tuple(decoder_input_ids.shape)}")
     memory = model.decoder.memory(model.encoder(input_ids, input_mask), input_mask)
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
@@ -1088,8 +1078,8 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
         cache = make_cache(model.config, batch * n, length + max_new_tokens, device=input_ids.device,
                            dtype=memory.encoded.dtype)
     elif cache.kv.shape[2] != batch * n or cache.kv.shape[-2] < length + max_new_tokens:
-        raise ValueError(f"the cache holds {cache.kv.shape[2]} rows of {cache.kv.shape[-2]} slots; this decode needs "
-                         f"{batch * n} rows of {length + max_new_tokens}")
+        raise ValueError(f"the cache holds {cache.kv.shape[2]} rows of {cache.kv.shape[-2]} slots; "
+                         f"this decode needs {batch * n} rows of {length + max_new_tokens}")
     positions = torch.arange(length, device=prompt.device)
     hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)
     return Prefill(memory, cache, model.lm_head(hidden[:, -1]).float(), positions[-1:] + 1, length)
@@ -1101,14 +1091,17 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
     """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
     step_fn = step_function(model, options.compile)
     config = model.config
-    memory, cache, logits, position, _ = prefill(model, input_ids, input_mask, max_new_tokens=options.max_new_tokens,
-                                                 decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask,
+    memory, cache, logits, position, _ = prefill(model, input_ids, input_mask,
+                                                 max_new_tokens=options.max_new_tokens,
+                                                 decoder_input_ids=decoder_input_ids,
+                                                 decoder_mask=decoder_mask,
                                                  n=options.num_return_sequences)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(options.max_new_tokens):
         if step < options.min_new_tokens:
             logits[:, config.eos_token_id] = -math.inf
-        token = next_token(logits, do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
+        token = next_token(logits, do_sample=options.do_sample, temperature=options.temperature,
+                           top_k=options.top_k,
                            top_p=options.top_p, generator=generator)
         logprob = logits.log_softmax(dim=-1).gather(-1, rearrange(token, "b -> b 1"))[:, 0]
         token = token.masked_fill(finished, config.pad_token_id)
@@ -1233,13 +1226,15 @@ def generation_options(options: GenerationOptions | None, keywords: dict[str, ob
     keyword is a TypeError that names it."""
     unknown = sorted(set(keywords) - set(GenerationOptions._fields))
     if unknown:
-        raise TypeError(f"unknown generation options {unknown}; GenerationOptions has {list(GenerationOptions._fields)}")
+        raise TypeError(f"unknown generation options {unknown}; "
+                        f"GenerationOptions has {list(GenerationOptions._fields)}")
     if options is None:
         return GenerationOptions(**keywords).check()  # type: ignore[arg-type]
     return options._replace(**keywords).check()
 
 
-def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
+def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
+           options: GenerationOptions | None = None,
            *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
            decoder_mask: Tensor | None = None, **keywords: object) -> Iterator[Tensor]:
     """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
@@ -1259,7 +1254,8 @@ def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, optio
         yield item[0].clone()  # an ordinary tensor, usable outside inference mode
 
 
-def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, options: GenerationOptions | None = None,
+def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
+             options: GenerationOptions | None = None,
              *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
              decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
     """Generate up to max_new_tokens per row, as `options` (a `GenerationOptions`) says, or its
@@ -1284,7 +1280,8 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, opt
         if options.num_beams > 1:
             out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
         else:
-            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask))
+            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids,
+                                 decoder_mask))
             tokens = torch.stack([token for token, _ in steps], dim=1)
             scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
             out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
@@ -1306,9 +1303,9 @@ class Tokenizer:
     def __init__(self, config: T5Config) -> None:
         self.pad_id, self.eos_id = config.pad_token_id, config.eos_token_id
         self.extra_ids = config.extra_ids
-        self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; set by subclasses to their vocabulary's end
+        self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; subclasses: their vocabulary's end
         self.specials: dict[str, int] = {}  # special tokens as written in text -> id; set by subclasses
-        self.strip_specials = False  # ByT5's: the whitespace around them is dropped (transformers' lstrip/rstrip)
+        self.strip_specials = False  # ByT5: whitespace around them is dropped (transformers' lstrip/rstrip)
 
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -1328,7 +1325,8 @@ class Tokenizer:
     def sentinel(self, index: int) -> int:
         """The id of <extra_id_{index}>."""
         if not 0 <= index < self.extra_ids:
-            raise ValueError(f"<extra_id_{index}> does not exist: this vocabulary has {self.extra_ids} sentinels")
+            raise ValueError(f"<extra_id_{index}> does not exist: this vocabulary has {self.extra_ids} "
+                             "sentinels")
         return self.first_sentinel - index
 
     def sentinel_index(self, i: int) -> int | None:
@@ -1440,7 +1438,8 @@ class ByteTokenizer(Tokenizer):
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
         self.unk_id = 2
-        self.specials, self.strip_specials = {"<pad>": self.pad_id, "</s>": self.eos_id, "<unk>": self.unk_id}, True
+        self.specials = {"<pad>": self.pad_id, "</s>": self.eos_id, "<unk>": self.unk_id}
+        self.strip_specials = True
         if config.vocab_size < 256 + self.OFFSET + self.extra_ids:
             raise ValueError(f"a byte vocabulary needs {256 + self.OFFSET} ids plus sentinels, the model has "
                              f"{config.vocab_size}")
@@ -1449,7 +1448,8 @@ class ByteTokenizer(Tokenizer):
         return [b + self.OFFSET for b in text.encode("utf-8")]
 
     def _decode_text(self, ids: list[int], continues: bool) -> str:
-        return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", errors="ignore")
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
+        return data.decode("utf-8", errors="ignore")
 
 
 def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
@@ -1462,7 +1462,8 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
     for name in ("spiece.model", "tokenizer.model"):
         if (path / name).is_file():
             return SentencePieceTokenizer(config, path / name)
-    raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of this checkpoint)")
+    raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of "
+                            "this checkpoint)")
 
 
 # ======== Loading and saving (fp8 weights included) =============================================
@@ -1533,7 +1534,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
         model: T5 | T5Encoder = T5Encoder(config) if encoder_only else T5(config)
     prefix = "encoder." if encoder_only else ""
     try:
-        weights = safe_open(str(path / "model.safetensors"), framework="pt", device=str(torch.device(device or "cpu")))
+        weights = safe_open(str(path / "model.safetensors"), framework="pt",
+                            device=str(torch.device(device or "cpu")))
     except SafetensorError as error:  # a truncated or foreign file
         raise ValueError(f"{path / 'model.safetensors'}: not a readable safetensors file ({error})") from None
     state = {}
@@ -1560,8 +1562,9 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
         for key, expected in wanted.items():
             tensor = f.get_tensor(key)
             if tensor.shape != expected.shape:
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says {tuple(expected.shape)}")
-            keep = expected.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale")  # fp8 and its scales stay
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says "
+                                 f"{tuple(expected.shape)}")
+            keep = expected.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale")  # fp8, scales
             state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)  # assign keeps Float8Linear's requires_grad=False
     return set_attention(model, attention).eval()
@@ -1586,7 +1589,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         save_file({prefix + key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()},
                   staged["model.safetensors"], metadata={"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
-        os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # safetensors: 0600
+        os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
         if "spiece.model" in staged:
             staged["spiece.model"].write_bytes(tokenizer.sp.serialized_model_proto())
         for name, path in staged.items():
