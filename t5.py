@@ -127,7 +127,10 @@ class T5Config:
 
     @classmethod
     def load(cls, path: str | Path) -> T5Config:
-        """Read a config.json written by `save`; an unknown or missing field is an error."""
+        """Load a folder written by `convert_hf.py` (config.json + model.safetensors), built on the meta
+    device and assigned the tensors read (nothing allocated twice); a missing or unexpected tensor
+    is an error naming it. encoder_only=True reads only the encoder's tensors and returns a
+    `T5Encoder`. fp8 weights stay fp8 (`Float8Linear`); `dtype` applies to the rest."""
         try:
             fields = json.loads(Path(path).read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -156,13 +159,9 @@ class T5Output(NamedTuple):
 
 def relative_position_bucket(relative_position: Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
-    """Bucket id of each `key_position - query_position` (Mesh TensorFlow's scheme).
-
-    Bidirectional (encoder): half of the buckets are for keys after the query, half for keys
-    before. Causal (decoder): keys after the query all fall in bucket 0 (they are masked anyway).
-    Within a direction, distances below `max_exact = buckets // 2` get a bucket each; larger ones
-    share log-spaced buckets up to `max_distance`, and everything farther shares the last bucket.
-    """
+    """Bucket id of each `key_position - query_position` (Mesh TensorFlow's scheme): half the buckets
+    per direction when bidirectional (causal: later keys share bucket 0); below `num_buckets // 2` one
+    bucket per distance, then log-spaced buckets up to `max_distance`, then the last bucket."""
     if bidirectional:
         num_buckets //= 2
         bucket = (relative_position > 0).long() * num_buckets
@@ -178,11 +177,8 @@ def relative_position_bucket(relative_position: Tensor, *, bidirectional: bool, 
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
-    """Reject anything but a (batch, seq) integer tensor of ids in [0, vocab_size).
-
-    The range check runs on CPU tensors only: on CUDA it would cost a device sync per call, and an
-    out-of-range id there trips the embedding's device-side assert instead (an opaque CUDA error).
-    """
+    """Reject anything but a (batch, seq) integer tensor of ids in [0, vocab_size); the range is
+    checked on CPU tensors only (on CUDA it would cost a device sync per call)."""
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be a (batch, seq) integer tensor, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
@@ -196,11 +192,8 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
 
 
 def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> Tensor:
-    """A padding mask (batch, keys) or a packing mask (batch, queries, keys) -> bool (b, q or 1, k).
-
-    True (or nonzero) means "may attend". Float masks are refused: additive and multiplicative
-    conventions are both common and a wrong guess fails silently.
-    """
+    """A padding mask (batch, keys) or a packing mask (batch, queries, keys), nonzero = may attend,
+    -> bool (b, q or 1, k). Float masks are refused: additive or multiplicative, a guess fails silently."""
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise ValueError(f"{name} must be bool or integer (nonzero = attend), got {mask.dtype}")
     if mask.dim() == 2 and tuple(mask.shape) == (batch, keys):
@@ -212,10 +205,9 @@ def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> T
 
 
 def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Fold one layer's position bias (h, q, k) and a bool mask (b, q|1, k) into one additive
-    SDPA mask (b|1, h, q, k). Masked logits get the dtype's most negative finite value, so a
-    row with nothing to attend to stays finite, and masked keys get a weight of exactly 0. (A
-    Python scalar, not a tensor made here: no host-to-device copy, so CUDA graphs can capture it.)"""
+    """One layer's position bias (h, q, k) and a bool mask (b, q|1, k) -> one additive SDPA mask
+    (b|1, h, q, k). Masked logits get the dtype's most negative finite value (a Python scalar: no
+    host-to-device copy), so a row with nothing to attend to stays finite."""
     bias = rearrange(position_bias, "h q k -> 1 h q k").to(dtype)
     if attend is None:
         return bias
@@ -275,11 +267,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
 # ======== Norm and relative position bias =======================================================
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm without mean or bias (T5's "LayerNorm").
-
-    Reads the float32 residual stream, normalizes and multiplies by the weight in float32, then
-    casts to the weight dtype: the layer after it runs in the weight dtype, the stream stays float32.
-    """
+    """T5's "LayerNorm": root-mean-square norm, no mean, no bias. Reads the float32 residual stream,
+    computes in float32, returns the weight dtype (the stream itself stays float32)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -293,9 +282,7 @@ class RMSNorm(nn.Module):
 
 class RelativePositionBias(nn.Module):
     """A learned scalar per (bucket, head) added to the attention logits: one table for the stack
-    (T5), or one per layer (UMT5), stored side by side in one embedding. The buckets are computed
-    once per stack; each layer looks up only its own table, so that at most one layer's bias is
-    alive at a time (UMT5-XXL at batch 32 x 512 would need 24 GiB for all of them)."""
+    (T5) or one per layer (UMT5), side by side in one embedding; each layer looks up its own."""
 
     def __init__(self, config: T5Config, *, layers: int, bidirectional: bool) -> None:
         super().__init__()
@@ -336,12 +323,9 @@ class RelativePositionBias(nn.Module):
 
 
 class LayerBiases:
-    """What each layer's self-attention adds to its scores, made when the layer asks for it.
-
-    SDPA: an additive mask (b|1, h, q, k); with a shared table (T5) made once and handed to every
-    layer, with a table per layer (UMT5) made again for each, so that only one layer's is alive
-    at a time. Flex: a `FlexBias`, whose block mask is built once per stack from the bool mask
-    (b, q|1, k), and whose score_mod reads the layer's table: nothing of size (b, h, q, k)."""
+    """What each layer's self-attention adds to its scores, made when the layer asks for it. SDPA:
+    an additive mask (b|1, h, q, k), made once for a shared table (T5), per layer for UMT5 (one
+    alive at a time). Flex: a `FlexBias` (block mask built once per stack, score_mod per layer)."""
 
     def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
                  attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
@@ -391,13 +375,10 @@ class KVCache(NamedTuple):
 
 def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
-    """A zeroed cache for `batch` rows of `max_len` slots. Reuse it as it is for a new decode of
-    the same size: every cached call rewrites the keys, values and mask of the slots it writes,
-    and later slots are never read before they are written.
-
-    static_address=True tells torch.compile that these tensors keep their address (like
-    parameters), which `mode="reduce-overhead"` (CUDA graphs) needs to accept a decode step that
-    writes into them; leave it off otherwise (a new cache would then mean a recompile)."""
+    """A zeroed cache for `batch` rows of `max_len` slots, reusable as it is for a new decode of
+    the same size (every cached call rewrites the slots it writes, mask included).
+    static_address=True marks its tensors static for torch.compile, as CUDA graphs
+    (`mode="reduce-overhead"`) need; otherwise a new cache would mean a recompile."""
     kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
                      device=device, dtype=dtype)
     attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
@@ -517,10 +498,8 @@ class GegluFFN(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded to half precision
-        once, not twice; it runs over slices of the sequence so that its float32 temporaries stay
-        under FFN_SLICE elements, whatever the batch (one (b*t, f) float32 temporary is 0.6 GiB
-        at XXL's d_ff and batch 32 x 512)."""
+        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded once, over slices of
+        the sequence so that its float32 temporaries stay under FFN_SLICE elements."""
         def product(g: Tensor, u: Tensor) -> Tensor:
             return (F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
 
@@ -575,10 +554,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
                 cross_mask: Tensor | None, cache: KVCache | None = None,
                 positions: Tensor | None = None) -> Tensor:
-        """x: float32 residual stream (b, t, d); encoded (b, s, d) the encoder output, whose
-        cross-attention keys/values cross_kv (2, b, h, s, e) are projected here unless precomputed;
-        cache: the KV cache of every layer (this layer writes at its own index); see the attention
-        classes for the rest."""
+        """x: float32 residual stream (b, t, d); encoded (b, s, d), whose cross-attention keys/values
+        cross_kv (2, b, h, s, e) are projected here unless precomputed; cache: every layer's."""
         if cross_kv is None:
             cross_kv = self.cross_attn.project_kv(encoded)
         y = self.self_attn(self.self_attn_norm(x), self_bias, cache, self.index, positions)
@@ -619,11 +596,8 @@ class T5Encoder(nn.Module):
         self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
 
     def forward(self, input_ids: Tensor, input_mask: Tensor | None = None) -> Tensor:
-        """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing, True = real token.
-
-        Returns the final hidden states (b, s, d) in the weight dtype. Positions that are padding
-        (mask False, or a packing-mask row with nothing to attend to) are exactly zero.
-        """
+        """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing -> final hidden states
+        (b, s, d) in the weight dtype, exactly zero at padding positions."""
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, seq = input_ids.shape
         attend = None if input_mask is None else bool_mask(input_mask, batch, seq, seq, "input_mask")
@@ -665,13 +639,9 @@ class T5Decoder(nn.Module):
         self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
 
     def memory(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
-        """An encoding (b, s, d) as the decoder reads it. cross_mask: (b, s) which encoder positions
-        are real, or (b, t, s) per decoder position (packed sequences).
-
-        precompute=True (decoding) projects every layer's cross-attention keys/values once, here, for
-        all the steps and all the beams or samples of an input. With precompute=False (one
-        teacher-forced pass, as in training) each layer projects them in its own forward, which is
-        also where FSDP has that layer's weights."""
+        """An encoding (b, s, d) as the decoder reads it; cross_mask (b, s), or (b, t, s) for packing.
+        precompute=True (decoding) projects every layer's cross-attention keys/values once, here;
+        False (training) leaves it to each layer's forward (where FSDP has its weights)."""
         batch, seq, _ = encoded.shape
         attend = None
         if cross_mask is not None:
@@ -683,13 +653,9 @@ class T5Decoder(nn.Module):
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
-        """input_ids (b*n, t), n rows per encoding of `memory`; returns hidden states (b*n, t, d).
-
-        input_mask: (b*n, t) padding or (b*n, t, t) packing mask, combined with causality.
-        Without a cache the tokens sit at positions 0..t-1. With a `KVCache`, they sit at
-        `positions` (t,) (one position tensor for the whole batch), their keys/values are written
-        there, and they attend over everything written so far; a padding mask is recorded in the
-        cache so later steps skip those slots too (left-padded decoder prompts)."""
+        """input_ids (b*n, t), n rows per encoding of `memory` -> hidden states (b*n, t, d). input_mask
+        (b*n, t) or (b*n, t, t). Without a cache, positions 0..t-1; with a `KVCache`, at `positions`
+        (t,), attending over all written slots; a padding mask is recorded in the cache."""
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, length = input_ids.shape
         if batch % memory.encoded.shape[0]:
@@ -744,13 +710,8 @@ class T5(nn.Module):
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, input_mask: Tensor | None = None,
                 decoder_mask: Tensor | None = None, cross_mask: Tensor | None = None,
                 labels: Tensor | None = None) -> T5Output:
-        """Teacher-forced forward pass.
-
-        input_ids (b, s), decoder_input_ids (b, t); input_mask (b, s) or packing (b, s, s);
-        decoder_mask (b, t) or packing (b, t, t); cross_mask (b, s) or packing (b, t, s), derived
-        from a 2-dim input_mask when not given (a packing input_mask needs an explicit one).
-        labels (b, t): target ids, -100 where no loss is wanted.
-        """
+        """Teacher-forced forward. input_ids (b, s), decoder_input_ids (b, t); masks 2-dim (padding) or
+        3-dim (packing); cross_mask defaults to a 2-dim input_mask; labels (b, t), -100 = no loss."""
         if cross_mask is None and input_mask is not None:
             if input_mask.dim() != 2:
                 raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask "
@@ -770,13 +731,9 @@ class T5(nn.Module):
 
 
 def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
-    """Choose the self-attention kernel of every stack of `model` (in place; returns it).
-
-    "sdpa" (default): scaled_dot_product_attention with one additive (b|1, h, q, k) mask per layer.
-    "flex": FlexAttention (torch >= 2.5), which never builds a (b, h, q, k) tensor: the position
-    bias is a score_mod and the masks a block mask. It runs compiled (on CPU, inductor generates
-    C++ for it); it has no attention dropout, so train with "sdpa" when dropout is on.
-    Cross-attention has no position bias and stays on SDPA either way."""
+    """Choose the self-attention kernel of every stack of `model` (in place; returns it): "sdpa"
+    (one additive (b|1, h, q, k) mask per layer) or "flex" (FlexAttention, torch >= 2.5: bias as a
+    score_mod, masks as a block mask; no attention dropout). Cross-attention stays on SDPA."""
     if kind not in ("sdpa", "flex"):
         raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
     if kind == "flex":
@@ -799,12 +756,9 @@ def shift_right(labels: Tensor, config: T5Config) -> Tensor:
 
 
 def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Segment ids of packed rows -> (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)).
-
-    Examples packed into one row carry the same id (1, 2, ...) on the input and on the target side;
-    0 marks padding. A position attends only within its own example (causality is added by the
-    decoder); padding attends to nothing. T5's positions are relative, so a packed example sees
-    exactly what it would see alone."""
+    """Segment ids of packed rows (1, 2, ... per example, 0 = padding; input and target side) ->
+    (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)): a position attends only
+    within its own example; the decoder adds causality."""
     def same(q: Tensor, k: Tensor) -> Tensor:
         pair = rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")
         return pair & rearrange(q > 0, "b q -> b q 1")
@@ -813,14 +767,10 @@ def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tens
 
 
 def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator | None = None) -> None:
-    """Initialize every parameter from the config, normal with mean 0 and these stds (norms: 1):
-
-    - scale_qk=False (Mesh TensorFlow's T5 scheme, attention scale folded into the queries):
-      q: (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi: d_model**-0.5; attention out:
-      inner_dim**-0.5; FFN wo: d_ff**-0.5; token embeddings and lm_head: 1; bias tables: d_model**-0.5.
-    - scale_qk=True (the scale applied in attention): the same, except q: d_model**-0.5 and
-      lm_head: d_model**-0.5, so that every projection keeps unit-variance inputs at unit variance.
-    """
+    """Initialize every parameter, normal with mean 0 (norms: 1). scale_qk=False (Mesh TensorFlow's
+    scheme): q (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi, bias tables d_model**-0.5; attention
+    out inner_dim**-0.5; FFN wo d_ff**-0.5; embeddings and lm_head 1. scale_qk=True: the same, but
+    q and lm_head d_model**-0.5."""
     config = model.config
     d, e, i, f = config.d_model, config.d_kv, config.inner_dim, config.d_ff
     q_std = d**-0.5 if config.scale_qk else (d * e) ** -0.5
@@ -859,12 +809,9 @@ def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator |
 
 
 def sum_embedding_grads(model: T5) -> None:
-    """Call after `backward()`, before the optimizer step, to train the two input tables the way
-    T5 trains its one shared table (no shared reference needed): each gets the sum of both
-    gradients, which is the shared table's gradient. From equal values, with the same optimizer,
-    they then stay equal and take transformers' update, so the result exports (`--to-hf`).
-    Gradient clipping after it counts the table twice in the total norm. (T5 v1.0's output layer,
-    tied in transformers, trains on its own here; `--to-hf` writes it untied.)"""
+    """Call after `backward()`, before the optimizer step: each of the two input tables gets the sum
+    of both gradients, which is T5's shared table's gradient, so tables that start equal stay equal
+    and the result exports (`--to-hf`). Gradient clipping after it counts the table twice."""
     encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
     if encoder.grad is None or decoder.grad is None:
         raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
@@ -908,13 +855,10 @@ def encoder_flops(config: T5Config, batch: int, seq: int) -> Flops:
 
 def decoder_flops(config: T5Config, batch: int, tgt: int, src: int, *, keys: int | None = None,
                   cross_kv: bool = True) -> Flops:
-    """Decoder forward of `tgt` tokens per row over an encoding of `src` positions, plus lm_head.
-
-    Per layer, with N = batch*tgt and i = inner_dim: self QKV + output 2*N*d*4i; cross Q + output
-    2*N*d*2i; cross K/V 2*batch*src*d*2i (once per encoding: cross_kv=False for cached steps);
-    self scores/values 2*2*batch*h*tgt*keys*d_kv, keys = tgt uncached or the cache's max_len
-    (SDPA attends over the whole static buffer); cross scores/values 2*2*batch*h*tgt*src*d_kv.
-    lm_head: 2*batch*tgt*d*v, over every position."""
+    """Decoder forward of `tgt` tokens per row over `src` encoder positions, plus lm_head. Per
+    layer, N = batch*tgt, i = inner_dim: self QKV + out 2*N*d*4i; cross Q + out 2*N*d*2i; cross K/V
+    2*batch*src*d*2i (cross_kv=False for cached steps); scores and values 2*2*batch*h*tgt*(keys +
+    src)*d_kv, keys = tgt, or the cache's max_len. lm_head 2*N*d*v."""
     keys = tgt if keys is None else keys
     tokens, i, d, layers = batch * tgt, config.inner_dim, config.d_model, config.num_decoder_layers
     proj = 2 * tokens * d * 6 * i + (2 * batch * src * d * 2 * i if cross_kv else 0)
@@ -985,23 +929,17 @@ class GenerationOptions(NamedTuple):
 
 def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, positions: Tensor,
                 decoder_mask: Tensor | None = None) -> Tensor:
-    """One cached decoder call: tokens (b*n, t) at positions (t,) -> next-token logits (b*n, v), float32.
-
-    decoder_mask (b*n, t): which of these tokens are real; it is recorded in the cache, so the
-    padding of a left-padded prompt given to `prefill` stays masked in every later step without
-    being passed again. Shapes never change from step to step (the cache is static and the
-    position is a tensor), and the step makes no host-device copy: this is the function to
-    `torch.compile` or to capture in a CUDA graph (see the README for what is verified where)."""
+    """One cached decoder call: tokens (b*n, t) at positions (t,) -> next-token logits (b*n, v),
+    float32. decoder_mask (b*n, t) is recorded in the cache for later steps. Static shapes, no
+    host-device copy: the function to `torch.compile` (see the README for what is verified where)."""
     hidden = model.decoder(tokens, memory, decoder_mask, cache=cache, positions=positions)
     return model.lm_head(hidden[:, -1]).float()
 
 
 @functools.cache
 def compiled_decode_step() -> Callable[..., Tensor]:
-    """`decode_step` under torch.compile (whole graph), compiled on first use: with static shapes
-    first, then once with dynamic ones; batch 1, source length 1 and beams each cost one more
-    compile. Past torch's recompile limit for the step (8 by default) a new variant runs eagerly,
-    with a warning, instead of failing (tested with 15 mixed shapes in one process)."""
+    """`decode_step` under torch.compile (whole graph), compiled on first use. Past torch's recompile
+    limit a new shape runs eagerly, with a warning, instead of failing."""
     compiled = torch.compile(decode_step, fullgraph=True)
 
     def step(*args: object) -> Tensor:
@@ -1054,10 +992,9 @@ class Prefill(NamedTuple):
 def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
             decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None, n: int = 1,
             cache: KVCache | None = None) -> Prefill:
-    """Start a decode: encode once, project the cross-attention keys/values once (shared by the
-    n rows of each input: beams or samples), and run the decoder prefix (the decoder start token,
-    or a left-padded prompt with decoder_mask) in one call into a cache of prefix + max_new_tokens
-    slots (or into `cache`, reused: each call rewrites the slots it writes, mask included).
+    """Start a decode: encode once, project the cross-attention keys/values once (shared by the n
+    rows of each input), and run the decoder prefix (start token, or a left-padded prompt with
+    decoder_mask) into a cache of prefix + max_new_tokens slots (or into `cache`, reused).
     Then `decode_step(model, tokens, out.memory, out.cache, out.position)` per token."""
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
@@ -1137,16 +1074,10 @@ def repeat_beams(index: Tensor, width: int) -> Tensor:
 
 def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: GenerationOptions,
                  decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> Generation:
-    """Beam search with Hugging Face's semantics.
-
-    Each step, every input's num_beams running beams propose their 2*num_beams best continuations
-    (by summed log-prob). Candidates that end in EOS (or reach max_new_tokens) and rank within the
-    first num_beams become finished hypotheses scored sum / length**length_penalty; the best
-    num_beams unfinished candidates keep running. An input stops improving when all its finished
-    slots are full and its best running beam, scored at the current length (early_stopping=False),
-    or at max_new_tokens for a positive length_penalty (early_stopping="never"), cannot beat the
-    worst finished one; early_stopping=True stops as soon as num_beams hypotheses are finished.
-    """
+    """Beam search with Hugging Face's semantics: each step every input's beams propose 2*num_beams
+    continuations; those ending in EOS (or at max_new_tokens) within the first num_beams finish,
+    scored sum / length**length_penalty; the best num_beams others keep running, until
+    early_stopping's rule says no running beam can beat the worst finished one."""
     config = model.config
     batch, beams, steps = input_ids.shape[0], options.num_beams, options.max_new_tokens
     early_stopping, length_penalty = options.early_stopping, options.length_penalty
@@ -1237,10 +1168,8 @@ def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
            options: GenerationOptions | None = None,
            *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
            decoder_mask: Tensor | None = None, **keywords: object) -> Iterator[Tensor]:
-    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
-
-    Arguments as for `generate` (no beam search). A row that has produced EOS yields pad from then
-    on; the stream ends when every row has, or after max_new_tokens."""
+    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes
+    (arguments as for `generate`, no beam search); a finished row yields pad."""
     options = generation_options(options, keywords)
     if options.num_beams > 1:
         raise ValueError("stream does not do beam search (num_beams=1): use generate")
@@ -1258,23 +1187,12 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
              options: GenerationOptions | None = None,
              *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
              decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
-    """Generate up to max_new_tokens per row, as `options` (a `GenerationOptions`) says, or its
-    fields given as keywords (Hugging Face's names: `generate(model, ids, mask, max_new_tokens=32,
-    num_beams=4)`); keywords given with `options` replace its fields.
-
-    - greedy (default); sampling with do_sample=True, drawing from `generator` when given (same
-      seed, same tokens); num_return_sequences samples per input share one encoding (rows of one
-      input are adjacent in the output).
-    - beam search with num_beams > 1; returns the best beam of each input, or its
-      num_return_sequences (<= num_beams) best beams, best first.
-    - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
-      that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
-      The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
-      `generate` returns it in front of them).
-
-    input_ids (b, s) with an optional (b, s) padding input_mask. Runs under inference mode; the
-    returned tensors are ordinary ones (they can serve as labels for training).
-    """
+    """Generate up to max_new_tokens per row as `options` says, or its fields given as Hugging Face-
+    named keywords (`max_new_tokens=32, num_beams=4`; with `options`, they replace its fields).
+    Greedy, sampling (do_sample, drawing from `generator`) or beam search (num_beams > 1); the n =
+    num_return_sequences rows of an input are adjacent. decoder_input_ids (b, t): a prefix from the
+    decoder start token, left-padded with decoder_mask (b, t); only new tokens are returned.
+    input_ids (b, s), input_mask (b, s). Runs under inference mode; returns ordinary tensors."""
     options = generation_options(options, keywords)
     with torch.inference_mode():
         if options.num_beams > 1:
@@ -1294,11 +1212,9 @@ SENTINEL = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # as in transformers: "<extra
 
 
 class Tokenizer:
-    """Text <-> ids for a T5 checkpoint: sentencepiece pieces (or ByT5's bytes) plus T5's sentinels
-    `<extra_id_0>`, `<extra_id_1>`, ... whose ids count down from the end of the vocabulary
-    (`<extra_id_0>` is the last id). The text between sentinels is encoded piece by piece, as
-    Hugging Face's T5Tokenizer does; EOS is appended by default. The special tokens written in text
-    (`</s>`, `<pad>`, `<unk>`) become their ids too, as in transformers."""
+    """Text <-> ids: sentencepiece pieces (or ByT5's bytes), plus the sentinels `<extra_id_N>` counted
+    down from the end of the vocabulary, and `</s>`, `<pad>`, `<unk>` written in text, as
+    transformers' T5Tokenizer encodes them; EOS appended by default."""
 
     def __init__(self, config: T5Config) -> None:
         self.pad_id, self.eos_id = config.pad_token_id, config.eos_token_id
@@ -1354,11 +1270,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], *, eos: bool = True, device: torch.device | str | None = None,
                      max_length: int | None = None, padding: Literal["longest", "max_length"] = "longest",
                      truncation: bool = False) -> tuple[Tensor, Tensor]:
-        """Texts -> ids (b, s) right-padded with pad, and the padding mask (b, s), 1 = real token.
-
-        As transformers' tokenizers mean them: padding="longest" pads to the longest row,
-        padding="max_length" to max_length (or to the longest row, if that is longer and not
-        truncated); truncation=True cuts rows to max_length, keeping EOS as the last token."""
+        """Texts -> ids (b, s) right-padded, and the padding mask (b, s), 1 = real token; padding and
+        truncation as transformers' tokenizers mean them (truncation keeps EOS last)."""
         if isinstance(texts, str) or not texts:
             raise ValueError("encode_batch takes a non-empty list of texts")
         if padding not in ("longest", "max_length"):
@@ -1479,12 +1392,9 @@ def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tens
 
 
 class Float8Linear(nn.Module):
-    """A linear layer whose weight stays in float8_e4m3fn in memory, with a float32 scale per
-    output row: each call dequantizes the whole weight to the input's dtype (a dense temporary
-    per call) and multiplies. Half the memory of bfloat16 weights at rest, more time per call; the
-    result equals running the dequantized weight (`dequantize`), so this is only as lossy as fp8
-    storage itself. `load` puts one in place of each nn.Linear whose checkpoint weight has a
-    `weight_scale`."""
+    """A linear layer whose weight stays in float8_e4m3fn, with a float32 scale per output row; each
+    call dequantizes it to the input's dtype, so it computes what `dequantize` would. `load` puts one
+    in place of each nn.Linear whose checkpoint weight has a `weight_scale`."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -1514,15 +1424,10 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 def load(path: str | Path, *, encoder_only: bool = False, device: torch.device | str | None = None,
          dtype: torch.dtype | None = None, attention: Literal["sdpa", "flex"] = "sdpa") -> T5 | T5Encoder:
-    """Load a folder written by `convert_hf.py` (config.json + model.safetensors).
-
-    encoder_only=True reads only the encoder's tensors from the file (safetensors reads lazily, so
-    the decoder's bytes are never touched) and returns a `T5Encoder`. The model is built on the
-    meta device and takes the loaded tensors as they are: nothing is allocated twice. Any missing
-    or unexpected tensor is an error that names it. A checkpoint with fp8 weights (convert_hf.py
-    --weights float8_e4m3fn) keeps them in fp8 (`Float8Linear`); `dtype` then applies to the rest,
-    the dtype the model computes in. attention: the self-attention kernel (`set_attention`).
-    """
+    """Load a folder written by `convert_hf.py` (config.json + model.safetensors), built on the meta
+    device and assigned the tensors read (nothing allocated twice); a missing or unexpected tensor
+    is an error naming it. encoder_only=True reads only the encoder's tensors and returns a
+    `T5Encoder`. fp8 weights stay fp8 (`Float8Linear`); `dtype` applies to the rest."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -1571,10 +1476,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
 
 
 def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` as `load` reads it: config.json, model.safetensors (an encoder's tensors
-    under "encoder.", fp8 weights with their scales) and, given a sentencepiece tokenizer, its
-    spiece.model. Every file is written beside its place first and renamed into place once all are
-    written, so a failure leaves the folder as it was; files of other names are left alone."""
+    """Write `model` as `load` reads it (config.json, model.safetensors, and a sentencepiece
+    tokenizer's spiece.model); files are staged beside their place and renamed once all are written."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
