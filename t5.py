@@ -127,10 +127,7 @@ class T5Config:
 
     @classmethod
     def load(cls, path: str | Path) -> T5Config:
-        """Load a folder written by `convert_hf.py` (config.json + model.safetensors), built on the meta
-    device and assigned the tensors read (nothing allocated twice); a missing or unexpected tensor
-    is an error naming it. encoder_only=True reads only the encoder's tensors and returns a
-    `T5Encoder`. fp8 weights stay fp8 (`Float8Linear`); `dtype` applies to the rest."""
+        """Read a config.json written by `save`; an unknown or missing field is an error."""
         try:
             fields = json.loads(Path(path).read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
