@@ -564,33 +564,45 @@ class DecoderLayer(nn.Module):
 
 # ======== Stacks ================================================================================
 
-def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | None) -> Tensor:
-    """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
-    if stack.checkpoint_layers and stack.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
+class Stack(nn.Module):
+    """What the encoder and decoder share: embedding, position bias, layers, final norm, and the
+    self-attention kernel, `attention`: the one place the sdpa/flex choice lives (`set_attention`)."""
 
-
-def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the layers compute in: the embeddings' (fp8 weights are dequantized to it)."""
-    return module.embedding.weight.dtype
-
-
-class T5Encoder(nn.Module):
-    """The encoder alone, with its own embedding: what text-to-image pipelines use."""
-
-    def __init__(self, config: T5Config) -> None:
+    def __init__(self, config: T5Config, layer: type[EncoderLayer | DecoderLayer], count: int) -> None:
         super().__init__()
         self.config = config
-        layers = config.num_encoder_layers
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_bias = RelativePositionBias(config, layers=layers if config.bias_per_layer else 1,
-                                                  bidirectional=True)
-        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(layers))
+        self.position_bias = RelativePositionBias(config, layers=count if config.bias_per_layer else 1,
+                                                  bidirectional=layer is EncoderLayer)
+        self.layers = nn.ModuleList(layer(config, i) for i in range(count))
         self.final_norm = RMSNorm(config.d_model, config.eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
         self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: the embeddings' (fp8 weights are dequantized to it)."""
+        return self.embedding.weight.dtype
+
+    def biases(self, query_positions: Tensor, key_positions: Tensor, attend: Tensor | None, batch: int,
+               cached: bool = False) -> LayerBiases:
+        """The self-attention biases of every layer, for this stack's kernel."""
+        return LayerBiases(self.position_bias, query_positions, key_positions, attend, batch,
+                           self.compute_dtype, self.attention, cached)
+
+    def run_layer(self, layer: nn.Module, *args: Tensor | KVCache | None) -> Tensor:
+        """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
+        if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+
+class T5Encoder(Stack):
+    """The encoder alone, with its own embedding: what text-to-image pipelines use."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config, EncoderLayer, config.num_encoder_layers)
 
     def forward(self, input_ids: Tensor, input_mask: Tensor | None = None) -> Tensor:
         """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing -> final hidden states
@@ -600,10 +612,9 @@ class T5Encoder(nn.Module):
         attend = None if input_mask is None else bool_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, compute_dtype(self),
-                             self.attention)
+        biases = self.biases(positions, positions, attend, batch)
         for i, layer in enumerate(self.layers):
-            x = run_layer(self, layer, x, biases[i])
+            x = self.run_layer(layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
         if attend is None:
             return out
@@ -619,21 +630,11 @@ class Memory(NamedTuple):
     kv: Tensor | None  # (l, 2, b, h, s, e) every layer's cross-attention keys/values, when precomputed
 
 
-class T5Decoder(nn.Module):
+class T5Decoder(Stack):
     """The decoder stack (without lm_head): causal self-attention, cross-attention, feed-forward."""
 
     def __init__(self, config: T5Config) -> None:
-        super().__init__()
-        self.config = config
-        layers = config.num_decoder_layers
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_bias = RelativePositionBias(config, layers=layers if config.bias_per_layer else 1,
-                                                  bidirectional=False)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(layers))
-        self.final_norm = RMSNorm(config.d_model, config.eps)
-        self.dropout = nn.Dropout(config.dropout)
-        self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
-        self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
+        super().__init__(config, DecoderLayer, config.num_decoder_layers)
 
     def memory(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
         """An encoding (b, s, d) as the decoder reads it; cross_mask (b, s), or (b, t, s) for packing.
@@ -646,7 +647,7 @@ class T5Decoder(nn.Module):
             attend = bool_mask(cross_mask, batch, queries, seq, "cross_mask")
         kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) \
             if precompute else None
-        return Memory(encoded, additive_cross_mask(attend, compute_dtype(self)), kv)
+        return Memory(encoded, additive_cross_mask(attend, self.compute_dtype), kv)
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
@@ -662,7 +663,6 @@ class T5Decoder(nn.Module):
             raise ValueError(f"cross_mask covers {memory.cross_mask.shape[2]} decoder positions, "
                              f"the input has {length}")
         x = self.dropout(self.embedding(input_ids)).float()
-        dtype = compute_dtype(self)
         if cache is None:
             positions = torch.arange(length, device=input_ids.device)
             keys = positions
@@ -682,12 +682,11 @@ class T5Decoder(nn.Module):
                                                                             "decoder_mask"), "b 1 t -> b t"))
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
-        biases = LayerBiases(self.position_bias, positions, keys, attend, batch, dtype, self.attention,
-                             cached=cache is not None)
+        biases = self.biases(positions, keys, attend, batch, cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
         for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
-            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache,
-                          positions)
+            x = self.run_layer(layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache,
+                               positions)
         return self.dropout(self.final_norm(x))
 
 
@@ -739,7 +738,7 @@ def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex
         except ImportError:
             raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
     for module in model.modules():
-        if isinstance(module, (T5Encoder, T5Decoder)):
+        if isinstance(module, Stack):
             module.attention = kind
     return model
 
