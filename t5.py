@@ -355,7 +355,7 @@ class LayerBiases:
 
 class KVCache(NamedTuple):
     """Decoder self-attention keys/values for every layer in one preallocated tensor, written in
-    place at the step's positions (`update`). Nothing grows or is reallocated."""
+    place at the step's positions (`update`, `mark`). Nothing grows or is reallocated."""
 
     kv: Tensor  # (l, 2, b, h, max_len, e)
     attend: Tensor  # bool (b, max_len): False for slots of a left-padded decoder prompt's padding
@@ -368,6 +368,14 @@ class KVCache(NamedTuple):
         new = rearrange(torch.stack([k, v]).to(self.kv.dtype), "two b h t e -> t two b h e")
         torch.ops.aten.index_put_(self.kv, [layer_index, None, None, None, positions], new)  # kv[l,:,:,:,t]
         return self.kv[layer, 0], self.kv[layer, 1]
+
+    def mark(self, positions: Tensor, real: Tensor | None) -> None:
+        """Record which slots at positions (t,) hold real tokens: real (b, t) bool, None for all.
+        Every call rewrites the slots it writes, so that a cache can be reused."""
+        if real is None:
+            self.attend.index_fill_(1, positions, True)
+        else:
+            self.attend.index_copy_(1, positions, real)
 
 
 def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
@@ -419,18 +427,10 @@ class EncoderSelfAttention(nn.Module):
         return self.out(rearrange(y, "b h s e -> b s (h e)"))
 
 
-class DecoderSelfAttention(nn.Module):
-    """Causal self-attention over the decoder tokens. With a cache, the new keys/values are
-    written into it in place at `positions` and the queries attend over the whole static buffer
-    (the bias masks the slots not yet written); without one, over the tokens of this call."""
-
-    def __init__(self, config: T5Config) -> None:
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.scale = config.d_kv**-0.5 if config.scale_qk else 1.0
-        self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
-        self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
+class DecoderSelfAttention(EncoderSelfAttention):
+    """Causal self-attention over the decoder tokens (the same weights as the encoder's). With a
+    cache, the new keys/values are written into it in place at `positions` and the queries attend
+    over the whole static buffer (the bias masks the slots not yet written)."""
 
     def forward(self, x: Tensor, bias: Tensor | FlexBias, cache: KVCache | None = None, layer: int = 0,
                 positions: Tensor | None = None) -> Tensor:
@@ -672,14 +672,11 @@ class T5Decoder(Stack):
         else:
             positions = check_positions(positions, length, cache)
             keys = torch.arange(cache.kv.shape[-2], device=input_ids.device)
-            # every call rewrites the mask of the slots it writes (so a cache can be reused)
-            if input_mask is None:
-                cache.attend.index_fill_(1, positions, True)
-            else:
-                if input_mask.dim() != 2:
-                    raise ValueError("with a cache, decoder_mask must be a (batch, t) padding mask")
-                cache.attend.index_copy_(1, positions, rearrange(bool_mask(input_mask, batch, length, length,
-                                                                            "decoder_mask"), "b 1 t -> b t"))
+            if input_mask is not None and input_mask.dim() != 2:
+                raise ValueError("with a cache, decoder_mask must be a (batch, t) padding mask")
+            real = None if input_mask is None else \
+                rearrange(bool_mask(input_mask, batch, length, length, "decoder_mask"), "b 1 t -> b t")
+            cache.mark(positions, real)
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
         biases = self.biases(positions, keys, attend, batch, cached=cache is not None)
@@ -787,7 +784,7 @@ def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator |
             normal(module.embedding.weight, d**-0.5)
         elif isinstance(module, (T5Encoder, T5Decoder)):
             normal(module.embedding.weight, 1.0)
-        elif isinstance(module, (EncoderSelfAttention, DecoderSelfAttention)):
+        elif isinstance(module, EncoderSelfAttention):  # DecoderSelfAttention too
             normal(module.qkv.weight, [(i, q_std), (2 * i, d**-0.5)])
             normal(module.out.weight, i**-0.5)
         elif isinstance(module, CrossAttention):
@@ -1114,7 +1111,8 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, option
         merged = all_scores.topk(beams, dim=-1).indices
         done_scores = all_scores.gather(1, merged)
         done = torch.cat([done, candidates], dim=1).gather(1, repeat_beams(merged, steps))
-        done_lengths = torch.cat([done_lengths, torch.full_like(new_scores, length, dtype=torch.long)], 1).gather(1, merged)
+        lengths = torch.full_like(new_scores, length, dtype=torch.long)
+        done_lengths = torch.cat([done_lengths, lengths], dim=1).gather(1, merged)
         done_full = torch.cat([done_full, finishing], dim=1).gather(1, merged)
 
         # running beams: the best num_beams candidates that did not end
@@ -1429,7 +1427,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found (convert a checkpoint with convert_hf.py first)")
+            raise FileNotFoundError(f"{path / name} not found (convert a checkpoint with convert_hf.py "
+                                    "first)")
     config = T5Config.load(path / "config.json")
     with torch.device("meta"):
         model: T5 | T5Encoder = T5Encoder(config) if encoder_only else T5(config)
