@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import ctypes
 import json
 import os
@@ -42,9 +43,9 @@ with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unu
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-from t5 import DTYPES, SENTINEL, T5, T5Config, T5Encoder, dequantize_weight
+from t5 import DTYPES, SENTINEL, T5, T5Config, T5Encoder, dequantize_weight, scalable_blocks
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -820,12 +821,104 @@ def write_safetensors(path: Path, specs: Mapping[str, tuple[torch.Size, torch.dt
     assert written == len(specs), f"{written} of {len(specs)} tensors written"
 
 
+FLOAT16_MAX = 65504.0
+
+
+def value_rows(config: T5Config, block: str) -> tuple[str, slice]:
+    """The tensor and rows that a float16 output scale of `block` ("encoder.3.ffn", ...) multiplies:
+    the rows a block's output follows linearly, attention V and the FFN up-projection (all of wi
+    for ReLU, which is positively homogeneous). Used by `apply_out_scales` and `export_hf`."""
+    stack, index, kind = block.split(".")
+    layer, inner = f"{stack}.layers.{index}", config.inner_dim
+    if kind in ("attn", "self_attn"):
+        return f"{layer}.{kind}.qkv.weight", slice(2 * inner, None)
+    if kind == "cross_attn":
+        return f"{layer}.cross_attn.kv.weight", slice(inner, None)
+    return f"{layer}.ffn.wi.weight", slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None)
+
+
+def stacks(model: T5 | T5Encoder) -> dict[str, nn.Module]:
+    """A model's stacks by the name its blocks carry in T5Config.out_scales."""
+    return {"encoder": model.encoder, "decoder": model.decoder} if isinstance(model, T5) else {"encoder": model}
+
+
+@torch.no_grad()
+def calibrate_float16(model: T5 | T5Encoder, input_ids: Tensor, input_mask: Tensor | None = None,
+                      decoder_input_ids: Tensor | None = None, *, headroom: float = 4.0) -> dict[str, float]:
+    """Which blocks would overflow float16, and the power-of-two scale each needs.
+
+    Runs the model as it is (float32 or bfloat16: their range is wide) on the calibration inputs
+    and records, per attention and feed-forward block, the largest magnitude on its value path:
+    V and the attention output before and after the out-projection; the FFN up-projection, the
+    hidden after the gate and the FFN output. Each scale starts at 1 and is halved until the
+    block's largest value times the scale is at most 65504 / headroom. Returns the blocks that
+    need a scale below 1 (to give to `apply_out_scales`). decoder_input_ids default to the inputs."""
+    if stacks(model)["encoder"].embedding.weight.dtype == torch.float16:
+        raise ValueError("calibrate a float32 or bfloat16 model: float16 values have already overflowed")
+    config = model.config
+    peaks: dict[str, float] = {}
+    hooks = []
+
+    def watch(key: str, module: nn.Module, rows: slice | None = None) -> None:
+        def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            values = [output if rows is None else output[..., rows]] + ([] if rows is not None else [inputs[0]])
+            peaks[key] = max([peaks.get(key, 0.0)] + [float(v.detach().abs().max()) for v in values])
+        hooks.append(module.register_forward_hook(hook))
+
+    for stack, module in stacks(model).items():
+        for index, layer in enumerate(module.layers):
+            for block in ("attn",) if stack == "encoder" else ("self_attn", "cross_attn"):
+                key, attention = f"{stack}.{index}.{block}", getattr(layer, block)
+                projection = attention.qkv if block != "cross_attn" else attention.kv
+                width = projection.weight.shape[0]
+                watch(key, projection, slice(width - config.inner_dim, width))  # V
+                watch(key, attention.out)  # attention output and the block's output
+            key = f"{stack}.{index}.ffn"
+            watch(key, layer.ffn.wi, slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None))
+            watch(key, layer.ffn.wo)  # the hidden after the gate, and the block's output
+    try:
+        if isinstance(model, T5):
+            decoder_ids = input_ids if decoder_input_ids is None else decoder_input_ids
+            model(input_ids, decoder_ids, input_mask=input_mask)
+        else:
+            model(input_ids, input_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scales = {}
+    for key, peak in peaks.items():
+        scale = 1.0
+        while peak * scale > FLOAT16_MAX / headroom:
+            scale /= 2
+        if scale < 1.0:
+            scales[key] = scale
+    return scales
+
+
+@torch.no_grad()
+def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
+    """Fold float16 output scales into the weights, in place (exact: powers of two), make each
+    scaled block's output be multiplied back in float32 as it joins the residual stream, and record
+    the scales in model.config.out_scales (saved with it in config.json)."""
+    config = model.config
+    model_stacks = stacks(model)
+    for key, scale in scales.items():
+        stack, index, block = key.split(".")
+        if stack not in model_stacks or key not in scalable_blocks(config):
+            raise ValueError(f"no block {key!r} in this model")
+        name, rows = value_rows(config, key)
+        model_stacks[stack].get_parameter(name.removeprefix(f"{stack}."))[rows].mul_(scale)
+        config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
+        model_stacks[stack].layers[int(index)].unscale[block] = config.unscale(key)
+    T5Config(**dataclasses.asdict(config))  # still a valid config
+
+
 def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None, *, encoder_only: bool = False
               ) -> dict[str, float]:
     """float16 calibration of a converted folder, in place: run it in float32 on `texts` (or
     CALIBRATION_TEXTS; random ids when the folder has no tokenizer), find the blocks that would
     overflow float16, fold their scales into the weights and record them in config.json."""
-    from t5 import apply_out_scales, calibrate_float16, load, load_tokenizer
+    from t5 import load, load_tokenizer
 
     model = load(folder, encoder_only=encoder_only, dtype=torch.float32)
     try:
@@ -966,18 +1059,6 @@ def hf_config_for(config: T5Config, model_type: str, encoder_only: bool, tied: b
         "decoder_start_token_id": config.decoder_start_token_id, "is_encoder_decoder": not encoder_only,
         "use_cache": True, "tie_word_embeddings": tied,
     }
-
-
-def value_rows(config: T5Config, block: str) -> tuple[str, slice]:
-    """The tensor and rows that a float16 output scale of `block` ("encoder.3.ffn", ...) multiplies,
-    as t5.apply_out_scales does: attention V, FFN up-projection (all of wi for ReLU)."""
-    stack, index, kind = block.split(".")
-    layer, inner = f"{stack}.layers.{index}", config.inner_dim
-    if kind in ("attn", "self_attn"):
-        return f"{layer}.{kind}.qkv.weight", slice(2 * inner, None)
-    if kind == "cross_attn":
-        return f"{layer}.cross_attn.kv.weight", slice(inner, None)
-    return f"{layer}.ffn.wi.weight", slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None)
 
 
 def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_type: str | None = None,

@@ -1,45 +1,14 @@
 """T5 in one file: the encoder-decoder of Raffel et al. 2020, "Exploring the Limits of Transfer
 Learning with a Unified Text-to-Text Transformer" (arXiv:1910.10683), in plain PyTorch.
 
-One model class covers every public T5 family once its weights are converted with
-`convert_hf.py`:
-  - T5 v1.0 (t5-small ... t5-11b): ReLU feed-forward, output embedding tied to the input one and
-    rescaled by d_model**-0.5 (the converter folds the scale into a separate `lm_head`).
-  - T5 v1.1, Flan-T5, mT5, ByT5: gated-GELU feed-forward (tanh approximation), untied `lm_head`;
-    ByT5 has a deeper encoder than decoder.
-  - UMT5 / Pile-T5: every layer owns its relative position bias table.
+Families (weights converted by convert_hf.py): T5 v1.0 (ReLU feed-forward, lm_head pre-scaled);
+T5 v1.1, Flan-T5, mT5, ByT5 (gated-GELU, untied lm_head); UMT5 / Pile-T5 (a position bias table
+per layer). The design choices and their reasons are in README.md ("How t5.py reads").
 
-Notable choices:
-  - No absolute positions: a learned scalar per (head, distance bucket) is added to the attention
-    logits. SDPA: the buckets are computed once per stack; T5's one table gives one bias for every
-    layer, UMT5's per-layer tables are looked up layer by layer (one layer's bias alive at a time).
-    Flex: a score_mod computes each score's bucket and reads the layer's table.
-  - No attention scale by default: Google burned d_kv**-0.5 into the query weights
-    (`T5Config.scale_qk`).
-  - The residual stream is float32 whatever the weight dtype; RMSNorm reads it and hands the
-    layer its input in the weight dtype, and each block's output is added back in float32.
-  - Fused projections: QKV in self-attention, KV in cross-attention, both halves of the gated
-    feed-forward in one matrix.
-  - Attention through `torch.nn.functional.scaled_dot_product_attention`, with the position bias
-    and the masks folded into one additive `attn_mask`; or, with `set_attention(model, "flex")`,
-    through FlexAttention, with the bias as a score_mod and the masks as a block mask, so that no
-    (batch, heads, q, k) tensor is ever built.
-  - Three attention classes for three jobs: the encoder's (no cache), the decoder's causal
-    self-attention (writes a static cache in place) and cross-attention (reads keys/values
-    computed once per encoding).
-  - Padding never leaks: a prompt's encoder output at its real tokens does not depend on the
-    padding after it or on the other rows of the batch, and padded positions come out as zeros.
-  - Decoding keeps its keys/values in one preallocated cache written in place, with every shape
-    static from step to step; cross-attention keys/values are projected once per encoding.
-  - float16 without clamping: blocks whose outputs would pass 65504 get a power-of-two scale,
-    found by a calibration pass and folded into their weights (T5Config.out_scales).
-  - fp8 checkpoints keep their linear weights in float8_e4m3fn in memory (`Float8Linear`), each
-    dequantized to the compute dtype as it is used.
-
-Sections, top to bottom: config, outputs, helpers, modules (norm, position bias, the three
-attentions, the two feed-forwards, the two layers), stacks, model and training helpers, static
-KV cache, FLOPs, sampler (greedy, sampling, beam search), tokenizers, loading (fp8 weights
-included), float16 calibration, command line.
+Sections, top to bottom: config; helpers (position buckets, input checks, masks); attention
+kernels (SDPA or FlexAttention); norm and relative position bias; static KV cache; attention x3
+and feed-forward x2; layers; stacks; model and training helpers; FLOPs; sampler (greedy,
+sampling, beam search); tokenizers; loading and saving (fp8 weights included).
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
@@ -50,15 +19,12 @@ Shape legend (einops names used throughout):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
 import os
 import re
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,13 +39,18 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
+
+# ======== Config ================================================================================
+
 FFN_KINDS = ("relu", "gated-gelu")
 FFN_SLICE = 2**22  # elements of each float32 temporary of the gated feed-forward (16 MiB)
 
 
-########################################################################################
-# Config
-########################################################################################
+def scalable_blocks(config: T5Config) -> list[str]:
+    """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
+    return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
+        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers)
+         for block in ("self_attn", "cross_attn", "ffn")]
 
 
 @dataclass
@@ -108,7 +79,7 @@ class T5Config:
     # float16 safety: block -> power-of-two scale s < 1 ("encoder.3.ffn", "decoder.0.cross_attn", ...).
     # The block's value rows (attention V, FFN up-projection) are stored multiplied by s, so its output
     # comes out s times smaller, and is multiplied by 1/s in float32 when added to the residual.
-    # Set by `calibrate_float16` + `apply_out_scales` (or convert_hf.py --calibrate).
+    # Set by convert_hf.py's `calibrate_float16` + `apply_out_scales` (or convert_hf.py --calibrate).
     out_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,9 +99,11 @@ class T5Config:
         for key, scale in self.out_scales.items():
             if key not in scalable_blocks(self):
                 raise ValueError(f"T5Config.out_scales: no block {key!r} (blocks look like 'encoder.0.attn', "
-                                 "'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', 'decoder.0.ffn')")
+                                 "'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', "
+                                 "'decoder.0.ffn')")
             if not (0 < scale <= 1 and math.frexp(scale)[0] == 0.5):
-                raise ValueError(f"T5Config.out_scales[{key!r}] must be a power of two in (0, 1], got {scale}")
+                raise ValueError(f"T5Config.out_scales[{key!r}] must be a power of two in (0, 1], "
+                                 f"got {scale}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"T5Config.dropout must be in [0, 1), got {self.dropout}")
         if not self.eps > 0:
@@ -174,36 +147,18 @@ class T5Config:
         return cls(**fields)
 
 
-def scalable_blocks(config: T5Config) -> list[str]:
-    """Every block that can carry a float16 output scale, named as in T5Config.out_scales."""
-    return [f"encoder.{i}.{block}" for i in range(config.num_encoder_layers) for block in ("attn", "ffn")] + \
-        [f"decoder.{i}.{block}" for i in range(config.num_decoder_layers) for block in ("self_attn", "cross_attn", "ffn")]
-
-
-########################################################################################
-# Outputs
-########################################################################################
-
-
 class T5Output(NamedTuple):
     logits: Tensor  # (b, t, v) in the weight dtype
     loss: Tensor | None  # mean cross-entropy over labels != -100, when labels were given
 
 
-########################################################################################
-# Helpers: position buckets, input checks, masks
-########################################################################################
-
+# ======== Helpers: position buckets, input checks, masks ========================================
 
 def relative_position_bucket(relative_position: Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> Tensor:
-    """Bucket id of each `key_position - query_position` (Mesh TensorFlow's scheme).
-
-    Bidirectional (encoder): half of the buckets are for keys after the query, half for keys
-    before. Causal (decoder): keys after the query all fall in bucket 0 (they are masked anyway).
-    Within a direction, distances below `max_exact = buckets // 2` get a bucket each; larger ones
-    share log-spaced buckets up to `max_distance`, and everything farther shares the last bucket.
-    """
+    """Bucket id of each `key_position - query_position` (Mesh TensorFlow's scheme): half the buckets
+    per direction when bidirectional (causal: later keys share bucket 0); below `num_buckets // 2` one
+    bucket per distance, then log-spaced buckets up to `max_distance`, then the last bucket."""
     if bidirectional:
         num_buckets //= 2
         bucket = (relative_position > 0).long() * num_buckets
@@ -219,13 +174,11 @@ def relative_position_bucket(relative_position: Tensor, *, bidirectional: bool, 
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
-    """Reject anything but a (batch, seq) integer tensor of ids in [0, vocab_size).
-
-    The range check runs on CPU tensors only: on CUDA it would cost a device sync per call, and an
-    out-of-range id there trips the embedding's device-side assert instead (an opaque CUDA error).
-    """
+    """Reject anything but a (batch, seq) integer tensor of ids in [0, vocab_size); the range is
+    checked on CPU tensors only (on CUDA it would cost a device sync per call)."""
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be a (batch, seq) integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+        raise ValueError(f"{name} must be a (batch, seq) integer tensor, got {ids.dtype} of shape "
+                         f"{tuple(ids.shape)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}")
     if ids.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -235,12 +188,9 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
             raise ValueError(f"{name} holds token id {bad}, outside [0, {vocab_size})")
 
 
-def check_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> Tensor:
-    """A padding mask (batch, keys) or a packing mask (batch, queries, keys) -> bool (b, q or 1, k).
-
-    True (or nonzero) means "may attend". Float masks are refused: additive and multiplicative
-    conventions are both common and a wrong guess fails silently.
-    """
+def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> Tensor:
+    """A padding mask (batch, keys) or a packing mask (batch, queries, keys), nonzero = may attend,
+    -> bool (b, q or 1, k). Float masks are refused: additive or multiplicative, a guess fails silently."""
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise ValueError(f"{name} must be bool or integer (nonzero = attend), got {mask.dtype}")
     if mask.dim() == 2 and tuple(mask.shape) == (batch, keys):
@@ -252,15 +202,25 @@ def check_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> 
 
 
 def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Fold one layer's position bias (h, q, k) and a bool mask (b, q|1, k) into one additive
-    SDPA mask (b|1, h, q, k). Masked logits get the dtype's most negative finite value, so a
-    row with nothing to attend to stays finite, and masked keys get a weight of exactly 0. (A
-    Python scalar, not a tensor made here: no host-to-device copy, so CUDA graphs can capture it.)"""
+    """One layer's position bias (h, q, k) and a bool mask (b, q|1, k) -> one additive SDPA mask
+    (b|1, h, q, k). Masked logits get the dtype's most negative finite value (a Python scalar: no
+    host-to-device copy), so a row with nothing to attend to stays finite."""
     bias = rearrange(position_bias, "h q k -> 1 h q k").to(dtype)
     if attend is None:
         return bias
     return torch.where(rearrange(attend, "b q k -> b 1 q k"), bias, torch.finfo(dtype).min)
 
+
+def additive_cross_mask(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool cross mask (b, t|1, s) -> additive SDPA mask (b, 1, t|1, s); cross-attention has no
+    position bias."""
+    if attend is None:
+        return None
+    zeros = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+    return rearrange(zeros.masked_fill(~attend, torch.finfo(dtype).min), "b t s -> b 1 t s")
+
+
+# ======== Attention kernels: SDPA or FlexAttention ==============================================
 
 class FlexBias(NamedTuple):
     """What FlexAttention takes instead of an additive (b, h, q, k) mask: the position bias as a
@@ -284,7 +244,8 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float, dropout: float) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float,
+              dropout: float) -> Tensor:
     """q (b, h, q, e), k and v (b, h, k, e) -> (b, h, q, e), through SDPA with an additive mask,
     or FlexAttention when the stack runs with attention="flex"."""
     if isinstance(bias, FlexBias):
@@ -300,26 +261,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout)
 
 
-def cross_attention_bias(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A bool cross mask (b, t|1, s) -> additive SDPA mask (b, 1, t|1, s); cross-attention has no
-    position bias."""
-    if attend is None:
-        return None
-    zeros = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
-    return rearrange(zeros.masked_fill(~attend, torch.finfo(dtype).min), "b t s -> b 1 t s")
-
-
-########################################################################################
-# Modules, in data-flow order
-########################################################################################
-
+# ======== Norm and relative position bias =======================================================
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm without mean or bias (T5's "LayerNorm").
-
-    Reads the float32 residual stream, normalizes and multiplies by the weight in float32, then
-    casts to the weight dtype: the layer after it runs in the weight dtype, the stream stays float32.
-    """
+    """T5's "LayerNorm": root-mean-square norm, no mean, no bias. Reads the float32 residual stream,
+    computes in float32, returns the weight dtype (the stream itself stays float32)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -333,9 +279,7 @@ class RMSNorm(nn.Module):
 
 class RelativePositionBias(nn.Module):
     """A learned scalar per (bucket, head) added to the attention logits: one table for the stack
-    (T5), or one per layer (UMT5), stored side by side in one embedding. The buckets are computed
-    once per stack; each layer looks up only its own table, so that at most one layer's bias is
-    alive at a time (UMT5-XXL at batch 32 x 512 would need 24 GiB for all of them)."""
+    (T5) or one per layer (UMT5), side by side in one embedding; each layer looks up its own."""
 
     def __init__(self, config: T5Config, *, layers: int, bidirectional: bool) -> None:
         super().__init__()
@@ -348,12 +292,13 @@ class RelativePositionBias(nn.Module):
     def buckets(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
         """(q,) and (k,) int positions -> bucket ids (q, k)."""
         relative = rearrange(key_positions, "k -> 1 k") - rearrange(query_positions, "q -> q 1")
-        return relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
-                                        max_distance=self.max_distance)
+        return relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                        num_buckets=self.num_buckets, max_distance=self.max_distance)
 
     def table(self, layer: int) -> Tensor:
         """Layer `layer`'s table (buckets, h): its own for UMT5, the shared one for T5."""
-        return rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)[layer if self.layers > 1 else 0]
+        tables = rearrange(self.embedding.weight, "n (l h) -> l n h", l=self.layers)
+        return tables[layer if self.layers > 1 else 0]
 
     def score_mod(self, layer: int, query_positions: Tensor | None = None
                   ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -374,6 +319,96 @@ class RelativePositionBias(nn.Module):
         return rearrange(F.embedding(buckets, self.table(layer)), "q k h -> h q k")
 
 
+class LayerBiases:
+    """What each layer's self-attention adds to its scores, made when the layer asks for it. SDPA:
+    an additive mask (b|1, h, q, k), made once for a shared table (T5), per layer for UMT5 (one
+    alive at a time). Flex: a `FlexBias` (block mask built once per stack, score_mod per layer)."""
+
+    def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
+                 attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
+                 cached: bool = False) -> None:
+        self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
+        self.query_positions = query_positions if cached else None
+        self.block_mask = None
+        if kind == "flex":
+            if attend is not None:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                queries, keys = len(query_positions), len(key_positions)
+                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
+                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries,
+                                                    keys, device=attend.device)
+        else:
+            self.buckets = position_bias.buckets(query_positions, key_positions)
+        self.shared = None if position_bias.layers > 1 else self._make(0)
+
+    def _make(self, layer: int) -> Tensor | FlexBias:
+        if self.kind == "flex":
+            return FlexBias(self.position_bias.score_mod(layer, self.query_positions), self.block_mask)
+        return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
+
+    def __getitem__(self, layer: int) -> Tensor | FlexBias:
+        return self.shared if self.shared is not None else self._make(layer)
+
+
+# ======== Static KV cache =======================================================================
+
+class KVCache(NamedTuple):
+    """Decoder self-attention keys/values for every layer in one preallocated tensor, written in
+    place at the step's positions (`update`, `mark`). Nothing grows or is reallocated."""
+
+    kv: Tensor  # (l, 2, b, h, max_len, e)
+    attend: Tensor  # bool (b, max_len): False for slots of a left-padded decoder prompt's padding
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write layer `layer`'s k and v (b, h, t, e) at positions (t,); return all of its keys and
+        values (b, h, max_len, e). One scatter into the cache tensor itself (not into a view of it),
+        so that torch.compile updates it in place instead of copying it."""
+        layer_index = torch.full((1,), layer, dtype=torch.long, device=self.kv.device)
+        new = rearrange(torch.stack([k, v]).to(self.kv.dtype), "two b h t e -> t two b h e")
+        torch.ops.aten.index_put_(self.kv, [layer_index, None, None, None, positions], new)  # kv[l,:,:,:,t]
+        return self.kv[layer, 0], self.kv[layer, 1]
+
+    def mark(self, positions: Tensor, real: Tensor | None) -> None:
+        """Record which slots at positions (t,) hold real tokens: real (b, t) bool, None for all.
+        Every call rewrites the slots it writes, so that a cache can be reused."""
+        if real is None:
+            self.attend.index_fill_(1, positions, True)
+        else:
+            self.attend.index_copy_(1, positions, real)
+
+
+def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
+    """A zeroed cache for `batch` rows of `max_len` slots, reusable as it is for a new decode of
+    the same size (every cached call rewrites the slots it writes, mask included).
+    static_address=True marks its tensors static for torch.compile, as CUDA graphs
+    (`mode="reduce-overhead"`) need; otherwise a new cache would mean a recompile."""
+    kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
+                     device=device, dtype=dtype)
+    attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
+    if static_address:
+        torch._dynamo.mark_static_address(kv)
+        torch._dynamo.mark_static_address(attend)
+    return KVCache(kv, attend)
+
+
+def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
+    """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
+    and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
+    if positions is None or positions.dim() != 1 or positions.shape[0] != length \
+            or positions.dtype != torch.long:
+        shape = None if positions is None else (tuple(positions.shape), positions.dtype)
+        raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
+    max_len = cache.kv.shape[-2]
+    if positions.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(positions.min()) < 0 or int(positions.max()) >= max_len:
+            raise ValueError(f"decoder position {int(positions.max())} is past the cache's max_len {max_len}")
+    return positions
+
+
+# ======== Attention (x3) and feed-forward (x2) ==================================================
+
 class EncoderSelfAttention(nn.Module):
     """Bidirectional self-attention over the input; no cache (the encoder runs once)."""
 
@@ -392,31 +427,18 @@ class EncoderSelfAttention(nn.Module):
         return self.out(rearrange(y, "b h s e -> b s (h e)"))
 
 
-class DecoderSelfAttention(nn.Module):
-    """Causal self-attention over the decoder tokens. With a cache, the new keys/values are
-    written into it in place at `positions` and the queries attend over the whole static buffer
-    (the bias masks the slots not yet written); without one, over the tokens of this call."""
+class DecoderSelfAttention(EncoderSelfAttention):
+    """Causal self-attention over the decoder tokens (the same weights as the encoder's). With a
+    cache, the new keys/values are written into it in place at `positions` and the queries attend
+    over the whole static buffer (the bias masks the slots not yet written)."""
 
-    def __init__(self, config: T5Config) -> None:
-        super().__init__()
-        self.num_heads = config.num_heads
-        self.scale = config.d_kv**-0.5 if config.scale_qk else 1.0
-        self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)
-        self.out = nn.Linear(config.inner_dim, config.d_model, bias=False)
-
-    def forward(self, x: Tensor, bias: Tensor | FlexBias, cache: Tensor | None = None, layer: int = 0,
+    def forward(self, x: Tensor, bias: Tensor | FlexBias, cache: KVCache | None = None, layer: int = 0,
                 positions: Tensor | None = None) -> Tensor:
-        """x (b, t, d), bias (b|1, h, t, k) additive (or a FlexBias), cache (l, 2, b, h, k, e) of all layers, this
-        layer's index in it, positions (t,) -> (b, t, d)."""
+        """x (b, t, d), bias (b|1, h, t, k) additive (or a FlexBias); with a cache, this layer's
+        index in it and the positions (t,) to write -> (b, t, d)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
         if cache is not None:
-            # one scatter into the cache tensor itself (not into a view of it), so that
-            # torch.compile updates it in place instead of copying it
-            layer_index = torch.full((1,), layer, dtype=torch.long, device=cache.device)
-            new = rearrange(torch.stack([k, v]).to(cache.dtype), "two b h t e -> t two b h e")
-            torch.ops.aten.index_put_(cache, [layer_index, None, None, None, positions], new)  # cache[l, :, :, :, t]
-            k, v = cache[layer, 0], cache[layer, 1]
+            k, v = cache.update(layer, positions, k, v)
         y = attention(q, k, v, bias, self.scale, self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
 
@@ -439,13 +461,13 @@ class CrossAttention(nn.Module):
         """Encoder output (b, s, d) -> keys and values (2, b, h, s, e)."""
         return rearrange(self.kv(memory), "b s (two h e) -> two b h s e", two=2, h=self.num_heads)
 
-    def forward(self, x: Tensor, kv: Tensor, bias: Tensor | None) -> Tensor:
-        """x (b*n, t, d), kv (2, b, h, s, e), bias (b, 1, t|1, s) additive -> (b*n, t, d)."""
+    def forward(self, x: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+        """x (b*n, t, d), kv (2, b, h, s, e), mask (b, 1, t|1, s) additive -> (b*n, t, d)."""
         batch = kv.shape[1]
         q = rearrange(self.q(x), "(b n) t (h e) -> b h (n t) e", b=batch, h=self.num_heads)
-        if bias is not None and bias.shape[-2] != 1:  # a per-query mask repeats for each of the n rows
-            bias = bias.repeat(1, 1, x.shape[0] // batch, 1)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=self.scale,
+        if mask is not None and mask.shape[-2] != 1:  # a per-query mask repeats for each of the n rows
+            mask = mask.repeat(1, 1, x.shape[0] // batch, 1)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h (n t) e -> (b n) t (h e)", n=x.shape[0] // batch))
 
@@ -473,10 +495,8 @@ class GegluFFN(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded to half precision
-        once, not twice; it runs over slices of the sequence so that its float32 temporaries stay
-        under FFN_SLICE elements, whatever the batch (one (b*t, f) float32 temporary is 0.6 GiB
-        at XXL's d_ff and batch 32 x 512)."""
+        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded once, over slices of
+        the sequence so that its float32 temporaries stay under FFN_SLICE elements."""
         def product(g: Tensor, u: Tensor) -> Tensor:
             return (F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
 
@@ -485,13 +505,16 @@ class GegluFFN(nn.Module):
         if step >= gate.shape[1]:  # small enough at once (decoding, small batches): no split, no cat
             hidden = product(gate, up)
         else:
-            hidden = torch.cat([product(g, u) for g, u in zip(gate.split(step, dim=1), up.split(step, dim=1))], dim=1)
+            pieces = zip(gate.split(step, dim=1), up.split(step, dim=1))
+            hidden = torch.cat([product(g, u) for g, u in pieces], dim=1)
         return self.wo(self.dropout(hidden))
 
 
 def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
     return ReluFFN(config) if config.ffn == "relu" else GegluFFN(config)
 
+
+# ======== Layers ================================================================================
 
 class EncoderLayer(nn.Module):
     def __init__(self, config: T5Config, index: int) -> None:
@@ -501,13 +524,13 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
-        self.attn_unscale = config.unscale(f"encoder.{index}.attn")  # 1 unless calibrated for float16
-        self.ffn_unscale = config.unscale(f"encoder.{index}.ffn")
+        # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
+        self.unscale = {block: config.unscale(f"encoder.{index}.{block}") for block in ("attn", "ffn")}
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x: float32 residual stream (b, s, d); bias (b|1, h, s, s)."""
-        x = x.add(self.dropout(self.attn(self.attn_norm(x), bias)).float(), alpha=self.attn_unscale)
-        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.ffn_unscale)
+        x = x.add(self.dropout(self.attn(self.attn_norm(x), bias)).float(), alpha=self.unscale["attn"])
+        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.unscale["ffn"])
 
 
 class DecoderLayer(nn.Module):
@@ -521,60 +544,77 @@ class DecoderLayer(nn.Module):
         self.ffn = make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
         self.index = index  # where this layer's keys/values live in the KV cache
-        self.self_attn_unscale = config.unscale(f"decoder.{index}.self_attn")  # 1 unless calibrated for float16
-        self.cross_attn_unscale = config.unscale(f"decoder.{index}.cross_attn")
-        self.ffn_unscale = config.unscale(f"decoder.{index}.ffn")
+        # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
+        self.unscale = {block: config.unscale(f"decoder.{index}.{block}")
+                        for block in ("self_attn", "cross_attn", "ffn")}
 
     def forward(self, x: Tensor, self_bias: Tensor, encoded: Tensor, cross_kv: Tensor | None,
-                cross_bias: Tensor | None, cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
-        """x: float32 residual stream (b, t, d); encoded (b, s, d) the encoder output, whose
-        cross-attention keys/values cross_kv (2, b, h, s, e) are projected here unless precomputed;
-        cache: the whole KV cache tensor (this layer writes at its own index); see the attention
-        classes for the rest."""
+                cross_mask: Tensor | None, cache: KVCache | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """x: float32 residual stream (b, t, d); encoded (b, s, d), whose cross-attention keys/values
+        cross_kv (2, b, h, s, e) are projected here unless precomputed; cache: every layer's."""
         if cross_kv is None:
             cross_kv = self.cross_attn.project_kv(encoded)
         y = self.self_attn(self.self_attn_norm(x), self_bias, cache, self.index, positions)
-        x = x.add(self.dropout(y).float(), alpha=self.self_attn_unscale)
-        y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_bias)
-        x = x.add(self.dropout(y).float(), alpha=self.cross_attn_unscale)
-        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.ffn_unscale)
+        x = x.add(self.dropout(y).float(), alpha=self.unscale["self_attn"])
+        y = self.cross_attn(self.cross_attn_norm(x), cross_kv, cross_mask)
+        x = x.add(self.dropout(y).float(), alpha=self.unscale["cross_attn"])
+        return x.add(self.dropout(self.ffn(self.ffn_norm(x))).float(), alpha=self.unscale["ffn"])
 
 
-########################################################################################
-# Stacks
-########################################################################################
+# ======== Stacks ================================================================================
 
+class Stack(nn.Module):
+    """What the encoder and decoder share: embedding, position bias, layers, final norm, and the
+    self-attention kernel, `attention`: the one place the sdpa/flex choice lives (`set_attention`)."""
 
-class T5Encoder(nn.Module):
-    """The encoder alone, with its own embedding: what text-to-image pipelines use."""
-
-    def __init__(self, config: T5Config) -> None:
+    def __init__(self, config: T5Config, layer: type[EncoderLayer | DecoderLayer], count: int) -> None:
         super().__init__()
         self.config = config
-        layers = config.num_encoder_layers
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_bias = RelativePositionBias(config, layers=layers if config.bias_per_layer else 1,
-                                                  bidirectional=True)
-        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(layers))
+        self.position_bias = RelativePositionBias(config, layers=count if config.bias_per_layer else 1,
+                                                  bidirectional=layer is EncoderLayer)
+        self.layers = nn.ModuleList(layer(config, i) for i in range(count))
         self.final_norm = RMSNorm(config.d_model, config.eps)
         self.dropout = nn.Dropout(config.dropout)
         self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
         self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
 
-    def forward(self, input_ids: Tensor, input_mask: Tensor | None = None) -> Tensor:
-        """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing, True = real token.
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: the embeddings' (fp8 weights are dequantized to it)."""
+        return self.embedding.weight.dtype
 
-        Returns the final hidden states (b, s, d) in the weight dtype. Positions that are padding
-        (mask False, or a packing-mask row with nothing to attend to) are exactly zero.
-        """
+    def biases(self, query_positions: Tensor, key_positions: Tensor, attend: Tensor | None, batch: int,
+               cached: bool = False) -> LayerBiases:
+        """The self-attention biases of every layer, for this stack's kernel."""
+        return LayerBiases(self.position_bias, query_positions, key_positions, attend, batch,
+                           self.compute_dtype, self.attention, cached)
+
+    def run_layer(self, layer: nn.Module, *args: Tensor | KVCache | None) -> Tensor:
+        """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
+        if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+
+class T5Encoder(Stack):
+    """The encoder alone, with its own embedding: what text-to-image pipelines use."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config, EncoderLayer, config.num_encoder_layers)
+
+    def forward(self, input_ids: Tensor, input_mask: Tensor | None = None) -> Tensor:
+        """input_ids (b, s); input_mask (b, s) padding or (b, s, s) packing -> final hidden states
+        (b, s, d) in the weight dtype, exactly zero at padding positions."""
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, seq = input_ids.shape
-        attend = None if input_mask is None else check_mask(input_mask, batch, seq, seq, "input_mask")
+        attend = None if input_mask is None else bool_mask(input_mask, batch, seq, seq, "input_mask")
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
-        biases = LayerBiases(self.position_bias, positions, positions, attend, batch, x_dtype(self), self.attention)
+        biases = self.biases(positions, positions, attend, batch)
         for i, layer in enumerate(self.layers):
-            x = run_layer(self, layer, x, biases[i])
+            x = self.run_layer(layer, x, biases[i])
         out = self.dropout(self.final_norm(x))
         if attend is None:
             return out
@@ -583,163 +623,71 @@ class T5Encoder(nn.Module):
 
 
 class Memory(NamedTuple):
-    """What the decoder reads of one encoding, made by `T5Decoder.remember`."""
+    """What the decoder reads of one encoding, made by `T5Decoder.memory`."""
 
     encoded: Tensor  # (b, s, d) encoder output
-    bias: Tensor | None  # additive mask (b, 1, t|1, s): which encoder positions each decoder query may see
+    cross_mask: Tensor | None  # additive (b, 1, t|1, s): which encoder positions each decoder query may see
     kv: Tensor | None  # (l, 2, b, h, s, e) every layer's cross-attention keys/values, when precomputed
 
 
-class T5Decoder(nn.Module):
+class T5Decoder(Stack):
     """The decoder stack (without lm_head): causal self-attention, cross-attention, feed-forward."""
 
     def __init__(self, config: T5Config) -> None:
-        super().__init__()
-        self.config = config
-        layers = config.num_decoder_layers
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_bias = RelativePositionBias(config, layers=layers if config.bias_per_layer else 1,
-                                                  bidirectional=False)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(layers))
-        self.final_norm = RMSNorm(config.d_model, config.eps)
-        self.dropout = nn.Dropout(config.dropout)
-        self.checkpoint_layers = False  # training: recompute each layer in backward instead of storing it
-        self.attention: Literal["sdpa", "flex"] = "sdpa"  # self-attention kernel; see `set_attention`
+        super().__init__(config, DecoderLayer, config.num_decoder_layers)
 
-    def remember(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
-        """An encoding (b, s, d) as the decoder reads it. cross_mask: (b, s) which encoder positions
-        are real, or (b, t, s) per decoder position (packed sequences).
-
-        precompute=True (decoding) projects every layer's cross-attention keys/values once, here, for
-        all the steps and all the beams or samples of an input. With precompute=False (one
-        teacher-forced pass, as in training) each layer projects them in its own forward, which is
-        also where FSDP has that layer's weights."""
+    def memory(self, encoded: Tensor, cross_mask: Tensor | None = None, *, precompute: bool = True) -> Memory:
+        """An encoding (b, s, d) as the decoder reads it; cross_mask (b, s), or (b, t, s) for packing.
+        precompute=True (decoding) projects every layer's cross-attention keys/values once, here;
+        False (training) leaves it to each layer's forward (where FSDP has its weights)."""
         batch, seq, _ = encoded.shape
         attend = None
         if cross_mask is not None:
             queries = cross_mask.shape[1] if cross_mask.dim() == 3 else 1
-            attend = check_mask(cross_mask, batch, queries, seq, "cross_mask")
-        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) if precompute else None
-        return Memory(encoded, cross_attention_bias(attend, x_dtype(self)), kv)
+            attend = bool_mask(cross_mask, batch, queries, seq, "cross_mask")
+        kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) \
+            if precompute else None
+        return Memory(encoded, additive_cross_mask(attend, self.compute_dtype), kv)
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
-        """input_ids (b*n, t), n rows per encoding of `memory`; returns hidden states (b*n, t, d).
-
-        input_mask: (b*n, t) padding or (b*n, t, t) packing mask, combined with causality.
-        Without a cache the tokens sit at positions 0..t-1. With a `KVCache`, they sit at
-        `positions` (t,) (one position tensor for the whole batch), their keys/values are written
-        there, and they attend over everything written so far; a padding mask is recorded in the
-        cache so later steps skip those slots too (left-padded decoder prompts)."""
+        """input_ids (b*n, t), n rows per encoding of `memory` -> hidden states (b*n, t, d). input_mask
+        (b*n, t) or (b*n, t, t). Without a cache, positions 0..t-1; with a `KVCache`, at `positions`
+        (t,), attending over all written slots; a padding mask is recorded in the cache."""
         check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, length = input_ids.shape
         if batch % memory.encoded.shape[0]:
-            raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch {memory.encoded.shape[0]}")
-        if memory.bias is not None and memory.bias.shape[2] not in (1, length):
-            raise ValueError(f"cross_mask covers {memory.bias.shape[2]} decoder positions, the input has {length}")
+            raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch "
+                             f"{memory.encoded.shape[0]}")
+        if memory.cross_mask is not None and memory.cross_mask.shape[2] not in (1, length):
+            raise ValueError(f"cross_mask covers {memory.cross_mask.shape[2]} decoder positions, "
+                             f"the input has {length}")
         x = self.dropout(self.embedding(input_ids)).float()
-        dtype = x_dtype(self)
         if cache is None:
             positions = torch.arange(length, device=input_ids.device)
             keys = positions
             attend = rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")  # causal
             if input_mask is not None:
-                attend = attend & check_mask(input_mask, batch, length, length, "decoder_mask")
-            kv_cache = None
+                attend = attend & bool_mask(input_mask, batch, length, length, "decoder_mask")
         else:
             positions = check_positions(positions, length, cache)
             keys = torch.arange(cache.kv.shape[-2], device=input_ids.device)
-            # every call rewrites the mask of the slots it writes (so a cache can be reused)
-            if input_mask is None:
-                cache.attend.index_fill_(1, positions, True)
-            else:
-                if input_mask.dim() != 2:
-                    raise ValueError("with a cache, decoder_mask must be a (batch, t) padding mask")
-                cache.attend.index_copy_(1, positions, rearrange(check_mask(input_mask, batch, length, length,
-                                                                            "decoder_mask"), "b 1 t -> b t"))
+            if input_mask is not None and input_mask.dim() != 2:
+                raise ValueError("with a cache, decoder_mask must be a (batch, t) padding mask")
+            real = None if input_mask is None else \
+                rearrange(bool_mask(input_mask, batch, length, length, "decoder_mask"), "b 1 t -> b t")
+            cache.mark(positions, real)
             attend = (rearrange(keys, "k -> 1 1 k") <= rearrange(positions, "q -> 1 q 1")) \
                 & rearrange(cache.attend, "b k -> b 1 k")
-            kv_cache = cache.kv
-        biases = LayerBiases(self.position_bias, positions, keys, attend, batch, dtype, self.attention,
-                             cached=cache is not None)
+        biases = self.biases(positions, keys, attend, batch, cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
         for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
-            x = run_layer(self, layer, x, biases[i], memory.encoded, cross_kv, memory.bias, kv_cache, positions)
+            x = self.run_layer(layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache,
+                               positions)
         return self.dropout(self.final_norm(x))
 
 
-class LayerBiases:
-    """What each layer's self-attention adds to its scores, made when the layer asks for it.
-
-    SDPA: an additive mask (b|1, h, q, k); with a shared table (T5) made once and handed to every
-    layer, with a table per layer (UMT5) made again for each, so that only one layer's is alive
-    at a time. Flex: a `FlexBias`, whose block mask is built once per stack from the bool mask
-    (b, q|1, k), and whose score_mod reads the layer's table: nothing of size (b, h, q, k)."""
-
-    def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
-                 attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
-                 cached: bool = False) -> None:
-        self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
-        self.query_positions = query_positions if cached else None
-        self.block_mask = None
-        if kind == "flex":
-            if attend is not None:
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                queries, keys = len(query_positions), len(key_positions)
-                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
-                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
-                                                    device=attend.device)
-        else:
-            self.buckets = position_bias.buckets(query_positions, key_positions)
-        self.shared = None if position_bias.layers > 1 else self._make(0)
-
-    def _make(self, layer: int) -> Tensor | FlexBias:
-        if self.kind == "flex":
-            return FlexBias(self.position_bias.score_mod(layer, self.query_positions), self.block_mask)
-        return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
-
-    def __getitem__(self, layer: int) -> Tensor | FlexBias:
-        return self.shared if self.shared is not None else self._make(layer)
-
-
-def run_layer(stack: T5Encoder | T5Decoder, layer: nn.Module, *args: Tensor | None) -> Tensor:
-    """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
-    if stack.checkpoint_layers and stack.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)
-
-
-def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
-    """Choose the self-attention kernel of every stack of `model` (in place; returns it).
-
-    "sdpa" (default): scaled_dot_product_attention with one additive (b|1, h, q, k) mask per layer.
-    "flex": FlexAttention (torch >= 2.5), which never builds a (b, h, q, k) tensor: the position
-    bias is a score_mod and the masks a block mask. It runs compiled (on CPU, inductor generates
-    C++ for it); it has no attention dropout, so train with "sdpa" when dropout is on.
-    Cross-attention has no position bias and stays on SDPA either way."""
-    if kind not in ("sdpa", "flex"):
-        raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
-    if kind == "flex":
-        try:
-            import torch.nn.attention.flex_attention  # noqa: F401
-        except ImportError:
-            raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
-    for module in model.modules():
-        if isinstance(module, (T5Encoder, T5Decoder)):
-            module.attention = kind
-    return model
-
-
-def x_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the layers compute in: that of the weights."""
-    return module.embedding.weight.dtype
-
-
-########################################################################################
-# Model
-########################################################################################
-
+# ======== Model and training helpers ============================================================
 
 class T5(nn.Module):
     """Encoder + decoder + lm_head. No tied or shared weights: v1.0's tied output embedding is a
@@ -755,27 +703,41 @@ class T5(nn.Module):
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, input_mask: Tensor | None = None,
                 decoder_mask: Tensor | None = None, cross_mask: Tensor | None = None,
                 labels: Tensor | None = None) -> T5Output:
-        """Teacher-forced forward pass.
-
-        input_ids (b, s), decoder_input_ids (b, t); input_mask (b, s) or packing (b, s, s);
-        decoder_mask (b, t) or packing (b, t, t); cross_mask (b, s) or packing (b, t, s), derived
-        from a 2-dim input_mask when not given (a packing input_mask needs an explicit one).
-        labels (b, t): target ids, -100 where no loss is wanted.
-        """
+        """Teacher-forced forward. input_ids (b, s), decoder_input_ids (b, t); masks 2-dim (padding) or
+        3-dim (packing); cross_mask defaults to a 2-dim input_mask; labels (b, t), -100 = no loss."""
         if cross_mask is None and input_mask is not None:
             if input_mask.dim() != 2:
-                raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask (batch, t, s)")
+                raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask "
+                                 "(batch, t, s)")
             cross_mask = input_mask
         encoded = self.encoder(input_ids, input_mask)
-        memory = self.decoder.remember(encoded, cross_mask, precompute=False)
+        memory = self.decoder.memory(encoded, cross_mask, precompute=False)
         logits = self.lm_head(self.decoder(decoder_input_ids, memory, decoder_mask))
         loss = None
         if labels is not None:
             if labels.shape != decoder_input_ids.shape:
                 raise ValueError(f"labels must have the decoder's shape {tuple(decoder_input_ids.shape)}, "
                                  f"got {tuple(labels.shape)}")
-            loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(),
+                                   ignore_index=-100)
         return T5Output(logits, loss)
+
+
+def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
+    """Choose the self-attention kernel of every stack of `model` (in place; returns it): "sdpa"
+    (one additive (b|1, h, q, k) mask per layer) or "flex" (FlexAttention, torch >= 2.5: bias as a
+    score_mod, masks as a block mask; no attention dropout). Cross-attention stays on SDPA."""
+    if kind not in ("sdpa", "flex"):
+        raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
+    if kind == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
+    for module in model.modules():
+        if isinstance(module, Stack):
+            module.attention = kind
+    return model
 
 
 def shift_right(labels: Tensor, config: T5Config) -> Tensor:
@@ -787,27 +749,21 @@ def shift_right(labels: Tensor, config: T5Config) -> Tensor:
 
 
 def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Segment ids of packed rows -> (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)).
-
-    Examples packed into one row carry the same id (1, 2, ...) on the input and on the target side;
-    0 marks padding. A position attends only within its own example (causality is added by the
-    decoder); padding attends to nothing. T5's positions are relative, so a packed example sees
-    exactly what it would see alone."""
+    """Segment ids of packed rows (1, 2, ... per example, 0 = padding; input and target side) ->
+    (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)): a position attends only
+    within its own example; the decoder adds causality."""
     def same(q: Tensor, k: Tensor) -> Tensor:
-        return (rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")) & rearrange(q > 0, "b q -> b q 1")
+        pair = rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")
+        return pair & rearrange(q > 0, "b q -> b q 1")
     return same(input_segments, input_segments), same(target_segments, target_segments), \
         same(target_segments, input_segments)
 
 
 def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator | None = None) -> None:
-    """Initialize every parameter from the config, normal with mean 0 and these stds (norms: 1):
-
-    - scale_qk=False (Mesh TensorFlow's T5 scheme, attention scale folded into the queries):
-      q: (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi: d_model**-0.5; attention out:
-      inner_dim**-0.5; FFN wo: d_ff**-0.5; token embeddings and lm_head: 1; bias tables: d_model**-0.5.
-    - scale_qk=True (the scale applied in attention): the same, except q: d_model**-0.5 and
-      lm_head: d_model**-0.5, so that every projection keeps unit-variance inputs at unit variance.
-    """
+    """Initialize every parameter, normal with mean 0 (norms: 1). scale_qk=False (Mesh TensorFlow's
+    scheme): q (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi, bias tables d_model**-0.5; attention
+    out inner_dim**-0.5; FFN wo d_ff**-0.5; embeddings and lm_head 1. scale_qk=True: the same, but
+    q and lm_head d_model**-0.5."""
     config = model.config
     d, e, i, f = config.d_model, config.d_kv, config.inner_dim, config.d_ff
     q_std = d**-0.5 if config.scale_qk else (d * e) ** -0.5
@@ -828,7 +784,7 @@ def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator |
             normal(module.embedding.weight, d**-0.5)
         elif isinstance(module, (T5Encoder, T5Decoder)):
             normal(module.embedding.weight, 1.0)
-        elif isinstance(module, (EncoderSelfAttention, DecoderSelfAttention)):
+        elif isinstance(module, EncoderSelfAttention):  # DecoderSelfAttention too
             normal(module.qkv.weight, [(i, q_std), (2 * i, d**-0.5)])
             normal(module.out.weight, i**-0.5)
         elif isinstance(module, CrossAttention):
@@ -846,12 +802,9 @@ def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator |
 
 
 def sum_embedding_grads(model: T5) -> None:
-    """Call after `backward()`, before the optimizer step, to train the two input tables the way
-    T5 trains its one shared table (no shared reference needed): each gets the sum of both
-    gradients, which is the shared table's gradient. From equal values, with the same optimizer,
-    they then stay equal and take transformers' update, so the result exports (`--to-hf`).
-    Gradient clipping after it counts the table twice in the total norm. (T5 v1.0's output layer,
-    tied in transformers, trains on its own here; `--to-hf` writes it untied.)"""
+    """Call after `backward()`, before the optimizer step: each of the two input tables gets the sum
+    of both gradients, which is T5's shared table's gradient, so tables that start equal stay equal
+    and the result exports (`--to-hf`). Gradient clipping after it counts the table twice."""
     encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
     if encoder.grad is None or decoder.grad is None:
         raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
@@ -860,54 +813,7 @@ def sum_embedding_grads(model: T5) -> None:
     decoder.grad.copy_(total)
 
 
-########################################################################################
-# Static KV cache
-########################################################################################
-
-
-class KVCache(NamedTuple):
-    """Decoder self-attention keys/values for every layer in one preallocated tensor, written in
-    place by `T5Decoder.forward` at the step's positions. Nothing grows or is reallocated."""
-
-    kv: Tensor  # (l, 2, b, h, max_len, e)
-    attend: Tensor  # bool (b, max_len): False for slots of a left-padded decoder prompt's padding
-
-
-def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
-    """A zeroed cache for `batch` rows of `max_len` slots. Reuse it as it is for a new decode of
-    the same size: every cached call rewrites the keys, values and mask of the slots it writes,
-    and later slots are never read before they are written.
-
-    static_address=True tells torch.compile that these tensors keep their address (like
-    parameters), which `mode="reduce-overhead"` (CUDA graphs) needs to accept a decode step that
-    writes into them; leave it off otherwise (a new cache would then mean a recompile)."""
-    kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
-                     device=device, dtype=dtype)
-    attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
-    if static_address:
-        torch._dynamo.mark_static_address(kv)
-        torch._dynamo.mark_static_address(attend)
-    return KVCache(kv, attend)
-
-
-def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
-    """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
-    and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
-    if positions is None or positions.dim() != 1 or positions.shape[0] != length or positions.dtype != torch.long:
-        shape = None if positions is None else (tuple(positions.shape), positions.dtype)
-        raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
-    max_len = cache.kv.shape[-2]
-    if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(positions.min()) < 0 or int(positions.max()) >= max_len:
-            raise ValueError(f"decoder position {int(positions.max())} is past the cache's max_len {max_len}")
-    return positions
-
-
-########################################################################################
-# FLOPs
-########################################################################################
-
+# ======== FLOPs =================================================================================
 
 class Flops(NamedTuple):
     """Matmul FLOPs of a forward pass by component (a multiply-add counts as 2 FLOPs). Norms,
@@ -942,13 +848,10 @@ def encoder_flops(config: T5Config, batch: int, seq: int) -> Flops:
 
 def decoder_flops(config: T5Config, batch: int, tgt: int, src: int, *, keys: int | None = None,
                   cross_kv: bool = True) -> Flops:
-    """Decoder forward of `tgt` tokens per row over an encoding of `src` positions, plus lm_head.
-
-    Per layer, with N = batch*tgt and i = inner_dim: self QKV + output 2*N*d*4i; cross Q + output
-    2*N*d*2i; cross K/V 2*batch*src*d*2i (once per encoding: cross_kv=False for cached steps);
-    self scores/values 2*2*batch*h*tgt*keys*d_kv, keys = tgt uncached or the cache's max_len
-    (SDPA attends over the whole static buffer); cross scores/values 2*2*batch*h*tgt*src*d_kv.
-    lm_head: 2*batch*tgt*d*v, over every position."""
+    """Decoder forward of `tgt` tokens per row over `src` encoder positions, plus lm_head. Per
+    layer, N = batch*tgt, i = inner_dim: self QKV + out 2*N*d*4i; cross Q + out 2*N*d*2i; cross K/V
+    2*batch*src*d*2i (cross_kv=False for cached steps); scores and values 2*2*batch*h*tgt*(keys +
+    src)*d_kv, keys = tgt, or the cache's max_len. lm_head 2*N*d*v."""
     keys = tgt if keys is None else keys
     tokens, i, d, layers = batch * tgt, config.inner_dim, config.d_model, config.num_decoder_layers
     proj = 2 * tokens * d * 6 * i + (2 * batch * src * d * 2 * i if cross_kv else 0)
@@ -963,16 +866,13 @@ def decode_step_flops(config: T5Config, batch: int, src: int, max_len: int) -> F
     return decoder_flops(config, batch, 1, src, keys=max_len, cross_kv=False)
 
 
-########################################################################################
-# Sampler
-########################################################################################
-
+# ======== Sampler: greedy, sampling, beam search ================================================
 
 class Generation(NamedTuple):
     # n = num_return_sequences rows per input, adjacent
     tokens: Tensor  # (b*n, t) generated ids, decoder start / prompt excluded; pad after a row's EOS
     lengths: Tensor  # (b*n,) tokens generated per row, its EOS included
-    scores: Tensor  # (b*n,) sum of the chosen tokens' log-probs (beam search: divided by length**length_penalty)
+    scores: Tensor  # (b*n,) sum of the chosen tokens' log-probs (beams: / length**length_penalty)
 
 
 class GenerationOptions(NamedTuple):
@@ -987,9 +887,9 @@ class GenerationOptions(NamedTuple):
     top_p: float | None = None  # sampling: only the smallest set of tokens with this much probability
     num_beams: int = 1  # beam search when > 1
     length_penalty: float = 1.0  # beam search: finished hypotheses score sum / length**length_penalty
-    early_stopping: bool | Literal["never"] = False  # beam search: when an input stops
+    early_stopping: bool | Literal["never"] = False  # beam search: when an input stops (True, False, "never")
     num_return_sequences: int = 1  # samples (or best beams) per input, adjacent in the output
-    compile: bool = False  # run the decode step under torch.compile
+    compile: bool = False  # run the decode step under torch.compile (`compiled_decode_step`)
 
     def check(self) -> GenerationOptions:
         if self.max_new_tokens < 1:
@@ -998,14 +898,15 @@ class GenerationOptions(NamedTuple):
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature} (use do_sample=False for greedy)")
+            raise ValueError(f"temperature must be positive, got {self.temperature} "
+                             "(use do_sample=False for greedy)")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_beams < 1 or self.num_return_sequences < 1:
-            raise ValueError(f"num_beams and num_return_sequences must be at least 1, got {self.num_beams}, "
-                             f"{self.num_return_sequences}")
+        for name in ("num_beams", "num_return_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.do_sample:
@@ -1021,23 +922,17 @@ class GenerationOptions(NamedTuple):
 
 def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, positions: Tensor,
                 decoder_mask: Tensor | None = None) -> Tensor:
-    """One cached decoder call: tokens (b*n, t) at positions (t,) -> next-token logits (b*n, v), float32.
-
-    decoder_mask (b*n, t): which of these tokens are real; it is recorded in the cache, so the
-    padding of a left-padded prompt given to `prefill` stays masked in every later step without
-    being passed again. Shapes never change from step to step (the cache is static and the
-    position is a tensor), and the step makes no host-device copy: this is the function to
-    `torch.compile` or to capture in a CUDA graph (see the README for what is verified where)."""
+    """One cached decoder call: tokens (b*n, t) at positions (t,) -> next-token logits (b*n, v),
+    float32. decoder_mask (b*n, t) is recorded in the cache for later steps. Static shapes, no
+    host-device copy: the function to `torch.compile` (see the README for what is verified where)."""
     hidden = model.decoder(tokens, memory, decoder_mask, cache=cache, positions=positions)
     return model.lm_head(hidden[:, -1]).float()
 
 
 @functools.cache
 def compiled_decode_step() -> Callable[..., Tensor]:
-    """`decode_step` under torch.compile (whole graph), compiled on first use: with static shapes
-    first, then once with dynamic ones; batch 1, source length 1 and beams each cost one more
-    compile. Past torch's recompile limit for the step (8 by default) a new variant runs eagerly,
-    with a warning, instead of failing (tested with 15 mixed shapes in one process)."""
+    """`decode_step` under torch.compile (whole graph), compiled on first use. Past torch's recompile
+    limit a new shape runs eagerly, with a warning, instead of failing."""
     compiled = torch.compile(decode_step, fullgraph=True)
 
     def step(*args: object) -> Tensor:
@@ -1090,10 +985,9 @@ class Prefill(NamedTuple):
 def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
             decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None, n: int = 1,
             cache: KVCache | None = None) -> Prefill:
-    """Start a decode: encode once, project the cross-attention keys/values once (shared by the
-    n rows of each input: beams or samples), and run the decoder prefix (the decoder start token,
-    or a left-padded prompt with decoder_mask) in one call into a cache of prefix + max_new_tokens
-    slots (or into `cache`, reused: each call rewrites the slots it writes, mask included).
+    """Start a decode: encode once, project the cross-attention keys/values once (shared by the n
+    rows of each input), and run the decoder prefix (start token, or a left-padded prompt with
+    decoder_mask) into a cache of prefix + max_new_tokens slots (or into `cache`, reused).
     Then `decode_step(model, tokens, out.memory, out.cache, out.position)` per token."""
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
@@ -1101,10 +995,12 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     if decoder_input_ids is None:
         if decoder_mask is not None:
             raise ValueError("decoder_mask without decoder_input_ids")
-        decoder_input_ids = torch.full((batch, 1), model.config.decoder_start_token_id, device=input_ids.device)
+        start = model.config.decoder_start_token_id
+        decoder_input_ids = torch.full((batch, 1), start, device=input_ids.device)
     if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch:
-        raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, got {tuple(decoder_input_ids.shape)}")
-    memory = model.decoder.remember(model.encoder(input_ids, input_mask), input_mask)
+        raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, "
+                         f"got {tuple(decoder_input_ids.shape)}")
+    memory = model.decoder.memory(model.encoder(input_ids, input_mask), input_mask)
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
     length = prompt.shape[1]
@@ -1112,8 +1008,8 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
         cache = make_cache(model.config, batch * n, length + max_new_tokens, device=input_ids.device,
                            dtype=memory.encoded.dtype)
     elif cache.kv.shape[2] != batch * n or cache.kv.shape[-2] < length + max_new_tokens:
-        raise ValueError(f"the cache holds {cache.kv.shape[2]} rows of {cache.kv.shape[-2]} slots; this decode needs "
-                         f"{batch * n} rows of {length + max_new_tokens}")
+        raise ValueError(f"the cache holds {cache.kv.shape[2]} rows of {cache.kv.shape[-2]} slots; "
+                         f"this decode needs {batch * n} rows of {length + max_new_tokens}")
     positions = torch.arange(length, device=prompt.device)
     hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)
     return Prefill(memory, cache, model.lm_head(hidden[:, -1]).float(), positions[-1:] + 1, length)
@@ -1125,14 +1021,17 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
     """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
     step_fn = step_function(model, options.compile)
     config = model.config
-    memory, cache, logits, position, _ = prefill(model, input_ids, input_mask, max_new_tokens=options.max_new_tokens,
-                                                 decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask,
+    memory, cache, logits, position, _ = prefill(model, input_ids, input_mask,
+                                                 max_new_tokens=options.max_new_tokens,
+                                                 decoder_input_ids=decoder_input_ids,
+                                                 decoder_mask=decoder_mask,
                                                  n=options.num_return_sequences)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(options.max_new_tokens):
         if step < options.min_new_tokens:
             logits[:, config.eos_token_id] = -math.inf
-        token = next_token(logits, do_sample=options.do_sample, temperature=options.temperature, top_k=options.top_k,
+        token = next_token(logits, do_sample=options.do_sample, temperature=options.temperature,
+                           top_k=options.top_k,
                            top_p=options.top_p, generator=generator)
         logprob = logits.log_softmax(dim=-1).gather(-1, rearrange(token, "b -> b 1"))[:, 0]
         token = token.masked_fill(finished, config.pad_token_id)
@@ -1142,65 +1041,6 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
             return
         logits = step_fn(model, rearrange(token, "b -> b 1"), memory, cache, position)
         position += 1
-
-
-def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
-           min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, num_return_sequences: int = 1, generator: torch.Generator | None = None,
-           decoder_input_ids: Tensor | None = None, decoder_mask: Tensor | None = None,
-           compile: bool = False) -> Iterator[Tensor]:
-    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes.
-
-    Arguments as for `generate`. A row that has produced EOS yields pad from then on; the stream
-    ends when every row has, or after max_new_tokens."""
-    options = GenerationOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                                num_return_sequences=num_return_sequences, compile=compile).check()
-    with torch.inference_mode():
-        steps = _decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)
-    while True:
-        with torch.inference_mode():
-            item = next(steps, None)
-        if item is None:
-            return
-        yield item[0].clone()  # an ordinary tensor, usable outside inference mode
-
-
-def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, max_new_tokens: int,
-             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | Literal["never"] = False, num_return_sequences: int = 1,
-             generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
-             decoder_mask: Tensor | None = None, compile: bool = False) -> Generation:
-    """Generate up to max_new_tokens per row. Keyword names and meanings follow Hugging Face's
-    `generate` (`GenerationOptions` lists them), except that top_k defaults to no limit.
-
-    - greedy (default); sampling with do_sample=True, after temperature, top_k and top_p, drawing
-      from `generator` when given (same seed, same tokens); num_return_sequences samples per input
-      share one encoding (rows of one input are adjacent in the output).
-    - beam search with num_beams > 1, length_penalty and early_stopping (True, False or "never")
-      as Hugging Face defines them; returns the best beam of each input, or its
-      num_return_sequences (<= num_beams) best beams, best first.
-    - min_new_tokens: EOS is forbidden before that many tokens.
-    - decoder_input_ids (b, t): a decoder prefix starting with the decoder start token (default:
-      that token alone); prefixes of different lengths are left-padded, with decoder_mask (b, t).
-      The returned tokens are the new ones only: the prefix is not repeated in them (transformers'
-      `generate` returns it in front of them).
-    - compile=True runs the decode step under torch.compile (`compiled_decode_step`).
-
-    input_ids (b, s) with an optional (b, s) padding input_mask. Runs under inference mode; the
-    returned tensors are ordinary ones (they can serve as labels for training).
-    """
-    options = GenerationOptions(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
-                                length_penalty, early_stopping, num_return_sequences, compile).check()
-    with torch.inference_mode():
-        if num_beams > 1:
-            out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
-        else:
-            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask))
-            tokens = torch.stack([token for token, _ in steps], dim=1)
-            scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
-            out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
-    return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
 
 
 def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
@@ -1220,18 +1060,17 @@ def reorder_cache(cache: KVCache, parents: Tensor, written: int) -> None:
     cache.attend.copy_(cache.attend.index_select(0, parents))
 
 
+def repeat_beams(index: Tensor, width: int) -> Tensor:
+    """(b, k) beam indices -> (b, k, width), to gather whole token rows along the beam axis."""
+    return rearrange(index, "b k -> b k 1").expand(-1, -1, width)
+
+
 def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: GenerationOptions,
                  decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> Generation:
-    """Beam search with Hugging Face's semantics.
-
-    Each step, every input's num_beams running beams propose their 2*num_beams best continuations
-    (by summed log-prob). Candidates that end in EOS (or reach max_new_tokens) and rank within the
-    first num_beams become finished hypotheses scored sum / length**length_penalty; the best
-    num_beams unfinished candidates keep running. An input stops improving when all its finished
-    slots are full and its best running beam, scored at the current length (early_stopping=False),
-    or at max_new_tokens for a positive length_penalty (early_stopping="never"), cannot beat the
-    worst finished one; early_stopping=True stops as soon as num_beams hypotheses are finished.
-    """
+    """Beam search with Hugging Face's semantics: each step every input's beams propose 2*num_beams
+    continuations; those ending in EOS (or at max_new_tokens) within the first num_beams finish,
+    scored sum / length**length_penalty; the best num_beams others keep running, until
+    early_stopping's rule says no running beam can beat the worst finished one."""
     config = model.config
     batch, beams, steps = input_ids.shape[0], options.num_beams, options.max_new_tokens
     early_stopping, length_penalty = options.early_stopping, options.length_penalty
@@ -1272,7 +1111,8 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, option
         merged = all_scores.topk(beams, dim=-1).indices
         done_scores = all_scores.gather(1, merged)
         done = torch.cat([done, candidates], dim=1).gather(1, repeat_beams(merged, steps))
-        done_lengths = torch.cat([done_lengths, torch.full_like(new_scores, length, dtype=torch.long)], 1).gather(1, merged)
+        lengths = torch.full_like(new_scores, length, dtype=torch.long)
+        done_lengths = torch.cat([done_lengths, lengths], dim=1).gather(1, merged)
         done_full = torch.cat([done_full, finishing], dim=1).gather(1, merged)
 
         # running beams: the best num_beams candidates that did not end
@@ -1306,31 +1146,76 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, option
     return Generation(tokens, best_length, rearrange(done_scores[:, :n], "b n -> (b n)"))
 
 
-def repeat_beams(index: Tensor, width: int) -> Tensor:
-    """(b, k) beam indices -> (b, k, width), to gather whole token rows along the beam axis."""
-    return rearrange(index, "b k -> b k 1").expand(-1, -1, width)
+def generation_options(options: GenerationOptions | None, keywords: dict[str, object]) -> GenerationOptions:
+    """`options` (or the defaults) with Hugging Face-named keywords applied, checked; an unknown
+    keyword is a TypeError that names it."""
+    unknown = sorted(set(keywords) - set(GenerationOptions._fields))
+    if unknown:
+        raise TypeError(f"unknown generation options {unknown}; "
+                        f"GenerationOptions has {list(GenerationOptions._fields)}")
+    if options is None:
+        return GenerationOptions(**keywords).check()  # type: ignore[arg-type]
+    return options._replace(**keywords).check()
 
 
-########################################################################################
-# Tokenizers
-########################################################################################
+def stream(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
+           options: GenerationOptions | None = None,
+           *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+           decoder_mask: Tensor | None = None, **keywords: object) -> Iterator[Tensor]:
+    """Greedy decoding or sampling, yielding the next token of every row, (b*n,), as it comes
+    (arguments as for `generate`, no beam search); a finished row yields pad."""
+    options = generation_options(options, keywords)
+    if options.num_beams > 1:
+        raise ValueError("stream does not do beam search (num_beams=1): use generate")
+    with torch.inference_mode():
+        steps = _decode(model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)
+    while True:
+        with torch.inference_mode():
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item[0].clone()  # an ordinary tensor, usable outside inference mode
+
+
+def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
+             options: GenerationOptions | None = None,
+             *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
+             decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
+    """Generate up to max_new_tokens per row as `options` says, or its fields given as Hugging Face-
+    named keywords (`max_new_tokens=32, num_beams=4`; with `options`, they replace its fields).
+    Greedy, sampling (do_sample, drawing from `generator`) or beam search (num_beams > 1); the n =
+    num_return_sequences rows of an input are adjacent. decoder_input_ids (b, t): a prefix from the
+    decoder start token, left-padded with decoder_mask (b, t); only new tokens are returned.
+    input_ids (b, s), input_mask (b, s). Runs under inference mode; returns ordinary tensors."""
+    options = generation_options(options, keywords)
+    with torch.inference_mode():
+        if options.num_beams > 1:
+            out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
+        else:
+            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids,
+                                 decoder_mask))
+            tokens = torch.stack([token for token, _ in steps], dim=1)
+            scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
+            out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
+    return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
+
+
+# ======== Tokenizers ============================================================================
 
 SENTINEL = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # as in transformers: "<extra_id_05>" is plain text
 
 
 class Tokenizer:
-    """Text <-> ids for a T5 checkpoint: sentencepiece pieces (or ByT5's bytes) plus T5's sentinels
-    `<extra_id_0>`, `<extra_id_1>`, ... whose ids count down from the end of the vocabulary
-    (`<extra_id_0>` is the last id). The text between sentinels is encoded piece by piece, as
-    Hugging Face's T5Tokenizer does; EOS is appended by default. The special tokens written in text
-    (`</s>`, `<pad>`, `<unk>`) become their ids too, as in transformers."""
+    """Text <-> ids: sentencepiece pieces (or ByT5's bytes), plus the sentinels `<extra_id_N>` counted
+    down from the end of the vocabulary, and `</s>`, `<pad>`, `<unk>` written in text, as
+    transformers' T5Tokenizer encodes them; EOS appended by default."""
 
     def __init__(self, config: T5Config) -> None:
         self.pad_id, self.eos_id = config.pad_token_id, config.eos_token_id
         self.extra_ids = config.extra_ids
-        self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; set by subclasses to their vocabulary's end
+        self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; subclasses: their vocabulary's end
         self.specials: dict[str, int] = {}  # special tokens as written in text -> id; set by subclasses
-        self.strip_specials = False  # ByT5's: the whitespace around them is dropped (transformers' lstrip/rstrip)
+        self.strip_specials = False  # ByT5: whitespace around them is dropped (transformers' lstrip/rstrip)
 
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -1350,7 +1235,8 @@ class Tokenizer:
     def sentinel(self, index: int) -> int:
         """The id of <extra_id_{index}>."""
         if not 0 <= index < self.extra_ids:
-            raise ValueError(f"<extra_id_{index}> does not exist: this vocabulary has {self.extra_ids} sentinels")
+            raise ValueError(f"<extra_id_{index}> does not exist: this vocabulary has {self.extra_ids} "
+                             "sentinels")
         return self.first_sentinel - index
 
     def sentinel_index(self, i: int) -> int | None:
@@ -1378,11 +1264,8 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], *, eos: bool = True, device: torch.device | str | None = None,
                      max_length: int | None = None, padding: Literal["longest", "max_length"] = "longest",
                      truncation: bool = False) -> tuple[Tensor, Tensor]:
-        """Texts -> ids (b, s) right-padded with pad, and the padding mask (b, s), 1 = real token.
-
-        As transformers' tokenizers mean them: padding="longest" pads to the longest row,
-        padding="max_length" to max_length (or to the longest row, if that is longer and not
-        truncated); truncation=True cuts rows to max_length, keeping EOS as the last token."""
+        """Texts -> ids (b, s) right-padded, and the padding mask (b, s), 1 = real token; padding and
+        truncation as transformers' tokenizers mean them (truncation keeps EOS last)."""
         if isinstance(texts, str) or not texts:
             raise ValueError("encode_batch takes a non-empty list of texts")
         if padding not in ("longest", "max_length"):
@@ -1462,7 +1345,8 @@ class ByteTokenizer(Tokenizer):
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
         self.unk_id = 2
-        self.specials, self.strip_specials = {"<pad>": self.pad_id, "</s>": self.eos_id, "<unk>": self.unk_id}, True
+        self.specials = {"<pad>": self.pad_id, "</s>": self.eos_id, "<unk>": self.unk_id}
+        self.strip_specials = True
         if config.vocab_size < 256 + self.OFFSET + self.extra_ids:
             raise ValueError(f"a byte vocabulary needs {256 + self.OFFSET} ids plus sentinels, the model has "
                              f"{config.vocab_size}")
@@ -1471,7 +1355,8 @@ class ByteTokenizer(Tokenizer):
         return [b + self.OFFSET for b in text.encode("utf-8")]
 
     def _decode_text(self, ids: list[int], continues: bool) -> str:
-        return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", errors="ignore")
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
+        return data.decode("utf-8", errors="ignore")
 
 
 def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
@@ -1484,12 +1369,13 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
     for name in ("spiece.model", "tokenizer.model"):
         if (path / name).is_file():
             return SentencePieceTokenizer(config, path / name)
-    raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of this checkpoint)")
+    raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of "
+                            "this checkpoint)")
 
 
-########################################################################################
-# Loading
-########################################################################################
+# ======== Loading and saving (fp8 weights included) =============================================
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
 
 
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -1500,12 +1386,9 @@ def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tens
 
 
 class Float8Linear(nn.Module):
-    """A linear layer whose weight stays in float8_e4m3fn in memory, with a float32 scale per
-    output row: each call dequantizes the whole weight to the input's dtype (a dense temporary
-    per call) and multiplies. Half the memory of bfloat16 weights at rest, more time per call; the
-    result equals running the dequantized weight (`dequantize`), so this is only as lossy as fp8
-    storage itself. `load` puts one in place of each nn.Linear whose checkpoint weight has a
-    `weight_scale`."""
+    """A linear layer whose weight stays in float8_e4m3fn, with a float32 scale per output row; each
+    call dequantizes it to the input's dtype, so it computes what `dequantize` would. `load` puts one
+    in place of each nn.Linear whose checkpoint weight has a `weight_scale`."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -1535,27 +1418,24 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 def load(path: str | Path, *, encoder_only: bool = False, device: torch.device | str | None = None,
          dtype: torch.dtype | None = None, attention: Literal["sdpa", "flex"] = "sdpa") -> T5 | T5Encoder:
-    """Load a folder written by `convert_hf.py` (config.json + model.safetensors).
-
-    encoder_only=True reads only the encoder's tensors from the file (safetensors reads lazily, so
-    the decoder's bytes are never touched) and returns a `T5Encoder`. The model is built on the
-    meta device and takes the loaded tensors as they are: nothing is allocated twice. Any missing
-    or unexpected tensor is an error that names it. A checkpoint with fp8 weights (convert_hf.py
-    --weights float8_e4m3fn) keeps them in fp8 (`Float8Linear`); `dtype` then applies to the rest,
-    the dtype the model computes in. attention: the self-attention kernel (`set_attention`).
-    """
+    """Load a folder written by `convert_hf.py` (config.json + model.safetensors), built on the meta
+    device and assigned the tensors read (nothing allocated twice); a missing or unexpected tensor
+    is an error naming it. encoder_only=True reads only the encoder's tensors and returns a
+    `T5Encoder`. fp8 weights stay fp8 (`Float8Linear`); `dtype` applies to the rest."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found (convert a checkpoint with convert_hf.py first)")
+            raise FileNotFoundError(f"{path / name} not found (convert a checkpoint with convert_hf.py "
+                                    "first)")
     config = T5Config.load(path / "config.json")
     with torch.device("meta"):
         model: T5 | T5Encoder = T5Encoder(config) if encoder_only else T5(config)
     prefix = "encoder." if encoder_only else ""
     try:
-        weights = safe_open(str(path / "model.safetensors"), framework="pt", device=str(torch.device(device or "cpu")))
+        weights = safe_open(str(path / "model.safetensors"), framework="pt",
+                            device=str(torch.device(device or "cpu")))
     except SafetensorError as error:  # a truncated or foreign file
         raise ValueError(f"{path / 'model.safetensors'}: not a readable safetensors file ({error})") from None
     state = {}
@@ -1582,18 +1462,17 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
         for key, expected in wanted.items():
             tensor = f.get_tensor(key)
             if tensor.shape != expected.shape:
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says {tuple(expected.shape)}")
-            keep = expected.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale")  # fp8 and its scales stay
+                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says "
+                                 f"{tuple(expected.shape)}")
+            keep = expected.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale")  # fp8, scales
             state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)  # assign keeps Float8Linear's requires_grad=False
     return set_attention(model, attention).eval()
 
 
 def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` as `load` reads it: config.json, model.safetensors (an encoder's tensors
-    under "encoder.", fp8 weights with their scales) and, given a sentencepiece tokenizer, its
-    spiece.model. Every file is written beside its place first and renamed into place once all are
-    written, so a failure leaves the folder as it was; files of other names are left alone."""
+    """Write `model` as `load` reads it (config.json, model.safetensors, and a sentencepiece
+    tokenizer's spiece.model); files are staged beside their place and renamed once all are written."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -1608,7 +1487,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         save_file({prefix + key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()},
                   staged["model.safetensors"], metadata={"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
-        os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # safetensors: 0600
+        os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
         if "spiece.model" in staged:
             staged["spiece.model"].write_bytes(tokenizer.sp.serialized_model_proto())
         for name, path in staged.items():
@@ -1617,411 +1496,3 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         for path in staged.values():
             path.unlink(missing_ok=True)
     return folder
-
-
-########################################################################################
-# Float16 calibration
-########################################################################################
-
-FLOAT16_MAX = 65504.0
-
-
-def _value_rows(layer: EncoderLayer | DecoderLayer, block: str, config: T5Config) -> Tensor:
-    """The weight rows whose scale a block's output follows linearly: attention V, FFN up-projection
-    (all of wi for ReLU, which is positively homogeneous)."""
-    if block in ("attn", "self_attn"):
-        return getattr(layer, block).qkv.weight[2 * config.inner_dim:]
-    if block == "cross_attn":
-        return layer.cross_attn.kv.weight[config.inner_dim:]
-    return layer.ffn.wi.weight[config.d_ff:] if config.ffn == "gated-gelu" else layer.ffn.wi.weight
-
-
-def _stacks(model: T5 | T5Encoder) -> dict[str, T5Encoder | T5Decoder]:
-    return {"encoder": model.encoder, "decoder": model.decoder} if isinstance(model, T5) else {"encoder": model}
-
-
-@torch.no_grad()
-def calibrate_float16(model: T5 | T5Encoder, input_ids: Tensor, input_mask: Tensor | None = None,
-                      decoder_input_ids: Tensor | None = None, *, headroom: float = 4.0) -> dict[str, float]:
-    """Which blocks would overflow float16, and the power-of-two scale each needs.
-
-    Runs the model as it is (float32 or bfloat16: their range is wide) on the calibration inputs
-    and records, per attention and feed-forward block, the largest magnitude on its value path:
-    V and the attention output before and after the out-projection; the FFN up-projection, the
-    hidden after the gate and the FFN output. Each scale starts at 1 and is halved until the
-    block's largest value times the scale is at most 65504 / headroom. Returns the blocks that
-    need a scale below 1 (to give to `apply_out_scales`). decoder_input_ids default to the inputs."""
-    if x_dtype(model.encoder if isinstance(model, T5) else model) == torch.float16:
-        raise ValueError("calibrate a float32 or bfloat16 model: float16 values have already overflowed")
-    config = model.config
-    peaks: dict[str, float] = {}
-    hooks = []
-
-    def watch(key: str, module: nn.Module, rows: slice | None = None) -> None:
-        def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            values = [output if rows is None else output[..., rows]] + ([] if rows is not None else [inputs[0]])
-            peaks[key] = max([peaks.get(key, 0.0)] + [float(v.detach().abs().max()) for v in values])
-        hooks.append(module.register_forward_hook(hook))
-
-    for stack, module in _stacks(model).items():
-        for index, layer in enumerate(module.layers):
-            for block in ("attn",) if stack == "encoder" else ("self_attn", "cross_attn"):
-                key, attention = f"{stack}.{index}.{block}", getattr(layer, block)
-                projection = attention.qkv if block != "cross_attn" else attention.kv
-                width = projection.weight.shape[0]
-                watch(key, projection, slice(width - config.inner_dim, width))  # V
-                watch(key, attention.out)  # attention output and the block's output
-            key = f"{stack}.{index}.ffn"
-            watch(key, layer.ffn.wi, slice(config.d_ff, None) if config.ffn == "gated-gelu" else slice(None))
-            watch(key, layer.ffn.wo)  # the hidden after the gate, and the block's output
-    try:
-        if isinstance(model, T5):
-            decoder_ids = input_ids if decoder_input_ids is None else decoder_input_ids
-            model(input_ids, decoder_ids, input_mask=input_mask)
-        else:
-            model(input_ids, input_mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    scales = {}
-    for key, peak in peaks.items():
-        scale = 1.0
-        while peak * scale > FLOAT16_MAX / headroom:
-            scale /= 2
-        if scale < 1.0:
-            scales[key] = scale
-    return scales
-
-
-@torch.no_grad()
-def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
-    """Fold float16 output scales into the weights, in place (exact: powers of two), make each
-    scaled block's output be multiplied back in float32 as it joins the residual stream, and record
-    the scales in model.config.out_scales (saved with it in config.json)."""
-    config = model.config
-    stacks = _stacks(model)
-    for key, scale in scales.items():
-        stack, index, block = key.split(".")
-        if stack not in stacks or key not in scalable_blocks(config):
-            raise ValueError(f"no block {key!r} in this model")
-        layer = stacks[stack].layers[int(index)]
-        _value_rows(layer, block, config).mul_(scale)
-        setattr(layer, f"{block}_unscale", getattr(layer, f"{block}_unscale") / scale)
-        config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
-    T5Config(**dataclasses.asdict(config))  # still a valid config
-
-
-########################################################################################
-# Command line
-########################################################################################
-
-DEMO = Path(__file__).resolve().parent / "demo"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LONG_INPUT = 1024  # tokens: twice the 512 of T5's pre-training; longer prompts get a warning
-
-
-class CommandLineError(Exception):
-    """A mistake in how the command was called: reported in one line, no traceback."""
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CommandLineError(f"--device {name}: unknown device (cpu, cuda, cuda:N)") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CommandLineError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CommandLineError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return device
-    raise CommandLineError(f"--device {name}: not a device this machine can run on (cpu"
-                           f"{', cuda' if torch.cuda.is_available() else ''})")
-
-
-def _check_text(text: str, where: str) -> str:
-    try:  # undecodable bytes reach Python as lone surrogates
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CommandLineError(f"{where} is not valid UTF-8") from None
-    return text
-
-
-def _prompt_batches(args: argparse.Namespace) -> Iterator[list[str]]:
-    """The prompts in batches of --batch-size: the arguments, or else stdin read lazily, one prompt
-    per line (CRLF or LF), blank lines included, so that outputs line up with inputs."""
-    if args.prompts:
-        lines: Iterator[str] = (_check_text(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts))
-    else:
-        lines = _stdin_lines()
-    batch: list[str] = []
-    for line in lines:
-        batch.append(line)
-        if len(batch) == args.batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _stdin_lines() -> Iterator[str]:
-    seen = False
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        seen = True
-        try:
-            yield raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
-        except UnicodeDecodeError:
-            raise CommandLineError(f"line {number} of stdin is not valid UTF-8") from None
-    if not seen:
-        raise CommandLineError("no prompt: give prompts as arguments or one per line on stdin")
-
-
-def _encode_prompts(tokenizer: Tokenizer, texts: list[str], args: argparse.Namespace, first: int,
-                    device: torch.device) -> tuple[Tensor, Tensor]:
-    """Tokenize a batch (truncated to --max-input-tokens), warning about prompts far longer than
-    T5 models are trained on."""
-    fixed = getattr(args, "max_length", None)  # encode --max-length: pipelines' fixed-length padding
-    limit = fixed or args.max_input_tokens
-    ids, mask = tokenizer.encode_batch(texts, device=device, max_length=limit, truncation=limit is not None,
-                                       padding="max_length" if fixed else "longest")
-    for i, length in enumerate(mask.sum(dim=1).tolist() if limit is None else []):
-        if length > LONG_INPUT:
-            print(f"t5.py: warning: prompt {first + i + 1} is {length} tokens long, far past the 512 that T5 models "
-                  "are trained on (--max-input-tokens N truncates)", file=sys.stderr)
-    return ids, mask
-
-
-def _has_decoder(ckpt: Path) -> bool:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-            return any(key.startswith("decoder.") for key in f.keys())
-    except SafetensorError as error:
-        raise CommandLineError(f"{ckpt / 'model.safetensors'}: not a readable safetensors file ({error})") from None
-
-
-def _load_for_cli(args: argparse.Namespace, *, encoder_only: bool = False) -> tuple[T5 | T5Encoder, Tokenizer]:
-    ckpt = Path(args.ckpt)
-    if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
-        raise CommandLineError(f"--ckpt {ckpt}: no converted checkpoint there (config.json and model.safetensors); "
-                               "convert one with convert_hf.py")
-    device = _device(args.device)
-    config = T5Config.load(ckpt / "config.json")
-    tokenizer = load_tokenizer(ckpt, config)
-    if not encoder_only and not _has_decoder(ckpt):
-        raise CommandLineError(f"--ckpt {ckpt} holds only an encoder: it can `encode`, not `generate`")
-    model = load(ckpt, encoder_only=encoder_only, device=device, dtype=DTYPES.get(args.dtype))
-    return model, tokenizer
-
-
-def _sampling(args: argparse.Namespace) -> dict[str, object]:
-    """Check the generation flags (before the model is loaded) and turn them into `generate`'s
-    keyword arguments."""
-    if args.max_new_tokens < 1:
-        raise CommandLineError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
-        raise CommandLineError(f"--min-new-tokens must be between 0 and --max-new-tokens ({args.max_new_tokens}), "
-                               f"got {args.min_new_tokens}")
-    if args.num_beams < 1:
-        raise CommandLineError(f"--num-beams must be at least 1, got {args.num_beams}")
-    if args.temperature is not None and args.temperature < 0:
-        raise CommandLineError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise CommandLineError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise CommandLineError(f"--top-p must be in (0, 1], got {args.top_p}")
-    filters = args.top_k is not None or args.top_p is not None
-    if args.temperature == 0 and filters:
-        raise CommandLineError("--temperature 0 is greedy decoding: it does not combine with --top-k/--top-p")
-    sample = bool(args.temperature) or filters
-    if sample and args.num_beams > 1:
-        raise CommandLineError("--num-beams is beam search: it does not combine with --temperature/--top-k/--top-p")
-    if args.seed is not None and not sample:
-        raise CommandLineError("--seed only matters when sampling (--temperature, --top-k or --top-p)")
-    options: dict[str, object] = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                      compile=args.compile)
-    if args.num_beams > 1:
-        return {**options, "num_beams": args.num_beams}
-    if sample:
-        generator = None if args.seed is None else torch.Generator(_device(args.device)).manual_seed(args.seed)
-        options.update(do_sample=True, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                       generator=generator)
-    return options
-
-
-def _check_batching(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise CommandLineError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for flag in ("max_input_tokens", "max_length"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise CommandLineError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if getattr(args, "no_mask", False) and not args.max_length:
-        raise CommandLineError("--no-mask needs --max-length N: without the mask every row attends to its padding, "
-                               "so its states would depend on the batch it was padded with (Flux: 512, SD3: 256)")
-    if getattr(args, "max_length", None) and args.max_input_tokens:
-        raise CommandLineError("--max-length already truncates: it does not combine with --max-input-tokens")
-
-
-def cli_generate(args: argparse.Namespace) -> None:
-    options = _sampling(args)
-    _check_batching(args)
-    model, tokenizer = _load_for_cli(args)
-    device = model.lm_head.weight.device
-    start, count, done = time.perf_counter(), 0, 0
-    for texts in _prompt_batches(args):
-        ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
-        if len(args.prompts) == 1 and options.get("num_beams", 1) == 1 and texts[0].strip():  # stream one prompt
-            tokens: list[int] = []
-            shown = ""
-            for token in stream(model, ids, mask, **options):
-                tokens.append(int(token[0]))
-                text = tokenizer.decode(tokens).replace("\n", " ")
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-            print()
-            count += len(tokens)
-        else:
-            real = [i for i, text in enumerate(texts) if text.strip()]  # blank lines answer blank lines
-            lines = [""] * len(texts)
-            if real:
-                out = generate(model, ids[real], mask[real], **options)
-                for i, row in zip(real, out.tokens):
-                    lines[i] = tokenizer.decode(row).replace("\n", " ")
-                count += int(out.lengths.sum())
-            print("\n".join(lines), flush=True)
-        done += len(texts)
-    elapsed = time.perf_counter() - start
-    print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """The --out of `encode`, checked before any work is done."""
-    if out.is_dir():
-        raise CommandLineError(f"--out {out} is a folder; name a .safetensors file")
-    if not out.parent.is_dir():
-        raise CommandLineError(f"--out {out}: folder {out.parent} does not exist")
-    if out.exists() and not force:
-        raise CommandLineError(f"--out {out} exists; pass --force to overwrite it")
-
-
-def cli_encode(args: argparse.Namespace) -> None:
-    from safetensors.torch import save
-
-    _check_out(args.out, args.force)
-    _check_batching(args)
-    encoder, tokenizer = _load_for_cli(args, encoder_only=True)
-    device = encoder.embedding.weight.device
-    batches, done = [], 0
-    with torch.inference_mode():
-        for texts in _prompt_batches(args):
-            ids, mask = _encode_prompts(tokenizer, texts, args, done, device)
-            batches.append((ids.cpu(), mask.cpu(), encoder(ids, None if args.no_mask else mask).cpu()))
-            done += len(texts)
-    width = max(ids.shape[1] for ids, _, _ in batches)  # batches pad to their longest row: pad them all alike
-    pad = tokenizer.pad_id
-
-    def widen(x: Tensor, value: float) -> Tensor:
-        return F.pad(x, (0, 0, 0, width - x.shape[1]) if x.dim() == 3 else (0, width - x.shape[1]), value=value)
-
-    hidden = torch.cat([widen(h, 0.0) for _, _, h in batches]).contiguous()
-    mask = torch.cat([widen(m, 0) for _, m, _ in batches])
-    data = save({"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])})
-    tmp = args.out.parent / f".{args.out.name}.tmp-{os.getpid()}"
-    try:  # written beside --out and renamed into place: never half a file
-        tmp.write_bytes(data)
-        tmp.replace(args.out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {args.out}: hidden {tuple(hidden.shape)} {hidden.dtype}, mask {tuple(mask.shape)}", file=sys.stderr)
-
-
-def cli_flops(args: argparse.Namespace) -> None:
-    for flag in ("batch", "src", "tgt"):
-        if getattr(args, flag) < 1:
-            raise CommandLineError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    path = Path(args.ckpt)
-    config = T5Config.load(path / "config.json" if path.is_dir() else path)
-    b, s, t = args.batch, args.src, args.tgt
-    rows = [(f"encoder forward ({b} x {s})", encoder_flops(config, b, s)),
-            (f"decoder forward, {t} tokens over {s} (prefill)", decoder_flops(config, b, t, s)),
-            (f"one cached decode step (cache of {s + t}, over {s})", decode_step_flops(config, b, s, s + t))]
-    if path.is_dir() and (path / "model.safetensors").is_file() and not _has_decoder(path):
-        rows = rows[:1]  # an encoder-only checkpoint
-    print(f"{'':50} {'attn proj':>12} {'attn scores':>12} {'ffn':>12} {'lm_head':>12} {'total':>12}  GFLOP")
-    for name, f in rows:
-        print(f"{name:50} " + " ".join(f"{x / 1e9:12.4f}" for x in (*f, f.total)))
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line; every option says its default."""
-    top = argparse.ArgumentParser(prog="t5.py", description="T5 from the command line. With no --ckpt, the "
-                                  "demo model in demo/ (it spells out numbers: 'spell: 4071').")
-    commands = top.add_subparsers(dest="command", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin, blank lines included; "
-                       "output lines match input lines)")
-        p.add_argument("--ckpt", default=str(DEMO), help="a folder written by convert_hf.py (default: the demo model)")
-        p.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: as stored in --ckpt)")
-        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
-        p.add_argument("--batch-size", type=int, default=16, help="prompts run together (default: 16)")
-        p.add_argument("--max-input-tokens", type=int, help="truncate prompts to this many tokens, EOS kept last "
-                       f"(default: no limit; prompts over {LONG_INPUT} tokens get a warning)")
-
-    g = commands.add_parser("generate", help="generate text for prompts (greedy unless told otherwise)")
-    common(g)
-    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per prompt (default: 64)")
-    g.add_argument("--min-new-tokens", type=int, default=0, help="EOS is forbidden before this many (default: 0)")
-    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy; 0 is greedy too)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: no limit)")
-    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much probability "
-                   "(default: 1, no limit)")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1, none)")
-    g.add_argument("--seed", type=int, help="seed of the sampling generator, same seed same text (default: random)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
-    g.set_defaults(run=cli_generate)
-    e = commands.add_parser("encode", help="write encoder hidden states (and mask) of prompts to a safetensors file")
-    common(e)
-    e.add_argument("--out", required=True, type=Path, help="output .safetensors file (required): hidden (b, s, d), "
-                   "mask and input_ids (b, s)")
-    e.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
-    e.add_argument("--no-mask", action="store_true", help="run the encoder without the padding mask, as Flux / SD3 "
-                   "pipelines do; needs --max-length (default: masked)")
-    e.add_argument("--max-length", type=int, help="pad (and truncate, EOS kept last) every prompt to this many tokens, "
-                   "as diffusion pipelines do: Flux 512, SD3 256, PixArt-alpha 120 (default: pad to the longest)")
-    e.set_defaults(run=cli_encode)
-    f = commands.add_parser("flops", help="print the FLOP breakdown of a config for given sizes")
-    f.add_argument("--ckpt", default=str(DEMO), help="a checkpoint folder or a config.json (default: the demo model)")
-    f.add_argument("--batch", type=int, default=1, help="rows (default: 1)")
-    f.add_argument("--src", type=int, default=512, help="encoder tokens per row (default: 512)")
-    f.add_argument("--tgt", type=int, default=64, help="decoder tokens per row (default: 64)")
-    f.set_defaults(run=cli_flops)
-    return top
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except BrokenPipeError:  # `t5.py ... | head -2`: the reader left, nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
-        return 141  # what a shell reports for SIGPIPE
-    except (CommandLineError, OSError, ValueError) as error:  # OSError: FileNotFoundError, PermissionError, ...
-        print(f"t5.py {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"t5.py {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import bench_t5
+import cli
 import convert_hf
 import t5
 
@@ -559,7 +560,7 @@ def gen_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 def greedy_with_cache(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, steps: int,
                       max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decode through the low-level pieces; returns (decoder inputs (b, steps), logits (b, steps, v))."""
-    memory = model.decoder.remember(model.encoder(ids, mask), mask)
+    memory = model.decoder.memory(model.encoder(ids, mask), mask)
     cache = t5.make_cache(model.config, ids.shape[0], max_len or steps, device=ids.device)
     token = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, device=ids.device)
     inputs, logits = [], []
@@ -731,7 +732,7 @@ def test_decode_memory_is_flat(family: Family, device: str) -> None:
     model = t5.load(family.ours_dir, device=device)
     ids, mask = (x.to(device) for x in padded_batch(family.vocab, [13, 7], seed=11))
     with torch.inference_mode():
-        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        memory = model.decoder.memory(model.encoder(ids, mask), mask)
         cache = t5.make_cache(model.config, 2, 64, device=device)
 
         def decode(steps: int) -> object:
@@ -751,7 +752,7 @@ def test_decode_memory_is_flat(family: Family, device: str) -> None:
 def test_cache_errors(family: Family) -> None:
     model = t5.load(family.ours_dir)
     ids, mask = padded_batch(family.vocab, [5, 3])
-    memory = model.decoder.remember(model.encoder(ids, mask), mask)
+    memory = model.decoder.memory(model.encoder(ids, mask), mask)
     cache = t5.make_cache(model.config, 2, 4)
     token = torch.zeros(2, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="decoder position 4 is past the cache's max_len 4"):
@@ -804,7 +805,7 @@ def test_flop_counter_matches_flop_counter_mode(name: str) -> None:
         assert counted(lambda: model.encoder(ids)) == t5.encoder_flops(config, 3, 17).total
         full = t5.encoder_flops(config, 3, 17).total + t5.decoder_flops(config, 3, 6, 17).total
         assert counted(lambda: model(ids, dec)) == full
-        memory = model.decoder.remember(model.encoder(ids), None)
+        memory = model.decoder.memory(model.encoder(ids), None)
         cache = t5.make_cache(config, 3, 21)
         step = t5.decode_step_flops(config, 3, 17, 21)
         assert counted(lambda: t5.decode_step(model, dec[:, :1], memory, cache, torch.tensor([4]))) == step.total
@@ -835,7 +836,7 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
     with torch.inference_mode():
         encoder = torch.compile(model.encoder, fullgraph=True, dynamic=False)
         torch.testing.assert_close(encoder(ids, mask), model.encoder(ids, mask), atol=1e-5, rtol=1e-5)
-        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        memory = model.decoder.memory(model.encoder(ids, mask), mask)
         eager_cache, compiled_cache = t5.make_cache(config, 2, 8, device=device), t5.make_cache(config, 2, 8, device=device)
         step = torch.compile(t5.decode_step, fullgraph=True, dynamic=False)
         token = torch.zeros(2, 1, dtype=torch.long, device=device)
@@ -982,7 +983,7 @@ def test_decode_step_captures_in_a_cuda_graph() -> None:
     model = t5.T5(config).eval().cuda()
     ids, mask = (x.cuda() for x in padded_batch(config.vocab_size, [9, 5], seed=12))
     with torch.inference_mode():
-        memory = model.decoder.remember(model.encoder(ids, mask), mask)
+        memory = model.decoder.memory(model.encoder(ids, mask), mask)
         eager_cache = t5.make_cache(config, 2, 8, device="cuda")
         graph_cache = t5.make_cache(config, 2, 8, device="cuda")
         token = torch.zeros(2, 1, dtype=torch.long, device="cuda")
@@ -1122,8 +1123,10 @@ def test_demo_model_spells_held_out_numbers() -> None:
     assert train_demo.spell(4071) == "four thousand seventy-one" and train_demo.spell(90_019) == "ninety thousand nineteen"
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "t5.py", *args], cwd=HERE, capture_output=True, text=True, input=stdin,
+def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` in the repository; text in and out, unless an argument or stdin is bytes."""
+    text = not isinstance(stdin, bytes) and not any(isinstance(arg, bytes) for arg in args)
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, text=text, input=stdin,
                           timeout=300)
 
 
@@ -1154,18 +1157,11 @@ def test_cli_encode_and_flops(tmp_path: Path) -> None:
     assert f"{t5.encoder_flops(config, 2, 32).total / 1e9:12.4f}" in flops.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "x", "--ckpt", "no/such/dir"], "--ckpt no/such/dir: no converted checkpoint there"),
-    (["generate", "x", "--dtype", "float8"], "invalid choice: 'float8'"),
-    (["generate", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "x", "--device", "nope"],
-     "CUDA is not available" if not torch.cuda.is_available() else "unknown device"),
-    (["generate", "x", "--num-beams", "2", "--top-k", "3"], "does not combine"),
-    (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-])
-def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
-    result = run_cli(*args)
+def test_cli_argparse_errors_have_one_error_line() -> None:
+    """argparse's own mistakes (usage, then one error line); the rest are in the table of CLI mistakes."""
+    result = run_cli("generate", "x", "--dtype", "float8")
     assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "invalid choice: 'float8'" in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
 
 
@@ -1280,10 +1276,6 @@ def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: p
     assert out.read_bytes() == b"precious checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
-def run_cli_bytes(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "t5.py", *args], cwd=HERE, capture_output=True, input=stdin, timeout=300)
-
-
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     err = result.stderr if isinstance(result.stderr, str) else result.stderr.decode()
     assert result.returncode != 0, err
@@ -1310,6 +1302,11 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--ckpt", "no/such/dir"], "--ckpt no/such/dir: no converted checkpoint there"),
+    (["generate", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "x", "--device", "nope"],
+     "CUDA is not available" if not torch.cuda.is_available() else "unknown device"),
+    (["generate", "x", "--num-beams", "2", "--top-k", "3"], "does not combine"),
+    (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["generate", "x", "--device", "mps"], "--device mps: not a device this machine can run on"),
     (["generate", "x", "--device", "meta"], "--device meta: not a device this machine can run on"),
     (["generate", "x", "--num-beams", "0"], "--num-beams must be at least 1"),
@@ -1321,7 +1318,7 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
     (["generate", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["generate", "x", "--seed", "3"], "--seed only matters when sampling"),
     (["generate", "x", "--num-beams", "2", "--seed", "3"], "--seed only matters when sampling"),
-    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be between 0 and"),
+    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be in [0, --max-new-tokens=4]"),
     (["generate", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["encode", "x", "--out", "unused.safetensors", "--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
     (["encode", "x", "--out", "unused.safetensors", "--no-mask"], "--no-mask needs --max-length N"),
@@ -1339,8 +1336,8 @@ def test_cli_temperature_zero_is_greedy() -> None:
 
 
 def test_cli_non_utf8_prompts() -> None:
-    assert_one_line_error(run_cli_bytes("generate", b"spell: \xff12"), "prompt 1 is not valid UTF-8")
-    assert_one_line_error(run_cli_bytes("generate", stdin=b"spell: 1\nspell: \xff\n"), "line 2 of stdin is not valid UTF-8")
+    assert_one_line_error(run_cli("generate", b"spell: \xff12"), "prompt 1 is not valid UTF-8")
+    assert_one_line_error(run_cli("generate", stdin=b"spell: 1\nspell: \xff\n"), "line 2 of stdin is not valid UTF-8")
 
 
 def test_cli_bad_checkpoints(tmp_path: Path) -> None:
@@ -1370,7 +1367,7 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     reader that goes away (| head) and Ctrl-C end it quietly, without a traceback."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "t5.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write("spell: 12\r\n")
     proc.stdin.flush()
@@ -1379,7 +1376,7 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
     lines = "".join(f"spell: {n}\n" for n in range(1, 200))
-    proc = subprocess.Popen([sys.executable, "t5.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write(lines)
     proc.stdin.close()
@@ -1409,7 +1406,7 @@ def test_cli_max_input_tokens_and_long_input_warning(tmp_path: Path) -> None:
     assert saved["input_ids"].shape == (2, 5) and saved["input_ids"][0, -1] == tokenizer.eos_id
     assert saved["input_ids"][0].tolist() == tokenizer.encode("spell: 123456789")[:4] + [tokenizer.eos_id]
     length = len(tokenizer.encode("spell: " + "7" * 1100))
-    assert length > t5.LONG_INPUT
+    assert length > cli.LONG_INPUT
     long = run_cli("encode", "spell: " + "7" * 1100, "--out", str(out), "--force")
     assert long.returncode == 0 and f"prompt 1 is {length} tokens long" in long.stderr, long.stderr
     assert "--max-input-tokens" in long.stderr
@@ -1447,8 +1444,8 @@ def test_cli_dtype_defaults_to_the_checkpoint(tmp_path: Path) -> None:
 def test_cli_is_quiet_without_numpy() -> None:
     """The minimal requirements have no numpy; torch >= 2.12 then warns at import. The command line
     says nothing a user did not cause (numpy is hidden from the child process here)."""
-    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['t5.py', 'generate', 'spell: 12']; " \
-           "runpy.run_path('t5.py', run_name='__main__')"
+    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['cli.py', 'generate', 'spell: 12']; " \
+           "runpy.run_path('cli.py', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0 and result.stdout == "twelve\n", result.stderr
     assert "NumPy" not in result.stderr and "Warning" not in result.stderr, result.stderr
@@ -1457,7 +1454,7 @@ def test_cli_is_quiet_without_numpy() -> None:
 def test_cli_every_option_has_help_with_its_default() -> None:
     import argparse
 
-    commands = next(a for a in t5.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in commands.choices.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
@@ -1465,10 +1462,78 @@ def test_cli_every_option_has_help_with_its_default() -> None:
             assert action.help, (name, action.dest)
             if not action.required:
                 assert "default" in action.help, (name, action.dest, action.help)
-            if action.default not in (None, False, t5.DEMO, str(t5.DEMO), []):
+            if action.default not in (None, False, cli.DEMO, str(cli.DEMO), []):
                 assert f"default: {action.default}" in action.help, (name, action.dest, action.help)
     text = run_cli("generate", "--help").stdout
     assert "(default: 64)" in text and "(default: 0)" in text
+
+
+def test_generation_options_once() -> None:
+    """generate and stream take a GenerationOptions or its fields as Hugging Face-named keywords
+    (keywords replace the options' fields); an unknown keyword is named."""
+    model, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
+    ids, mask = tokenizer.encode_batch(["spell: 12", "spell: 300"])
+    by_keywords = t5.generate(model, ids, mask, max_new_tokens=8, num_beams=2)
+    options = t5.GenerationOptions(max_new_tokens=3, num_beams=2)
+    by_options = t5.generate(model, ids, mask, options, max_new_tokens=8)
+    assert torch.equal(by_keywords.tokens, by_options.tokens)
+    with pytest.raises(TypeError, match="max_tokens"):
+        t5.generate(model, ids, mask, max_new_tokens=8, max_tokens=3)
+    with pytest.raises(TypeError, match="beams"):
+        next(t5.stream(model, ids, mask, max_new_tokens=8, beams=3))
+    with pytest.raises(ValueError, match="num_beams must be at least 1"):
+        t5.generate(model, ids, mask, options, num_beams=0)
+    with pytest.raises(ValueError, match="stream does not do beam search"):
+        next(t5.stream(model, ids, mask, options))
+
+
+def t5_sections() -> list[tuple[str, int, int]]:
+    """t5.py's sections as (title, first line, last line), from its `# ======== Title ===` banners."""
+    lines = (HERE / "t5.py").read_text().splitlines()
+    starts = [(i + 1, re.match(r"# =+ (.+?) =+$", line)[1]) for i, line in enumerate(lines)
+              if re.match(r"# =+ (.+?) =+$", line)]
+    ends = [start - 1 for start, _ in starts[1:]] + [len(lines)]
+    return [("Header and imports", 1, starts[0][0] - 1)] + [(title, start, end) for (start, title), end in
+                                                           zip(starts, ends)]
+
+
+def test_t5_py_acceptance_numbers() -> None:
+    """Issue 16's acceptance numbers for t5.py, so that they cannot regress: no argparse, at most 5
+    forward references between top-level definitions (uses inside annotations excluded: they are
+    lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
+    with at most 8 parameters written in its signature, and a line count that only goes down (the
+    issue asks for 1,300; this ratchet holds what has been reached). The README's map of sections
+    gives their current line ranges."""
+    import ast
+
+    source = (HERE / "t5.py").read_text()
+    tree = ast.parse(source)
+    defined = {}
+    for index, node in enumerate(tree.body):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined[node.name] = index
+        elif isinstance(node, ast.Assign):
+            defined.update({target.id: index for target in node.targets if isinstance(target, ast.Name)})
+    forward = []
+    for index, node in enumerate(tree.body):
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            continue
+        in_annotations = {id(name) for sub in ast.walk(node) for field in ("returns", "annotation")
+                          if getattr(sub, field, None) is not None for name in ast.walk(getattr(sub, field))}
+        forward += [(getattr(node, "name", "="), name.id) for name in ast.walk(node)
+                    if isinstance(name, ast.Name) and id(name) not in in_annotations
+                    and defined.get(name.id, -1) > index]
+    assert len(forward) <= 5, forward
+    assert "argparse" not in source
+    lines = source.splitlines()
+    assert len(lines) <= 1500, len(lines)
+    assert sum(len(line) > 110 for line in lines) <= 10
+    generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
+    args = generate.args
+    assert len(args.posonlyargs + args.args + args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg) <= 8
+    readme = (HERE / "README.md").read_text()
+    for title, first, last in t5_sections():
+        assert f"| {title} | {first}-{last} |" in readme, (title, first, last)
 
 
 def test_python_api_mistakes() -> None:
@@ -2305,9 +2370,9 @@ def test_float16_overflow_needs_calibration_and_calibration_fixes_it() -> None:
             torch.randn(2, 12, model.config.d_model))).abs().max() > 65504  # really past float16
         plain = copy.deepcopy(model).half()
         assert not torch.isfinite(plain.encoder(ids)).all() and not torch.isfinite(plain(ids, ids).logits).all()
-        scales = t5.calibrate_float16(model, ids)
+        scales = convert_hf.calibrate_float16(model, ids)
         assert set(scales) == {"encoder.1.ffn", "decoder.0.ffn"}
-        t5.apply_out_scales(model, scales)
+        convert_hf.apply_out_scales(model, scales)
         torch.testing.assert_close(model.encoder(ids), encoded, atol=1e-5, rtol=1e-5)  # exact rescaling in float32
         half = model.half()
         encoded16, logits16 = half.encoder(ids).float(), half(ids, ids).logits.float()
@@ -2342,9 +2407,9 @@ def test_out_scales_validation() -> None:
         t5.T5Config(out_scales={"encoder.0.ffn": 0.3})
     model = random_model("t5-v1.1")
     with pytest.raises(ValueError, match="no block 'decoder.0.attn'"):
-        t5.apply_out_scales(model, {"decoder.0.attn": 0.5})
+        convert_hf.apply_out_scales(model, {"decoder.0.attn": 0.5})
     with pytest.raises(ValueError, match="calibrate a float32 or bfloat16 model"):
-        t5.calibrate_float16(model.half(), torch.zeros(1, 3, dtype=torch.long))
+        convert_hf.calibrate_float16(model.half(), torch.zeros(1, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -2627,7 +2692,7 @@ def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path,
         for param in model.parameters():
             param[param.abs() < 2**-10] = 0
     plain = save_ours(model, tmp_path / "plain", torch.float16)
-    t5.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
+    convert_hf.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
     scaled = save_ours(model, tmp_path / "scaled", torch.float16)
     for folder in (plain, scaled):
         assert convert_hf.main([str(folder), str(tmp_path / f"{folder.name}-hf"), "--to-hf"]) == 0
@@ -2719,14 +2784,14 @@ def test_convert_unreadable_weights_are_one_line(family: Family, tmp_path: Path,
 
 
 def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`t5.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
+    """`cli.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(HERE / "demo", broken)
     data = (broken / "spiece.model").read_bytes()
     (broken / "spiece.model").write_bytes(data[:len(data) // 3])
-    assert t5.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
+    assert cli.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
     err = capsys.readouterr().err
     assert f"{broken / 'spiece.model'}: not a readable sentencepiece model" in err and len(err.splitlines()) == 1, err
 
@@ -2926,7 +2991,7 @@ def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, mon
 
 
 def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """convert_hf.py's summary line and `t5.py flops` (their mains, in this process) on an
+    """convert_hf.py's summary line and `cli.py flops` (their mains, in this process) on an
     encoder-only checkpoint name no decoder."""
     hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
     assert convert_hf.main([str(hf_dir), str(tmp_path / "full")]) == 0
@@ -2934,8 +2999,8 @@ def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pyte
     assert convert_hf.main([str(hf_dir), str(tmp_path / "enc"), "--encoder-only"]) == 0
     out = capsys.readouterr().out
     assert "(3 encoder layers, d_model 32" in out and "decoder" not in out, out
-    assert t5.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
+    assert cli.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
     out = capsys.readouterr().out
     assert "encoder forward" in out and "decoder" not in out, out
-    assert t5.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
+    assert cli.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
     assert "one cached decode step" in capsys.readouterr().out
