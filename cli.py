@@ -121,8 +121,8 @@ def _load(ckpt: Path, device: str | None, dtype: str | None, *, encoder_only: bo
     tokenizer = t5.load_tokenizer(ckpt)
     try:
         model = t5.load(ckpt, encoder_only=encoder_only, device=torch_device, dtype=t5.DTYPES.get(dtype))
-    except ValueError as error:  # load's hint for a checkpoint without decoder tensors
-        if not encoder_only and "encoder_only=True" in str(error):
+    except ValueError:  # missing tensors: say it plainly when they are the decoder's (only then is the header read)
+        if not encoder_only and not _has_decoder(ckpt):
             raise CommandLineError(f"--ckpt {ckpt} holds only an encoder: it can `encode`, not `generate`") from None
         raise
     return model, tokenizer
