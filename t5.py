@@ -687,7 +687,7 @@ class T5Decoder(Stack):
         return self.dropout(self.final_norm(x))
 
 
-# ======== Model and training helpers ============================================================
+# ======== Model =================================================================================
 
 class T5(nn.Module):
     """Encoder + decoder + lm_head. No tied or shared weights: v1.0's tied output embedding is a
@@ -738,79 +738,6 @@ def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex
         if isinstance(module, Stack):
             module.attention = kind
     return model
-
-
-def shift_right(labels: Tensor, config: T5Config) -> Tensor:
-    """Target ids (b, t), -100 where ignored -> decoder inputs (b, t): the decoder start token,
-    then the targets shifted one step right (teacher forcing), ignored positions as pad."""
-    start = labels.new_full((labels.shape[0], 1), config.decoder_start_token_id)
-    shifted = torch.cat([start, labels[:, :-1]], dim=1)
-    return shifted.masked_fill(shifted == -100, config.pad_token_id)
-
-
-def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Segment ids of packed rows (1, 2, ... per example, 0 = padding; input and target side) ->
-    (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)): a position attends only
-    within its own example; the decoder adds causality."""
-    def same(q: Tensor, k: Tensor) -> Tensor:
-        pair = rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")
-        return pair & rearrange(q > 0, "b q -> b q 1")
-    return same(input_segments, input_segments), same(target_segments, target_segments), \
-        same(target_segments, input_segments)
-
-
-def init_weights(model: T5 | T5Encoder | T5Decoder, generator: torch.Generator | None = None) -> None:
-    """Initialize every parameter, normal with mean 0 (norms: 1). scale_qk=False (Mesh TensorFlow's
-    scheme): q (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi, bias tables d_model**-0.5; attention
-    out inner_dim**-0.5; FFN wo d_ff**-0.5; embeddings and lm_head 1. scale_qk=True: the same, but
-    q and lm_head d_model**-0.5."""
-    config = model.config
-    d, e, i, f = config.d_model, config.d_kv, config.inner_dim, config.d_ff
-    q_std = d**-0.5 if config.scale_qk else (d * e) ** -0.5
-
-    def normal(weight: Tensor, std: float | list[tuple[int, float]]) -> None:
-        """Fill weight; std may be [(rows, std), ...] for a fused matrix made of row blocks."""
-        blocks = [(weight.shape[0], std)] if isinstance(std, float) else std
-        start = 0
-        with torch.no_grad():
-            for rows, block_std in blocks:
-                weight[start:start + rows].normal_(0.0, block_std, generator=generator)
-                start += rows
-
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, RelativePositionBias):
-            normal(module.embedding.weight, d**-0.5)
-        elif isinstance(module, (T5Encoder, T5Decoder)):
-            normal(module.embedding.weight, 1.0)
-        elif isinstance(module, EncoderSelfAttention):  # DecoderSelfAttention too
-            normal(module.qkv.weight, [(i, q_std), (2 * i, d**-0.5)])
-            normal(module.out.weight, i**-0.5)
-        elif isinstance(module, CrossAttention):
-            normal(module.q.weight, q_std)
-            normal(module.kv.weight, d**-0.5)
-            normal(module.out.weight, i**-0.5)
-        elif isinstance(module, (ReluFFN, GegluFFN)):
-            normal(module.wi.weight, d**-0.5)
-            normal(module.wo.weight, f**-0.5)
-        elif isinstance(module, T5):
-            normal(module.lm_head.weight, d**-0.5 if config.scale_qk else 1.0)
-    if isinstance(model, T5):  # T5 has one input table: both stacks start from the same values
-        with torch.no_grad():
-            model.decoder.embedding.weight.copy_(model.encoder.embedding.weight)
-
-
-def sum_embedding_grads(model: T5) -> None:
-    """Call after `backward()`, before the optimizer step: each of the two input tables gets the sum
-    of both gradients, which is T5's shared table's gradient, so tables that start equal stay equal
-    and the result exports (`--to-hf`). Gradient clipping after it counts the table twice."""
-    encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
-    if encoder.grad is None or decoder.grad is None:
-        raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
-    total = encoder.grad + decoder.grad
-    encoder.grad.copy_(total)
-    decoder.grad.copy_(total)
 
 
 # ======== FLOPs =================================================================================

@@ -1,13 +1,16 @@
-"""Train the demo model that ships in demo/: a tiny T5 that spells out numbers.
+"""Training with t5.py: the helpers a training loop needs, and the trainer of the demo model in demo/.
 
-    python train_demo.py                      # a few minutes on 2 CPU cores; writes checkpoints/demo/
-    python train_demo.py --out demo --force   # replace the shipped demo/
+Helpers: `shift_right` (labels -> decoder inputs), `packing_masks` (segment ids -> the three 3-dim
+masks), `init_weights` (a fresh model's initialization), `sum_embedding_grads` (train the two
+input tables as T5's one shared table). t5.py runs models; this file is only needed to train one.
 
-"spell: 4071" -> "four thousand seventy-one", for every number below 100,000. The 200 numbers of
-`held_out()` are never trained on: they measure how well the model generalizes (test_t5.py
-asks for at least 95% exact matches). Everything is seeded, so a rerun on the same machine and
-versions reproduces demo/. The model is trained with t5.py itself: T5, init_weights, shift_right
-and the loss of T5.forward; its tokenizer is a sentencepiece model trained here.
+    python train.py                      # a few minutes on 2 CPU cores; writes checkpoints/demo/
+    python train.py --out demo --force   # replace the shipped demo/
+
+The demo: "spell: 4071" -> "four thousand seventy-one", for every number below 100,000. The 200
+numbers of `held_out()` are never trained on: they measure how well the model generalizes
+(test_t5.py asks for at least 95% exact matches). Everything is seeded, so a rerun on the same
+machine and versions reproduces demo/. Its tokenizer is a sentencepiece model trained here.
 """
 
 from __future__ import annotations
@@ -21,8 +24,83 @@ import time
 from pathlib import Path
 
 import torch
+from einops import rearrange
+from torch import Tensor, nn
 
 import t5
+
+
+def shift_right(labels: Tensor, config: t5.T5Config) -> Tensor:
+    """Target ids (b, t), -100 where ignored -> decoder inputs (b, t): the decoder start token,
+    then the targets shifted one step right (teacher forcing), ignored positions as pad."""
+    start = labels.new_full((labels.shape[0], 1), config.decoder_start_token_id)
+    shifted = torch.cat([start, labels[:, :-1]], dim=1)
+    return shifted.masked_fill(shifted == -100, config.pad_token_id)
+
+
+def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Segment ids of packed rows (1, 2, ... per example, 0 = padding; input and target side) ->
+    (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)): a position attends only
+    within its own example; the decoder adds causality."""
+    def same(q: Tensor, k: Tensor) -> Tensor:
+        pair = rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")
+        return pair & rearrange(q > 0, "b q -> b q 1")
+    return same(input_segments, input_segments), same(target_segments, target_segments), \
+        same(target_segments, input_segments)
+
+
+def init_weights(model: t5.T5 | t5.T5Encoder | t5.T5Decoder, generator: torch.Generator | None = None) -> None:
+    """Initialize every parameter, normal with mean 0 (norms: 1). scale_qk=False (Mesh TensorFlow's
+    scheme): q (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi, bias tables d_model**-0.5; attention
+    out inner_dim**-0.5; FFN wo d_ff**-0.5; embeddings and lm_head 1. scale_qk=True: the same, but
+    q and lm_head d_model**-0.5."""
+    config = model.config
+    d, e, i, f = config.d_model, config.d_kv, config.inner_dim, config.d_ff
+    q_std = d**-0.5 if config.scale_qk else (d * e) ** -0.5
+
+    def normal(weight: Tensor, std: float | list[tuple[int, float]]) -> None:
+        """Fill weight; std may be [(rows, std), ...] for a fused matrix made of row blocks."""
+        blocks = [(weight.shape[0], std)] if isinstance(std, float) else std
+        start = 0
+        with torch.no_grad():
+            for rows, block_std in blocks:
+                weight[start:start + rows].normal_(0.0, block_std, generator=generator)
+                start += rows
+
+    for module in model.modules():
+        if isinstance(module, t5.RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, t5.RelativePositionBias):
+            normal(module.embedding.weight, d**-0.5)
+        elif isinstance(module, (t5.T5Encoder, t5.T5Decoder)):
+            normal(module.embedding.weight, 1.0)
+        elif isinstance(module, t5.EncoderSelfAttention):  # DecoderSelfAttention too
+            normal(module.qkv.weight, [(i, q_std), (2 * i, d**-0.5)])
+            normal(module.out.weight, i**-0.5)
+        elif isinstance(module, t5.CrossAttention):
+            normal(module.q.weight, q_std)
+            normal(module.kv.weight, d**-0.5)
+            normal(module.out.weight, i**-0.5)
+        elif isinstance(module, (t5.ReluFFN, t5.GegluFFN)):
+            normal(module.wi.weight, d**-0.5)
+            normal(module.wo.weight, f**-0.5)
+        elif isinstance(module, t5.T5):
+            normal(module.lm_head.weight, d**-0.5 if config.scale_qk else 1.0)
+    if isinstance(model, t5.T5):  # T5 has one input table: both stacks start from the same values
+        with torch.no_grad():
+            model.decoder.embedding.weight.copy_(model.encoder.embedding.weight)
+
+
+def sum_embedding_grads(model: t5.T5) -> None:
+    """Call after `backward()`, before the optimizer step: each of the two input tables gets the sum
+    of both gradients, which is T5's shared table's gradient, so tables that start equal stay equal
+    and the result exports (`--to-hf`). Gradient clipping after it counts the table twice."""
+    encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
+    if encoder.grad is None or decoder.grad is None:
+        raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
+    total = encoder.grad + decoder.grad
+    encoder.grad.copy_(total)
+    decoder.grad.copy_(total)
 
 LIMIT = 100_000
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -93,7 +171,7 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
         config = demo_config(vocab_size=pieces + 100)  # + T5's 100 sentinels
         tokenizer = t5.load_tokenizer(folder, config)
         model = t5.T5(config)
-        t5.init_weights(model, torch.Generator().manual_seed(seed))
+        init_weights(model, torch.Generator().manual_seed(seed))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         warmup = steps // 20
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -105,11 +183,11 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
             ids, mask = tokenizer.encode_batch([prompt(n) for n in chosen])
             labels, label_mask = tokenizer.encode_batch([spell(n) for n in chosen])
             labels = labels.masked_fill(label_mask == 0, -100)
-            decoder_ids = t5.shift_right(labels, config)
+            decoder_ids = shift_right(labels, config)
             loss = model(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            t5.sum_embedding_grads(model)  # one input table, as T5 trains it: the result exports to transformers
+            sum_embedding_grads(model)  # one input table, as T5 trains it: the result exports to transformers
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -138,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.out.exists() and not args.force:
-        print(f"train_demo.py: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        print(f"train.py: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the reference run: 2 CPU cores
     train(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
