@@ -7,8 +7,8 @@ per layer). The design choices and their reasons are in README.md ("How t5.py re
 
 Sections, top to bottom: config; helpers (position buckets, input checks, masks); attention
 kernels (SDPA or FlexAttention); norm and relative position bias; static KV cache; attention x3
-and feed-forward x2; layers; stacks; model and training helpers; FLOPs; sampler (greedy,
-sampling, beam search); tokenizers; loading and saving (fp8 weights included).
+and feed-forward x2; layers; stacks; model; FLOPs; sampler (greedy, sampling, beam search);
+tokenizers; loading and saving (fp8 weights included). Training helpers are in train.py.
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -88,30 +89,25 @@ class T5Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"T5Config.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        if self.num_buckets < 4:
-            raise ValueError(f"T5Config.num_buckets must be at least 4, got {self.num_buckets}")
-        if self.tokenizer not in ("sentencepiece", "bytes"):
-            raise ValueError(f"T5Config.tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}")
-        if not 0 <= self.extra_ids <= self.vocab_size:
-            raise ValueError(f"T5Config.extra_ids must be in [0, vocab_size], got {self.extra_ids}")
+        rules = [(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}"),
+                 (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
+                 (self.tokenizer in ("sentencepiece", "bytes"),
+                  f"tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}"),
+                 (0 <= self.extra_ids <= self.vocab_size, f"extra_ids must be in [0, vocab_size], got {self.extra_ids}"),
+                 (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+                 (self.eps > 0, f"eps must be positive, got {self.eps!r}")]
+        rules += [(0 <= getattr(self, name) < self.vocab_size,
+                   f"{name}={getattr(self, name)} is outside [0, {self.vocab_size})")
+                  for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id")]
         for key, scale in self.out_scales.items():
-            if key not in scalable_blocks(self):
-                raise ValueError(f"T5Config.out_scales: no block {key!r} (blocks look like 'encoder.0.attn', "
-                                 "'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', "
-                                 "'decoder.0.ffn')")
-            if not (0 < scale <= 1 and math.frexp(scale)[0] == 0.5):
-                raise ValueError(f"T5Config.out_scales[{key!r}] must be a power of two in (0, 1], "
-                                 f"got {scale}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"T5Config.dropout must be in [0, 1), got {self.dropout}")
-        if not self.eps > 0:
-            raise ValueError(f"T5Config.eps must be positive, got {self.eps!r}")
-        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-            value = getattr(self, name)
-            if not 0 <= value < self.vocab_size:
-                raise ValueError(f"T5Config.{name}={value} is outside [0, {self.vocab_size})")
+            rules += [(key in scalable_blocks(self), f"out_scales: no block {key!r} (blocks look like "
+                       "'encoder.0.attn', 'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', "
+                       "'decoder.0.ffn')"),
+                      (0 < scale <= 1 and math.frexp(scale)[0] == 0.5,
+                       f"out_scales[{key!r}] must be a power of two in (0, 1], got {scale}")]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(f"T5Config.{message}")
 
     def unscale(self, block: str) -> float:
         """What a block's output is multiplied by when it joins the residual stream: 1 / its scale."""
@@ -319,38 +315,6 @@ class RelativePositionBias(nn.Module):
         return rearrange(F.embedding(buckets, self.table(layer)), "q k h -> h q k")
 
 
-class LayerBiases:
-    """What each layer's self-attention adds to its scores, made when the layer asks for it. SDPA:
-    an additive mask (b|1, h, q, k), made once for a shared table (T5), per layer for UMT5 (one
-    alive at a time). Flex: a `FlexBias` (block mask built once per stack, score_mod per layer)."""
-
-    def __init__(self, position_bias: RelativePositionBias, query_positions: Tensor, key_positions: Tensor,
-                 attend: Tensor | None, batch: int, dtype: torch.dtype, kind: Literal["sdpa", "flex"],
-                 cached: bool = False) -> None:
-        self.position_bias, self.attend, self.dtype, self.kind = position_bias, attend, dtype, kind
-        self.query_positions = query_positions if cached else None
-        self.block_mask = None
-        if kind == "flex":
-            if attend is not None:
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                queries, keys = len(query_positions), len(key_positions)
-                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
-                self.block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries,
-                                                    keys, device=attend.device)
-        else:
-            self.buckets = position_bias.buckets(query_positions, key_positions)
-        self.shared = None if position_bias.layers > 1 else self._make(0)
-
-    def _make(self, layer: int) -> Tensor | FlexBias:
-        if self.kind == "flex":
-            return FlexBias(self.position_bias.score_mod(layer, self.query_positions), self.block_mask)
-        return attention_bias(self.position_bias(self.buckets, layer), self.attend, self.dtype)
-
-    def __getitem__(self, layer: int) -> Tensor | FlexBias:
-        return self.shared if self.shared is not None else self._make(layer)
-
-
 # ======== Static KV cache =======================================================================
 
 class KVCache(NamedTuple):
@@ -510,10 +474,6 @@ class GegluFFN(nn.Module):
         return self.wo(self.dropout(hidden))
 
 
-def make_ffn(config: T5Config) -> ReluFFN | GegluFFN:
-    return ReluFFN(config) if config.ffn == "relu" else GegluFFN(config)
-
-
 # ======== Layers ================================================================================
 
 class EncoderLayer(nn.Module):
@@ -522,7 +482,7 @@ class EncoderLayer(nn.Module):
         self.attn_norm = RMSNorm(config.d_model, config.eps)
         self.attn = EncoderSelfAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
-        self.ffn = make_ffn(config)
+        self.ffn = (ReluFFN if config.ffn == "relu" else GegluFFN)(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
         # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
         self.unscale = {block: config.unscale(f"encoder.{index}.{block}") for block in ("attn", "ffn")}
@@ -541,7 +501,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn_norm = RMSNorm(config.d_model, config.eps)
         self.cross_attn = CrossAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.eps)
-        self.ffn = make_ffn(config)
+        self.ffn = (ReluFFN if config.ffn == "relu" else GegluFFN)(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
         self.index = index  # where this layer's keys/values live in the KV cache
         # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
@@ -586,10 +546,29 @@ class Stack(nn.Module):
         return self.embedding.weight.dtype
 
     def biases(self, query_positions: Tensor, key_positions: Tensor, attend: Tensor | None, batch: int,
-               cached: bool = False) -> LayerBiases:
-        """The self-attention biases of every layer, for this stack's kernel."""
-        return LayerBiases(self.position_bias, query_positions, key_positions, attend, batch,
-                           self.compute_dtype, self.attention, cached)
+               cached: bool = False) -> Iterator[Tensor | FlexBias]:
+        """What each layer's self-attention adds to its scores, in layer order, made as the layers
+        ask. SDPA: an additive mask (b|1, h, q, k), made once for a shared table (T5), per layer for
+        UMT5 (one alive at a time). Flex: a `FlexBias`, its block mask built once for the stack."""
+        table = self.position_bias
+        if self.attention == "flex":
+            block_mask = None
+            if attend is not None:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                queries, keys = len(query_positions), len(key_positions)
+                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
+                block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
+                                               device=attend.device)
+            for layer in range(len(self.layers)):
+                yield FlexBias(table.score_mod(layer, query_positions if cached else None), block_mask)
+            return
+        buckets, bias = table.buckets(query_positions, key_positions), None
+        for layer in range(len(self.layers)):
+            if bias is None or table.layers > 1:
+                bias = None  # UMT5: the previous layer's mask is freed before the next is made
+                bias = attention_bias(table(buckets, layer), attend, self.compute_dtype)
+            yield bias
 
     def run_layer(self, layer: nn.Module, *args: Tensor | KVCache | None) -> Tensor:
         """layer(*args), or, when the stack trains with checkpoint_layers, recomputed in backward."""
@@ -613,8 +592,8 @@ class T5Encoder(Stack):
         x = self.dropout(self.embedding(input_ids)).float()  # the residual stream is float32
         positions = torch.arange(seq, device=input_ids.device)
         biases = self.biases(positions, positions, attend, batch)
-        for i, layer in enumerate(self.layers):
-            x = self.run_layer(layer, x, biases[i])
+        for layer in self.layers:
+            x = self.run_layer(layer, x, next(biases))
         out = self.dropout(self.final_norm(x))
         if attend is None:
             return out
@@ -681,8 +660,8 @@ class T5Decoder(Stack):
                 & rearrange(cache.attend, "b k -> b 1 k")
         biases = self.biases(positions, keys, attend, batch, cached=cache is not None)
         cross_kvs = [None] * len(self.layers) if memory.kv is None else memory.kv
-        for i, (layer, cross_kv) in enumerate(zip(self.layers, cross_kvs)):
-            x = self.run_layer(layer, x, biases[i], memory.encoded, cross_kv, memory.cross_mask, cache,
+        for layer, cross_kv in zip(self.layers, cross_kvs):
+            x = self.run_layer(layer, x, next(biases), memory.encoded, cross_kv, memory.cross_mask, cache,
                                positions)
         return self.dropout(self.final_norm(x))
 
@@ -970,13 +949,6 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
         position += 1
 
 
-def generated_lengths(tokens: Tensor, eos_token_id: int) -> Tensor:
-    """(b, n) generated tokens -> (b,) count up to and including the first EOS (n if none)."""
-    is_eos = tokens == eos_token_id
-    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, tokens.shape[1])
-    return first
-
-
 def reorder_cache(cache: KVCache, parents: Tensor, written: int) -> None:
     """Beam search: every row continues its parent row's cache. In place, one layer's keys or
     values of the written slots at a time: the extra memory is (rows, h, written, e), never a
@@ -1123,7 +1095,9 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
                                  decoder_mask))
             tokens = torch.stack([token for token, _ in steps], dim=1)
             scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
-            out = Generation(tokens, generated_lengths(tokens, model.config.eos_token_id), scores)
+            is_eos = tokens == model.config.eos_token_id  # a row's length: up to its first EOS, or all
+            lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, tokens.shape[1])
+            out = Generation(tokens, lengths, scores)
     return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
 
 
@@ -1151,13 +1125,12 @@ class Tokenizer:
         """Ids without special tokens -> text; `continues` when text was written before them."""
         raise NotImplementedError
 
-    def _is_special(self, i: int) -> bool:
-        return i in (self.pad_id, self.eos_id, self.unk_id) or self.sentinel_index(i) is not None
-
-    def _has_text(self, i: int) -> bool:
-        """Whether id i is a piece or a sentinel: a model's vocabulary may be larger than its
-        tokenizer's (T5: 32128 logits, 32100 ids), and ids past the tokenizer decode to nothing."""
-        return 0 <= i < self.first_sentinel + 1 - self.extra_ids or self.sentinel_index(i) is not None
+    def _special_text(self, i: int) -> str | None:
+        """How a special token (pad, EOS, unknown, sentinel) is written; None for other ids."""
+        index = self.sentinel_index(i)
+        if index is not None:
+            return f"<extra_id_{index}>"
+        return {self.pad_id: "<pad>", self.eos_id: "</s>", self.unk_id: "<unk>"}.get(i)
 
     def sentinel(self, index: int) -> int:
         """The id of <extra_id_{index}>."""
@@ -1217,22 +1190,16 @@ class Tokenizer:
         """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped, or written as
         <pad>, </s>, <unk>, <extra_id_N> with skip_special_tokens=False."""
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        parts, run = [], []
-        for i in ids:
-            if not self._has_text(i):
-                continue
-            if not self._is_special(i):
-                run.append(i)
-                continue
-            if run:
-                parts.append(self._decode_text(run, continues=bool(parts)))
-                run = []
-            if not skip_special_tokens:
-                index = self.sentinel_index(i)
-                parts.append(f"<extra_id_{index}>" if index is not None else
-                             {self.pad_id: "<pad>", self.eos_id: "</s>", self.unk_id: "<unk>"}[i])
-        if run:
-            parts.append(self._decode_text(run, continues=bool(parts)))
+        # a model's vocabulary may be larger than its tokenizer's (T5: 32128 logits, 32100 ids): ids
+        # past the tokenizer's pieces that are not sentinels decode to nothing
+        pieces = self.first_sentinel + 1 - self.extra_ids
+        ids = [i for i in ids if 0 <= i < pieces or self.sentinel_index(i) is not None]
+        parts: list[str] = []
+        for special, run in itertools.groupby(ids, lambda i: self._special_text(i) is not None):
+            if not special:
+                parts.append(self._decode_text(list(run), continues=bool(parts)))
+            elif not skip_special_tokens:
+                parts += [self._special_text(i) for i in run]
         return "".join(parts)
 
 

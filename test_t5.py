@@ -26,6 +26,7 @@ import bench_t5
 import cli
 import convert_hf
 import t5
+import train
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HERE = Path(__file__).parent
@@ -216,7 +217,7 @@ def test_flex_under_torch_compile_on_cpu() -> None:
     flex encoder runs (flex breaks the graph and runs its own compiled kernel) with the same output."""
     config = dataclasses.replace(tiny_config("t5-v1.1"), num_encoder_layers=1, num_decoder_layers=1)
     model = t5.set_attention(t5.T5(config).eval(), "flex")
-    t5.init_weights(model, torch.Generator().manual_seed(0))
+    train.init_weights(model, torch.Generator().manual_seed(0))
     ids, mask = padded_batch(config.vocab_size, [7, 4], seed=2)
     with pytest.raises(ValueError, match="cannot run inside torch.compile on CPU"):
         t5.generate(model, ids, mask, max_new_tokens=2, compile=True)
@@ -867,7 +868,7 @@ def test_compiled_generate_survives_many_shapes(monkeypatch: pytest.MonkeyPatch)
     t5.compiled_decode_step.cache_clear()
     config = dataclasses.replace(tiny_config("t5-v1.1"), num_encoder_layers=1, num_decoder_layers=1)
     model = t5.T5(config).eval()
-    t5.init_weights(model, torch.Generator().manual_seed(0))
+    train.init_weights(model, torch.Generator().manual_seed(0))
     # (batch, source length, new tokens, beams)
     shapes = [(2, 5, 4, 1), (1, 7, 6, 1), (3, 1, 3, 1), (1, 1, 5, 1), (2, 9, 4, 2), (1, 6, 3, 3), (4, 12, 5, 1),
               (2, 4, 6, 4), (5, 8, 2, 1), (1, 13, 7, 2), (3, 17, 4, 3), (6, 3, 3, 1), (2, 1, 4, 2), (7, 10, 3, 1),
@@ -953,7 +954,7 @@ def test_generate_returns_ordinary_tensors(gen_family: Family) -> None:
     for out in (t5.generate(model, ids, mask, max_new_tokens=4), t5.generate(model, ids, mask, max_new_tokens=4, num_beams=2)):
         assert not any(tensor.is_inference() for tensor in out)
         labels = out.tokens
-        loss = model(ids, t5.shift_right(labels, model.config), input_mask=mask, labels=labels).loss
+        loss = model(ids, train.shift_right(labels, model.config), input_mask=mask, labels=labels).loss
         loss.backward()
     assert not any(token.is_inference() for token in t5.stream(model, ids, mask, max_new_tokens=3))
 
@@ -1112,15 +1113,15 @@ def test_tokenizer_errors(spiece_folder: Path, tmp_path: Path) -> None:
 
 def test_demo_model_spells_held_out_numbers() -> None:
     """The model shipped in demo/ spells at least 95% of the 200 held-out numbers exactly."""
-    import train_demo
+    import train
 
     model = t5.load(HERE / "demo")
     tokenizer = t5.load_tokenizer(HERE / "demo", model.config)
-    numbers = train_demo.held_out()
+    numbers = train.held_out()
     assert len(numbers) == 200
-    accuracy = train_demo.evaluate(model, tokenizer, numbers)
+    accuracy = train.evaluate(model, tokenizer, numbers)
     assert accuracy >= 0.95, accuracy
-    assert train_demo.spell(4071) == "four thousand seventy-one" and train_demo.spell(90_019) == "ninety thousand nineteen"
+    assert train.spell(4071) == "four thousand seventy-one" and train.spell(90_019) == "ninety thousand nineteen"
 
 
 def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.CompletedProcess:
@@ -1695,14 +1696,14 @@ def test_bench_quiet_and_noisy_flag() -> None:
 
 def test_demo_spells_small_numbers_and_train_demo_keeps_demo(tmp_path: Path) -> None:
     result = run_cli("generate", *[f"spell: {n}" for n in range(21)])
-    assert result.stdout.splitlines() == [__import__("train_demo").spell(n) for n in range(21)]
-    import train_demo
+    assert result.stdout.splitlines() == [__import__("train").spell(n) for n in range(21)]
+    import train
 
     out = tmp_path / "kept"
     out.mkdir()
-    assert train_demo.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
+    assert train.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
     assert list(out.iterdir()) == []
-    default = next(a for a in train_demo.parser()._actions if a.dest == "out").default
+    default = next(a for a in train.parser()._actions if a.dest == "out").default
     assert default.resolve() != (HERE / "demo").resolve()
 
 
@@ -2072,7 +2073,7 @@ def random_model(name: str, seed: int = 0, **overrides: object) -> t5.T5:
 
     config = dataclasses.replace(tiny_config(name), **overrides)
     model = t5.T5(config)
-    t5.init_weights(model, torch.Generator().manual_seed(seed))
+    train.init_weights(model, torch.Generator().manual_seed(seed))
     return model
 
 
@@ -2084,7 +2085,7 @@ def test_loss_matches_hf_and_shift_right(family: Family) -> None:
     labels = labels.masked_fill(label_mask == 0, -100)
     with torch.no_grad():
         ref = family.hf.cpu()(input_ids=ids, attention_mask=mask, labels=labels)
-        decoder_ids = t5.shift_right(labels, ours.config)
+        decoder_ids = train.shift_right(labels, ours.config)
         out = ours(ids, decoder_ids, input_mask=mask, labels=labels)
     assert torch.equal(decoder_ids, family.hf._shift_right(labels))
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
@@ -2101,20 +2102,20 @@ def test_packed_batch_equals_unpacked(name: str) -> None:
     targets = [torch.randint(3, config.vocab_size, (n,), generator=g) for n in (3, 6, 2)]
     packed_ids = torch.cat(sources)[None]
     packed_labels = torch.cat(targets)[None]
-    packed_decoder = torch.cat([t5.shift_right(t[None], config)[0] for t in targets])[None]
+    packed_decoder = torch.cat([train.shift_right(t[None], config)[0] for t in targets])[None]
     input_segments = torch.cat([torch.full((len(s),), i + 1) for i, s in enumerate(sources)])[None]
     target_segments = torch.cat([torch.full((len(t),), i + 1) for i, t in enumerate(targets)])[None]
-    input_mask, decoder_mask, cross_mask = t5.packing_masks(input_segments, target_segments)
+    input_mask, decoder_mask, cross_mask = train.packing_masks(input_segments, target_segments)
     # one padded slot at the end of each side: packing pads too, and padding must not leak
     pad = lambda x, value: torch.nn.functional.pad(x, (0, 1), value=value)
-    input_mask, decoder_mask, cross_mask = t5.packing_masks(pad(input_segments, 0), pad(target_segments, 0))
+    input_mask, decoder_mask, cross_mask = train.packing_masks(pad(input_segments, 0), pad(target_segments, 0))
     with torch.no_grad():
         packed = model(pad(packed_ids, 0), pad(packed_decoder, 0), input_mask=input_mask, decoder_mask=decoder_mask,
                        cross_mask=cross_mask, labels=pad(packed_labels, -100))
         ids, mask = torch.nn.utils.rnn.pad_sequence(sources, batch_first=True), \
             torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in sources], batch_first=True)
         labels = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=-100)
-        unpacked = model(ids, t5.shift_right(labels, config), input_mask=mask, labels=labels)
+        unpacked = model(ids, train.shift_right(labels, config), input_mask=mask, labels=labels)
     start = 0
     for row, target in enumerate(targets):
         n = len(target)
@@ -2129,7 +2130,7 @@ def test_init_weights_stds(scale_qk: bool) -> None:
     config = t5.T5Config(vocab_size=512, d_model=96, d_kv=24, d_ff=160, num_heads=5, num_encoder_layers=2,
                          num_decoder_layers=2, ffn="gated-gelu", scale_qk=scale_qk, bias_per_layer=True)
     model = t5.T5(config)
-    t5.init_weights(model, torch.Generator().manual_seed(0))
+    train.init_weights(model, torch.Generator().manual_seed(0))
     d, e, i, f = 96, 24, 120, 160
     q = d**-0.5 if scale_qk else (d * e) ** -0.5
     expected = {"position_bias.embedding.weight": d**-0.5, "embedding.weight": 1.0, "attn.out.weight": i**-0.5,
@@ -2147,7 +2148,7 @@ def test_init_weights_stds(scale_qk: bool) -> None:
             torch.testing.assert_close(param.std().item(), std, rtol=tolerance, atol=0, msg=name)
             assert abs(param.mean().item()) < 3 * std / param.numel() ** 0.5 + 1e-6, name
     again = t5.T5(config)
-    t5.init_weights(again, torch.Generator().manual_seed(0))
+    train.init_weights(again, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
@@ -2156,7 +2157,7 @@ def test_dropout_and_gradient_checkpointing() -> None:
     model = random_model("t5-v1.1", dropout=0.3)
     ids, mask = padded_batch(model.config.vocab_size, [9, 6], seed=16)
     labels = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(17))
-    decoder_ids = t5.shift_right(labels, model.config)
+    decoder_ids = train.shift_right(labels, model.config)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids, decoder_ids, mask).logits, model(ids, decoder_ids, mask).logits)
@@ -2193,12 +2194,12 @@ def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -
         ids, mask = padded_batch(vocab, [9, 5, 7], seed=step)
         labels, label_mask = padded_batch(vocab, [4, 6, 3], seed=100 + step)
         labels = labels.masked_fill(label_mask == 0, -100)
-        loss = ours(ids, t5.shift_right(labels, ours.config), input_mask=mask, labels=labels).loss
+        loss = ours(ids, train.shift_right(labels, ours.config), input_mask=mask, labels=labels).loss
         hf_loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
         assert abs(loss.item() - hf_loss.item()) < 1e-5, (step, loss.item(), hf_loss.item())
         loss.backward()
         hf_loss.backward()
-        t5.sum_embedding_grads(ours)
+        train.sum_embedding_grads(ours)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
@@ -2255,14 +2256,14 @@ def test_training_reduces_loss() -> None:
                          num_decoder_layers=2, ffn="gated-gelu", scale_qk=True, extra_ids=0, num_buckets=16,
                          max_distance=16)
     model = t5.T5(config)
-    t5.init_weights(model, torch.Generator().manual_seed(0))
+    train.init_weights(model, torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(800):
         ids = torch.randint(3, 24, (32, 8), generator=g)
         labels = ids.flip(1)
-        loss = model(ids, t5.shift_right(labels, config), labels=labels).loss
+        loss = model(ids, train.shift_right(labels, config), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -2285,7 +2286,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     fully_shard(model)
     ids, labels = _fsdp_batch(model.config)
     half = slice(rank * 2, rank * 2 + 2)
-    loss = model(ids[half], t5.shift_right(labels[half], model.config), labels=labels[half]).loss
+    loss = model(ids[half], train.shift_right(labels[half], model.config), labels=labels[half]).loss
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
@@ -2319,7 +2320,7 @@ def test_fsdp2_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.Monke
     sharded = torch.load(out)
     model = random_model("t5-v1.1", dropout=0.0).train()
     ids, labels = _fsdp_batch(model.config)
-    loss = model(ids, t5.shift_right(labels, model.config), labels=labels).loss
+    loss = model(ids, train.shift_right(labels, model.config), labels=labels).loss
     loss.backward()
     torch.testing.assert_close(sharded["loss"], loss.detach(), atol=1e-5, rtol=0)
     for name, param in model.named_parameters():
@@ -2426,7 +2427,7 @@ def test_half_precision_greedy_matches_float32(gen_family: Family, dtype: torch.
     tolerance = 0.01 if dtype == torch.float16 else 0.04
     width = min(reference.shape[1], half.shape[1])
     with torch.no_grad():
-        logits = model(ids, t5.shift_right(reference, model.config), input_mask=mask).logits
+        logits = model(ids, train.shift_right(reference, model.config), input_mask=mask).logits
     diverged = 0
     for row in range(4):
         differ = (reference[row, :width] != half[row, :width]).nonzero()
