@@ -118,6 +118,7 @@ class Models(NamedTuple):
     hf: dict[str, torch.nn.Module]  # attention implementation -> model
     hf_dir: Path
     config: t5.T5Config
+    int8: t5.T5 | None  # ours with int8 linear weights (t5.quantize), computing in bfloat16
 
 
 def untie_as_on_the_hub(folder: Path) -> None:
@@ -137,8 +138,9 @@ def untie_as_on_the_hub(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def build_models(name: str, root: Path, device: str, dtype: torch.dtype) -> Models:
-    """A seeded random model at `name`'s shapes: saved as the hub ships it, converted, loaded both ways."""
+def build_models(name: str, root: Path, device: str, dtype: torch.dtype, int8: bool = False) -> Models:
+    """A seeded random model at `name`'s shapes: saved as the hub ships it, converted, loaded both ways
+    (and, with int8, ours again in bfloat16 with int8 linear weights)."""
     import transformers
 
     fields = dict(SHAPES[name])
@@ -154,7 +156,8 @@ def build_models(name: str, root: Path, device: str, dtype: torch.dtype) -> Mode
     ours = t5.load(root / f"{name}-ours", device=device, dtype=dtype)
     hf = {impl: transformers.T5ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation=impl, dtype=dtype)
           .to(device).eval() for impl in ("eager", "sdpa")}
-    return Models(ours, hf, hf_dir, ours.config)
+    quantized = t5.quantize(t5.load(root / f"{name}-ours", device=device, dtype=torch.bfloat16)) if int8 else None
+    return Models(ours, hf, hf_dir, ours.config, quantized)
 
 
 ########################################################################################
@@ -183,6 +186,8 @@ def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argpars
     mask = torch.ones_like(ids)
     encoder = models.ours.encoder
     fns: dict[str, Callable[[], object]] = {"t5.py eager": lambda: encoder(ids, mask)}
+    if models.int8 is not None:
+        fns["t5.py int8 eager"] = lambda: models.int8.encoder(ids, mask)
     if not args.no_compile:
         compiled = torch.compile(encoder, fullgraph=True, dynamic=False)
         log(f"  compiling the encoder for {batch}x{seq} ...")
@@ -203,8 +208,11 @@ def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argpars
 ########################################################################################
 
 
+CT2_TYPES = {"float32": "CTranslate2 fp32", "int8": "CTranslate2 int8", "int8_float32": "CTranslate2 int8_float32"}
+
+
 def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
-    """Time CTranslate2 float32 on CPU (runs in its own process: see `ctranslate2_timing`).
+    """Time CTranslate2 on CPU in each of CT2_TYPES (runs in its own process: see `ctranslate2_timing`).
 
     The model is converted in memory from the Hugging Face one, with a stand-in vocabulary that
     names tokens by id, so no tokenizer is needed."""
@@ -233,32 +241,35 @@ def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repe
         def _load(self) -> object:
             return T5Loader()(hf, Vocabulary())
 
+    source = [[vocab[i] for i in row] for row in ids]
     with tempfile.TemporaryDirectory() as tmp:
         InMemory().convert(tmp, force=True)
-        translator = ctranslate2.Translator(tmp, device="cpu", compute_type="float32",
-                                            intra_threads=torch.get_num_threads())
-        source = [[vocab[i] for i in row] for row in ids]
-        run = lambda: translator.translate_batch(source, beam_size=1, max_decoding_length=new_tokens,
-                                                 min_decoding_length=new_tokens)
-        times = round_robin({"CTranslate2 fp32": run}, repeats, "cpu")["CTranslate2 fp32"]
-    out.write_text(json.dumps(times._asdict()))
+        runs = {}
+        for compute_type, label in CT2_TYPES.items():  # each converts the float32 weights as it loads them
+            translator = ctranslate2.Translator(tmp, device="cpu", compute_type=compute_type,
+                                                intra_threads=torch.get_num_threads())
+            runs[label] = (lambda t=translator: t.translate_batch(source, beam_size=1, max_decoding_length=new_tokens,
+                                                                  min_decoding_length=new_tokens))
+        times = round_robin(runs, repeats, "cpu")
+    out.write_text(json.dumps({label: timing._asdict() for label, timing in times.items()}))
 
 
-def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> Timing | None:
+def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
     """CTranslate2 in a child process, timed after the PyTorch implementations: its idle worker
     threads keep spinning, and in the same process (or interleaved) they halve everyone's speed.
-    None when ctranslate2 is not installed."""
+    Empty when ctranslate2 is not installed."""
     import importlib.util
     import subprocess
 
     if importlib.util.find_spec("ctranslate2") is None:
-        return None
+        return {}
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "job.json"
         spec.write_text(json.dumps({"hf_dir": str(models.hf_dir), "ids": ids.tolist(), "new_tokens": new_tokens,
                                     "repeats": repeats, "out": str(Path(tmp) / "times.json")}))
         subprocess.run([sys.executable, __file__, "--ctranslate2-worker", str(spec)], check=True)
-        return Timing(**json.loads((Path(tmp) / "times.json").read_text()))
+        times = json.loads((Path(tmp) / "times.json").read_text())
+        return {f"{label} (own process, after)": Timing(**timing) for label, timing in times.items()}
 
 
 def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespace) -> list[str]:
@@ -266,13 +277,14 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     ids = torch.randint(3, models.config.vocab_size, (batch, args.input_tokens), device=args.device)
     mask = torch.ones_like(ids)
     ours = models.ours
-    fns: dict[str, Callable[[], object]] = {
-        "t5.py eager": lambda: t5.generate(ours, ids, mask, max_new_tokens=new, min_new_tokens=new)}
-    if not args.no_compile:
-        log("  compiling the decode step ...")
-        t5.generate(ours, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
-        fns["t5.py compiled step"] = lambda: t5.generate(ours, ids, mask, max_new_tokens=new, min_new_tokens=new,
-                                                         compile=True)
+    fns: dict[str, Callable[[], object]] = {}
+    for label, model in [("t5.py", ours)] + ([("t5.py int8", models.int8)] if models.int8 is not None else []):
+        fns[f"{label} eager"] = (lambda m=model: t5.generate(m, ids, mask, max_new_tokens=new, min_new_tokens=new))
+        if not args.no_compile:
+            log(f"  compiling the decode step ({label}) ...")
+            t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
+            fns[f"{label} compiled step"] = (lambda m=model: t5.generate(m, ids, mask, max_new_tokens=new,
+                                                                         min_new_tokens=new, compile=True))
     for impl, hf in models.hf.items():
         fns[f"HF {impl}"] = (lambda hf=hf: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                                        max_new_tokens=new, min_new_tokens=new))
@@ -282,9 +294,7 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     with torch.inference_mode():
         times = round_robin(fns, args.repeats, args.device)
     if args.device == "cpu" and ours.lm_head.weight.dtype == torch.float32 and not args.no_ctranslate2:
-        ct2 = ctranslate2_timing(models, ids, new, args.repeats)
-        if ct2 is not None:
-            times["CTranslate2 fp32 (own process, after)"] = ct2
+        times.update(ctranslate2_timing(models, ids, new, args.repeats))
     hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
     rows = []
     for impl, t in times.items():
@@ -500,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
+    parser.add_argument("--no-int8", action="store_true", help="skip the rows of our int8 model (t5.quantize, "
+                        "computing in bfloat16)")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
                         "only, 3 repeats, no compile, no CTranslate2: about 45 s on 2 idle cores")
     parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 table: resident memory while encoding, "
@@ -545,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
         args.models, args.repeats, args.no_compile, args.no_ctranslate2 = "t5-v1_1-small", 3, True, True
+        args.no_int8 = True
         args.batches, encoder_shapes = "1", [(8, 128)]
     else:
         encoder_shapes = [(1, 512), (8, 128)]
@@ -565,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         for name in args.models.split(","):
             log(f"building {name} ...")
-            models = build_models(name, root, args.device, dtype)
+            models = build_models(name, root, args.device, dtype, int8=not args.no_int8)
             if "encoder" in sections:
                 for batch, seq in encoder_shapes:
                     log(f"encoder {name} {batch}x{seq}")

@@ -18,7 +18,7 @@ made of (several = concatenated, that is where the projections are fused); --to-
 back through the same tables. Tensors are read one at a time and streamed into the output, so
 converting t5-11b does not need 45 GB of RAM. fp8 weights (float8_e4m3fn, with or without
 per-weight scales) stay fp8, with a float32 scale per output row (--weights float8_e4m3fn makes
-them from any source).
+them from any source); --weights int8 stores linear weights in int8 with a bfloat16 scale per row.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unu
 from einops import rearrange
 from torch import Tensor, nn
 
-from t5 import DTYPES, SENTINEL, T5, T5Config, T5Encoder, dequantize_weight, scalable_blocks
+from t5 import DTYPES, SENTINEL, T5, T5Config, T5Encoder, dequantize_weight, quantize_int8, scalable_blocks
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -79,12 +79,14 @@ CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a fil
     "Le renard brun rapide saute par-dessus le chien paresseux. Der schnelle braune Fuchs. El zorro marrón.",
     "<extra_id_0> walks in <extra_id_1> park. The <extra_id_2> was sunny and the children <extra_id_3>.",
 ]
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.int8: "I8"}
 TORCH_DTYPES = {**{name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}, "F64": torch.float64,
                 "F8_E5M2": torch.float8_e5m2}  # a safetensors header's dtype names
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-WEIGHTS = ("dense", "float8_e4m3fn")  # how linear weights are stored (--weights)
+WEIGHTS = {"dense": None, "float8_e4m3fn": (FP8, torch.float32), "int8": (torch.int8, torch.bfloat16)}  # --weights:
+# how linear weights are stored: (weight dtype, dtype of its per-row scale), None for as --dtype says
 # Tensors of fp8 files made for diffusion tools (ComfyUI's "scaled fp8"): X.scale_weight scales
 # X.weight (a scalar, or one value per output row); scaled_fp8 is an empty marker tensor. Some also
 # carry X.scale_input: the scale an fp8 matmul kernel divides the activations by before casting them
@@ -295,14 +297,15 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (weight / rearrange(scale, "o -> o 1")).to(FP8), scale
 
 
-def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, fp8: bool = False
+def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, stored: torch.dtype | None = None
           ) -> tuple[Tensor, Tensor | None]:
     """Make one of our tensors from its Source; fusion (concatenation) happens here only. Returns
-    (tensor, None), or (fp8 weight, float32 row scale) when fp8 is asked for. fp8 parts with their
-    scales are concatenated as they are (no second rounding); anything else is computed in float32.
+    (tensor, None), or (fp8 or int8 weight, its row scale) when `stored` is FP8 or int8. fp8 parts with
+    their scales are concatenated as they are (no second rounding); anything else is computed in float32.
     The result is always a new tensor: the encoder's and decoder's embeddings, both made from
     shared.weight, must not share memory (that would tie them again)."""
     parts = [read_part(tensors, key) for key in source.keys]
+    fp8 = stored == FP8
     if fp8 and all(scale is not None for _, scale in parts):
         weight = torch.cat([part for part, _ in parts], dim=source.dim)
         return weight.clone() if len(parts) == 1 else weight, torch.cat([scale for _, scale in parts]) * source.scale
@@ -312,6 +315,8 @@ def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | No
         tensor = tensor.float() * source.scale
     if fp8:
         return quantize_rows(tensor)
+    if stored == torch.int8:
+        return quantize_int8(tensor)
     return tensor.to(dtype or exact[0].dtype, memory_format=torch.contiguous_format, copy=True), None
 
 
@@ -352,7 +357,7 @@ def build_all(plan: Mapping[str, Source], tensors: Mapping[str, Tensor], dtype: 
     for name, (shape, stored) in specs.items():
         if name.endswith(".weight_scale"):
             continue  # yielded right after its weight
-        tensor, scale = build(plan[name], tensors, dtype, fp8=stored == FP8)
+        tensor, scale = build(plan[name], tensors, dtype, stored)
         if tensor.shape != shape:
             raise ConversionError(f"{name}: made a {tuple(tensor.shape)} tensor from {plan[name].keys}, "
                                   f"the config needs {tuple(shape)}")
@@ -371,13 +376,13 @@ def expected_shapes(config: T5Config, encoder_only: bool) -> dict[str, torch.Siz
 
 def output_specs(config: T5Config, encoder_only: bool, dtype: torch.dtype, weights: str
                  ) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Every tensor of our file with its shape and dtype: fp8 linear weights are each followed by
-    a float32 `weight_scale` of one value per output row."""
+    """Every tensor of our file with its shape and dtype: fp8 and int8 linear weights are each
+    followed by a `weight_scale` of one value per output row (float32 for fp8, bfloat16 for int8)."""
     specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
     for name, shape in expected_shapes(config, encoder_only).items():
-        if weights == "float8_e4m3fn" and is_linear(name):
-            specs[name] = (shape, FP8)
-            specs[name + "_scale"] = (torch.Size([shape[0]]), torch.float32)
+        if WEIGHTS[weights] is not None and is_linear(name):
+            specs[name] = (shape, WEIGHTS[weights][0])
+            specs[name + "_scale"] = (torch.Size([shape[0]]), WEIGHTS[weights][1])
         else:
             specs[name] = (shape, dtype)
     return specs
@@ -943,8 +948,8 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     """Convert SRC (see `open_checkpoint`) into OUT. Everything is written into a temporary folder
     beside OUT and renamed into place at the end: a failure leaves OUT as it was.
     dtype: of everything but fp8 weights (default: the embedding's; bfloat16 for an fp8 source).
-    weights: "dense", or "float8_e4m3fn" (linear weights in fp8 with a float32 scale per row;
-    the default when the source's weights are fp8).
+    weights: "dense", "float8_e4m3fn" (linear weights in fp8 with a float32 scale per row; the
+    default when the source's weights are fp8) or "int8" (weight-only int8, a bfloat16 scale per row).
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
     check_out(out, force, Path(src))
@@ -957,7 +962,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     source_fp8 = tensors.dtype(plan["encoder.layers.0.attn.qkv.weight"].keys[0]) == FP8
     weights = weights or ("float8_e4m3fn" if source_fp8 else "dense")
     if weights not in WEIGHTS:
-        raise ConversionError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+        raise ConversionError(f"--weights must be one of {tuple(WEIGHTS)}, got {weights!r}")
     if dtype is None and stored == torch.float16 and calibrate_texts is None:
         # v1.1 / Flan XL and XXL overflow float16 without calibration (t5xxl_fp16 files are common)
         dtype = torch.bfloat16
@@ -967,7 +972,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     if dtype not in DTYPES.values():
         raise ConversionError(f"cannot compute in {dtype}; use --dtype float32, bfloat16 or float16")
     if calibrate_texts is not None and weights != "dense":
-        raise ConversionError("--calibrate is for float16 weights; it does not combine with fp8 weights")
+        raise ConversionError(f"--calibrate is for float16 weights; it does not combine with --weights {weights}")
     specs = output_specs(config, encoder_only, dtype, weights)
     # the tensors made from the shared embedding first, one after the other: it is held only that long
     made_from_embedding = {name for name, source in plan.items() if embedding in source.keys}
@@ -1180,8 +1185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights (fp8 checkpoints: all but the fp8 "
                         "weights; with --to-hf: all) in this dtype (default: as the checkpoint; bfloat16 for an fp8 "
                         "source)")
-    parser.add_argument("--weights", choices=WEIGHTS, help="float8_e4m3fn: linear weights in fp8 with a float32 scale "
-                        "per row, embeddings and norms in --dtype (default: fp8 when the source's are, else dense)")
+    parser.add_argument("--weights", choices=tuple(WEIGHTS), help="float8_e4m3fn: linear weights in fp8 with a float32 "
+                        "scale per row; int8: weight-only int8 with a bfloat16 scale per row (symmetric); embeddings "
+                        "and norms in --dtype (default: fp8 when the source's are, else dense)")
     parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion "
                         "models) (default: everything the source has)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists and holds only what this tool "

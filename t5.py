@@ -1267,13 +1267,13 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
                             "this checkpoint)")
 
 
-# ======== Loading and saving (fp8 weights included) =============================================
+# ======== Loading and saving (fp8 and int8 weights included) ====================================
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
 
 
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """An fp8 weight (o, i) with its float32 per-row scale (o,) -> the weight in `dtype`. The
+    """An fp8 or int8 weight (o, i) with its per-row scale (o,) -> the weight in `dtype`. The
     product is taken in float32 and rounded to `dtype` once: rounding the scale to bfloat16 first
     would round twice, and a small scale could underflow float16 (rows of zeros)."""
     return weight.float().mul_(rearrange(scale.float(), "o -> o 1")).to(dtype)
@@ -1282,14 +1282,16 @@ def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tens
 class Float8Linear(nn.Module):
     """A linear layer whose weight stays in float8_e4m3fn, with a float32 scale per output row; each
     call dequantizes it to the input's dtype, so it computes what `dequantize` would. `load` puts one
-    in place of each nn.Linear whose checkpoint weight has a `weight_scale`."""
+    in place of each nn.Linear whose checkpoint weight is fp8 and has a `weight_scale`."""
+
+    weight_dtype, scale_dtype = torch.float8_e4m3fn, torch.float32
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=self.weight_dtype),
                                    requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.ones(out_features), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=self.scale_dtype), requires_grad=False)
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
@@ -1298,8 +1300,48 @@ class Float8Linear(nn.Module):
         return F.linear(x, self.dense_weight(x.dtype))
 
 
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A weight (o, i) -> (int8 weight, bfloat16 scale (o,)), symmetric per output row: the row's
+    largest magnitude maps to 127 (clamped there when rounding the scale to bfloat16 lowered it).
+    bfloat16 scales are what the CPU int8 kernel takes; `dequantize_weight` uses the same values."""
+    weight = weight.float()
+    scale = (weight.abs().amax(dim=1) / 127).bfloat16()
+    scale = torch.where(scale > 0, scale, 1.0)  # an all-zero row stays zero
+    int8 = (weight / rearrange(scale.float(), "o -> o 1")).round().clamp(-127, 127).to(torch.int8)
+    return int8, scale
+
+
+class Int8Linear(Float8Linear):
+    """Weight-only int8: the weight in int8 with a bfloat16 scale per output row (`quantize_int8`).
+    On CPU with bfloat16 inputs one int8 kernel multiplies without a dequantized copy of the
+    weight; otherwise each call dequantizes it to the input's dtype, as Float8Linear does."""
+
+    weight_dtype, scale_dtype = torch.int8, torch.bfloat16
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            return super().forward(x)
+        rows = rearrange(x, "... i -> (...) i")
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def quantize(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear (lm_head included) by an Int8Linear of its weight; embeddings and
+    norms stay as they are, and the model computes in their dtype. In place; returns the model."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            with torch.device("meta"):
+                layer = Int8Linear(module.in_features, module.out_features)
+            weight, scale = quantize_int8(module.weight.detach())
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+            model.set_submodule(name, layer)
+    return model
+
+
 def dequantize(model: nn.Module) -> nn.Module:
-    """Replace every Float8Linear by an nn.Linear holding its dequantized weight, in the dtype of
+    """Replace every Float8Linear (and Int8Linear) by an nn.Linear holding its dequantized weight, in the dtype of
     the model's embeddings (the dtype it computes in). In place; returns the model."""
     dtype = next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight.dtype
     for name, module in list(model.named_modules()):
@@ -1315,7 +1357,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     """Load a folder written by `convert_hf.py` (config.json + model.safetensors), built on the meta
     device and assigned the tensors read (nothing allocated twice); a missing or unexpected tensor
     is an error naming it. encoder_only=True reads only the encoder's tensors and returns a
-    `T5Encoder`. fp8 weights stay fp8 (`Float8Linear`); `dtype` applies to the rest."""
+    `T5Encoder`. fp8 and int8 weights stay so (`Float8Linear`, `Int8Linear`); `dtype` applies to the rest."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -1336,14 +1378,15 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     with weights as f:
         present = set(f.keys())
         modules = dict(model.named_modules())
-        for key in sorted(present):  # fp8 weights: their layers become Float8Linear
+        for key in sorted(present):  # fp8 and int8 weights: their layers become Float8Linear, Int8Linear
             if key.endswith(".weight_scale") and key.startswith(prefix):
                 name = key[len(prefix):-len(".weight_scale")]
                 linear = modules.get(name)
                 if not isinstance(linear, nn.Linear):
                     raise ValueError(f"{path}: unexpected tensor {key} (no linear layer {name})")
+                quantized = Int8Linear if f.get_slice(key[:-len("_scale")]).get_dtype() == "I8" else Float8Linear
                 with torch.device("meta"):
-                    model.set_submodule(name, Float8Linear(linear.in_features, linear.out_features))
+                    model.set_submodule(name, quantized(linear.in_features, linear.out_features))
         wanted = {prefix + key: tensor for key, tensor in model.state_dict().items()}
         missing = sorted(set(wanted) - present)
         if missing:
@@ -1358,7 +1401,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             if tensor.shape != expected.shape:
                 raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says "
                                  f"{tuple(expected.shape)}")
-            keep = expected.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale")  # fp8, scales
+            keep = expected.dtype in (torch.float8_e4m3fn, torch.int8) or key.endswith(".weight_scale")
             state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
     model.load_state_dict(state, assign=True, strict=True)  # assign keeps Float8Linear's requires_grad=False
     return set_attention(model, attention).eval()
