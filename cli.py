@@ -111,9 +111,10 @@ def _has_decoder(ckpt: Path) -> bool:
         raise CommandLineError(f"{ckpt / 'model.safetensors'}: not a readable safetensors file ({error})") from None
 
 
-def _load(ckpt: Path, device: str | None, dtype: str | None, *, encoder_only: bool = False
+def _load(ckpt: Path, device: str | None, dtype: str | None, weights: str | None = None, *, encoder_only: bool = False
           ) -> tuple[t5.T5 | t5.T5Encoder, t5.Tokenizer]:
-    """The model and tokenizer of --ckpt; `t5.load` checks the files (its errors are one line)."""
+    """The model and tokenizer of --ckpt, its linear weights made int8 when asked (--weights int8);
+    `t5.load` checks the files (its errors are one line)."""
     if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
         raise CommandLineError(f"--ckpt {ckpt}: no converted checkpoint there (config.json and model.safetensors); "
                                "convert one with convert_hf.py")
@@ -125,7 +126,7 @@ def _load(ckpt: Path, device: str | None, dtype: str | None, *, encoder_only: bo
         if not encoder_only and not _has_decoder(ckpt):
             raise CommandLineError(f"--ckpt {ckpt} holds only an encoder: it can `encode`, not `generate`") from None
         raise
-    return model, tokenizer
+    return (t5.quantize(model) if weights == "int8" else model), tokenizer
 
 
 def _sampling(args: argparse.Namespace) -> tuple[t5.GenerationOptions, torch.Generator | None]:
@@ -179,7 +180,7 @@ def _check_batching(batch_size: int, max_input_tokens: int | None, max_length: i
 def cli_generate(args: argparse.Namespace) -> None:
     options, generator = _sampling(args)
     _check_batching(args.batch_size, args.max_input_tokens)
-    model, tokenizer = _load(Path(args.ckpt), args.device, args.dtype)
+    model, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, args.weights)
     device = model.lm_head.weight.device
     start, count, done = time.perf_counter(), 0, 0
     for texts in _prompt_batches(args.prompts, args.batch_size):
@@ -223,7 +224,7 @@ def cli_encode(args: argparse.Namespace) -> None:
 
     _check_out(args.out, args.force)
     _check_batching(args.batch_size, args.max_input_tokens, args.max_length, args.no_mask)
-    encoder, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, encoder_only=True)
+    encoder, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, args.weights, encoder_only=True)
     device = encoder.embedding.weight.device
     batches, done = [], 0
     with torch.inference_mode():
@@ -279,6 +280,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", default=str(DEMO), help="a folder written by convert_hf.py (default: the demo model)")
         p.add_argument("--dtype", choices=sorted(t5.DTYPES), help="compute in this dtype (default: as stored in --ckpt)")
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        p.add_argument("--weights", choices=["int8"], help="int8: make the linear weights int8 after loading "
+                       "(t5.quantize; on CPU fastest with --dtype bfloat16) (default: as stored in --ckpt)")
         p.add_argument("--batch-size", type=int, default=16, help="prompts run together (default: 16)")
         p.add_argument("--max-input-tokens", type=int, help="truncate prompts to this many tokens, EOS kept last "
                        f"(default: no limit; prompts over {LONG_INPUT} tokens get a warning)")

@@ -1117,7 +1117,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
         def read(name: str, dtype: torch.dtype) -> Tensor:
             """One of our tensors as transformers computes with it, in `dtype`."""
             tensor = f.get_tensor(name)
-            if tensor.dtype == FP8:
+            if name + "_scale" in f.keys():  # an fp8 or int8 weight and its row scales
                 tensor = dequantize_weight(tensor, f.get_tensor(name + "_scale"), compute)
             if name not in rescale:
                 return tensor.to(dtype)

@@ -93,7 +93,8 @@ class T5Config:
                  (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
                  (self.tokenizer in ("sentencepiece", "bytes"),
                   f"tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}"),
-                 (0 <= self.extra_ids <= self.vocab_size, f"extra_ids must be in [0, vocab_size], got {self.extra_ids}"),
+                 (0 <= self.extra_ids <= self.vocab_size,
+                  f"extra_ids must be in [0, vocab_size], got {self.extra_ids}"),
                  (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
                  (self.eps > 0, f"eps must be positive, got {self.eps!r}")]
         rules += [(0 <= getattr(self, name) < self.vocab_size,
@@ -1291,7 +1292,8 @@ class Float8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=self.weight_dtype),
                                    requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=self.scale_dtype), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=self.scale_dtype),
+                                         requires_grad=False)
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
@@ -1314,12 +1316,13 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 class Int8Linear(Float8Linear):
     """Weight-only int8: the weight in int8 with a bfloat16 scale per output row (`quantize_int8`).
     On CPU with bfloat16 inputs one int8 kernel multiplies without a dequantized copy of the
-    weight; otherwise each call dequantizes it to the input's dtype, as Float8Linear does."""
+    weight; otherwise each call dequantizes it to the input's dtype, as Float8Linear does. (torch
+    2.13's kernel returns NaN or crashes when in_features is not a multiple of 8: those dequantize.)"""
 
     weight_dtype, scale_dtype = torch.int8, torch.bfloat16
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.in_features % 8:
             return super().forward(x)
         rows = rearrange(x, "... i -> (...) i")
         y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
@@ -1341,8 +1344,8 @@ def quantize(model: nn.Module) -> nn.Module:
 
 
 def dequantize(model: nn.Module) -> nn.Module:
-    """Replace every Float8Linear (and Int8Linear) by an nn.Linear holding its dequantized weight, in the dtype of
-    the model's embeddings (the dtype it computes in). In place; returns the model."""
+    """Replace every Float8Linear and Int8Linear by an nn.Linear holding its dequantized weight, in
+    the dtype of the model's embeddings (the dtype it computes in). In place; returns the model."""
     dtype = next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight.dtype
     for name, module in list(model.named_modules()):
         if isinstance(module, Float8Linear):
@@ -1384,7 +1387,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
                 linear = modules.get(name)
                 if not isinstance(linear, nn.Linear):
                     raise ValueError(f"{path}: unexpected tensor {key} (no linear layer {name})")
-                quantized = Int8Linear if f.get_slice(key[:-len("_scale")]).get_dtype() == "I8" else Float8Linear
+                int8 = f.get_slice(key.removesuffix("_scale")).get_dtype() == "I8"
+                quantized = Int8Linear if int8 else Float8Linear
                 with torch.device("meta"):
                     model.set_submodule(name, quantized(linear.in_features, linear.out_features))
         wanted = {prefix + key: tensor for key, tensor in model.state_dict().items()}
