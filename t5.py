@@ -799,31 +799,28 @@ class GenerationOptions(NamedTuple):
     compile: bool = False  # run the decode step under torch.compile (`compiled_decode_step`)
 
     def check(self) -> GenerationOptions:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
-                             f"got {self.min_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature} "
-                             "(use do_sample=False for greedy)")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be positive (or 0 / None for no limit), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("num_beams", "num_return_sequences"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("beam search is deterministic: do_sample is for sampling (num_beams=1)")
-        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
-            raise ValueError(f"greedy decoding gives one sequence per input: num_return_sequences="
-                             f"{self.num_return_sequences} needs do_sample=True or num_beams >= it")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError(f"num_return_sequences={self.num_return_sequences} beams asked of "
-                             f"num_beams={self.num_beams}")
+        """These options, or a ValueError naming the first rule they break."""
+        beams, n = self.num_beams, self.num_return_sequences
+        rules = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+                 (0 <= self.min_new_tokens <= self.max_new_tokens,
+                  f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
+                 (self.temperature > 0,
+                  f"temperature must be positive, got {self.temperature} (use do_sample=False for greedy)"),
+                 (self.top_k is None or self.top_k >= 0,
+                  f"top_k must be positive (or 0 / None for no limit), got {self.top_k}"),
+                 (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                 (beams >= 1, f"num_beams must be at least 1, got {beams}"),
+                 (n >= 1, f"num_return_sequences must be at least 1, got {n}"),
+                 (self.early_stopping in (True, False, "never"),
+                  f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"),
+                 (beams <= 1 or not self.do_sample, "beam search is deterministic: do_sample is for sampling "
+                  "(num_beams=1)"),
+                 (beams != 1 or self.do_sample or n <= 1, f"greedy decoding gives one sequence per input: "
+                  f"num_return_sequences={n} needs do_sample=True or num_beams >= it"),
+                 (beams <= 1 or n <= beams, f"num_return_sequences={n} beams asked of num_beams={beams}")]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(message)
         return self
 
 
