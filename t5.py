@@ -802,8 +802,8 @@ class GenerationOptions(NamedTuple):
         """These options, or a ValueError naming the first rule they break."""
         beams, n = self.num_beams, self.num_return_sequences
         rules = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
-                 (0 <= self.min_new_tokens <= self.max_new_tokens,
-                  f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
+                 (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, "
+                  f"max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
                  (self.temperature > 0,
                   f"temperature must be positive, got {self.temperature} (use do_sample=False for greedy)"),
                  (self.top_k is None or self.top_k >= 0,
