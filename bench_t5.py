@@ -272,6 +272,62 @@ def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repea
         return {f"{label} (own process, after)": Timing(**timing) for label, timing in times.items()}
 
 
+def nai_t5_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
+    """Time NovelAI's nai-t5 (the founding implementation; `pip install --no-deps nai-t5==1.0.10`),
+    float32 eager on CPU, greedy with its preallocated KV cache, in its own process (as CTranslate2).
+    Its tokens are checked against ours: a peer that decoded something else would not count."""
+    import nai_t5
+    import transformers
+
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    config = nai_t5.to_based_config(hf.config)
+    model = nai_t5.T5(config).eval()
+    model.load_state_dict(nai_t5.hf_to_based_t5_state(hf.state_dict(), config))
+    del hf
+    source = torch.tensor(ids)
+    mask = torch.ones_like(source, dtype=torch.bool)
+
+    def run() -> torch.Tensor:  # its T5.make_bound_forward, written out (1.0.10's reads a config field it lacks)
+        encoding = model.encoder(source, input_mask=mask)
+        cache = model.decoder.get_kv_cache(batch_size=len(source), length=new_tokens, dtype=encoding.dtype)
+        cross_kv = model.decoder.get_cross_kv(encoding)
+        tokens = source.new_full((len(source), 1), config.decoder_start_token_id)
+        for step in range(new_tokens):
+            hidden = model.decoder(input_embeds=model.encoder.vocab_embed(tokens[:, -1:]), encoding=encoding,
+                                   self_past_kv=cache[:, :, :, :, :step + 1],
+                                   cross_kv=cross_kv)
+            tokens = torch.cat([tokens, model.lm_head(hidden)[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+        return tokens[:, 1:]
+
+    with torch.inference_mode():
+        times = round_robin({"nai-t5": run}, repeats, "cpu")["nai-t5"]
+        tokens = run()
+    out.write_text(json.dumps({"time": times._asdict(), "tokens": tokens.tolist()}))
+
+
+def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
+    """nai-t5 in a child process, when it is installed (empty otherwise); its greedy tokens must
+    equal ours (ours forbid EOS until the last step; nai-t5 has no such option, and random weights
+    seldom prefer EOS: a disagreement leaves its row out, with a message)."""
+    import importlib.util
+
+    if importlib.util.find_spec("nai_t5") is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "job.json"
+        spec.write_text(json.dumps({"hf_dir": str(models.hf_dir), "ids": ids.tolist(), "new_tokens": new_tokens,
+                                    "repeats": repeats, "out": str(Path(tmp) / "times.json")}))
+        if subprocess.run([sys.executable, __file__, "--nai-t5-worker", str(spec)]).returncode:
+            log("  nai-t5 failed (its traceback is above): its row is left out")
+            return {}
+        result = json.loads((Path(tmp) / "times.json").read_text())
+    ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
+        log("  nai-t5's greedy tokens differ from ours: its row is left out")
+        return {}
+    return {"nai-t5 fp32 eager (own process, after)": Timing(**result["time"])}
+
+
 def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespace) -> list[str]:
     new = args.new_tokens
     ids = torch.randint(3, models.config.vocab_size, (batch, args.input_tokens), device=args.device)
@@ -295,6 +351,9 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
         times = round_robin(fns, args.repeats, args.device)
     if args.device == "cpu" and ours.lm_head.weight.dtype == torch.float32 and not args.no_ctranslate2:
         times.update(ctranslate2_timing(models, ids, new, args.repeats))
+        config = models.config  # nai-t5 converts v1.1-style checkpoints with as many decoder as encoder layers
+        if config.ffn == "gated-gelu" and config.num_decoder_layers == config.num_encoder_layers:
+            times.update(nai_t5_timing(models, ids, new, args.repeats))
     hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
     rows = []
     for impl, t in times.items():
@@ -518,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
                         "bfloat16 vs fp8 weights, XXL width (takes ~10 GB of disk in a temp folder, a few minutes)")
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--nai-t5-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help="only the activation-memory table: peak extra memory of "
                         "one bfloat16 encoder forward at XXL's attention and FFN widths, ours vs transformers")
     parser.add_argument("--memory-batch", type=int, default=4, help="batch for --memory (default: 4, of 512 tokens)")
@@ -552,6 +612,9 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
         return None
+    if args.nai_t5_worker:
+        job = json.loads(args.nai_t5_worker.read_text())
+        return nai_t5_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.ctranslate2_worker:
         job = json.loads(args.ctranslate2_worker.read_text())
         return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
