@@ -7,13 +7,16 @@ hub ships them, converted with the real command-line path, and compared in float
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -1123,15 +1126,76 @@ def test_demo_model_spells_held_out_numbers() -> None:
     assert train_demo.spell(4071) == "four thousand seventy-one" and train_demo.spell(90_019) == "ninety thousand nineteen"
 
 
-def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in the repository; text in and out, unless an argument or stdin is bytes."""
+def run_cli(*args: str | bytes, stdin: str | bytes | None = None, process: bool = False
+            ) -> subprocess.CompletedProcess:
+    """`cli.py ARGS` run in the repository folder: its return code, stdout and stderr, as text
+    unless an argument or stdin is bytes.
+
+    By default in this process (a new interpreter costs about 4 s of `import torch` here, the
+    command itself a fraction of a second): `cli.main(argv)` with stdin, stdout and stderr swapped
+    for in-memory files encoded as a real run's (UTF-8; surrogateescape on stdout, backslashreplace
+    on stderr; text read back with universal newlines, as subprocess does). Bytes arguments become
+    str as Python makes them of a real argv (`os.fsdecode`). argparse's SystemExit (2 for its
+    errors, 0 for --help) and an uncaught exception (its traceback on stderr, exit 1) become the
+    return code the interpreter would give. Warnings are printed on the captured stderr under a
+    fresh interpreter's filters (pytest would otherwise record them and hide them from the
+    one-line checks). The working folder, the warnings filters and torch's random state are
+    restored afterwards; cli.py changes nothing else global (no thread settings, and --compile,
+    whose cached compiled step would outlive the call, is not run here).
+
+    process=True runs `python cli.py ARGS` for real. What needs a process is run in one:
+      - test_cli_generate_stream_batch_and_stdin, its first call: `python cli.py generate`
+        end to end (process=True), exit status 0;
+      - test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive (its own Popen): SIGINT, a reader
+        that leaves, lines answered while stdin is still open, and the exit status a shell sees
+        (130, 141) through `sys.exit(main())`;
+      - test_cli_is_quiet_without_numpy (its own subprocess): what importing torch prints, with
+        numpy hidden before anything is imported.
+    The converter's own command is run as a process by test_convert_cli_subprocess."""
     text = not isinstance(stdin, bytes) and not any(isinstance(arg, bytes) for arg in args)
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, text=text, input=stdin,
-                          timeout=300)
+    if process:
+        return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, text=text,
+                              input=stdin, timeout=300)
+    argv = [os.fsdecode(arg) for arg in args]
+    data = stdin.encode() if isinstance(stdin, str) else stdin or b""
+    fake_in = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace")
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+             line: str | None = None) -> None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    real_stdin = sys.stdin
+    with contextlib.chdir(HERE), torch.random.fork_rng(devices=[]), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.resetwarnings()  # a fresh interpreter's filters (no -W, no dev mode)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__|cli")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category, append=True)
+        warnings.showwarning = show
+        sys.stdin = fake_in
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+            if not isinstance(exit.code, (int, type(None))):
+                print(exit.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdin = real_stdin
+            out.flush()
+            err.flush()
+    streams = [stream.buffer.getvalue() for stream in (out, err)]
+    if text:
+        streams = [s.decode().replace("\r\n", "\n").replace("\r", "\n") for s in streams]
+    return subprocess.CompletedProcess(["cli.py", *argv], code, *streams)
 
 
 def test_cli_generate_stream_batch_and_stdin() -> None:
-    one = run_cli("generate", "spell: 4071")
+    one = run_cli("generate", "spell: 4071", process=True)
     assert one.returncode == 0, one.stderr
     assert one.stdout == "four thousand seventy-one\n" and "tokens/s" in one.stderr
     many = run_cli("generate", "--num-beams", "2", "--max-new-tokens", "20", stdin="spell: 12\nspell: 300\n")
