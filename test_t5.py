@@ -1723,6 +1723,8 @@ def _readme_fsdp_worker(rank: int, world: int, folder: str, port: int, out: str)
 
 def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's FSDP2 script on two gloo ranks, forked from this process as in
+    test_fsdp2_two_processes_match_one."""
     import socket
 
     import torch.multiprocessing as mp
@@ -1734,7 +1736,7 @@ def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_readme_fsdp_worker, args=(2, str(tmp_path), port, str(out)), nprocs=2, join=True)
+    mp.start_processes(_readme_fsdp_worker, args=(2, str(tmp_path), port, str(out)), nprocs=2, start_method="fork")
     result = torch.load(out)
     assert math.isfinite(result["loss"]) and result["equal"]
 
@@ -2369,8 +2371,8 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    torch.set_num_threads(1)  # first: a forked child must not enter the parent's OpenMP thread team
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     model = random_model("t5-v1.1", dropout=0.0).train()
     for layer in [*model.encoder.layers, *model.decoder.layers]:
         fully_shard(layer)
@@ -2401,13 +2403,15 @@ def _fsdp_batch(config: t5.T5Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_fsdp2_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP2 over two gloo processes on CPU: the mean loss and the gathered gradients equal a
-    single-process run on the whole batch within 1e-5."""
+    single-process run on the whole batch within 1e-5. The ranks are forked from this process (each
+    sets one thread before any work, as DataLoader workers do): spawned ones would import this
+    module, transformers included, again, about 5 to 10 s each."""
     import torch.multiprocessing as mp
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the host name resolves
 
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
     sharded = torch.load(out)
     model = random_model("t5-v1.1", dropout=0.0).train()
     ids, labels = _fsdp_batch(model.config)
