@@ -1142,12 +1142,11 @@ def test_demo_model_spells_held_out_numbers() -> None:
     assert train_demo.spell(4071) == "four thousand seventy-one" and train_demo.spell(90_019) == "ninety thousand nineteen"
 
 
-def run_cli(*args: str | bytes, stdin: str | bytes | None = None, process: bool = False
-            ) -> subprocess.CompletedProcess:
+def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.CompletedProcess:
     """`cli.py ARGS` run in the repository folder: its return code, stdout and stderr, as text
     unless an argument or stdin is bytes.
 
-    By default in this process (a new interpreter costs about 4 s of `import torch` here, the
+    In this process (a new interpreter costs about 4 s of `import torch` here, the
     command itself a fraction of a second): `cli.main(argv)` with stdin, stdout and stderr swapped
     for in-memory files encoded as a real run's (UTF-8; surrogateescape on stdout, backslashreplace
     on stderr; text read back with universal newlines, as subprocess does). Bytes arguments become
@@ -1159,19 +1158,15 @@ def run_cli(*args: str | bytes, stdin: str | bytes | None = None, process: bool 
     restored afterwards; cli.py changes nothing else global (no thread settings, and --compile,
     whose cached compiled step would outlive the call, is not run here).
 
-    process=True runs `python cli.py ARGS` for real. What needs a process is run in one:
-      - test_cli_generate_stream_batch_and_stdin, its first call: `python cli.py generate`
-        end to end (process=True), exit status 0;
-      - test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive (its own Popen): SIGINT, a reader
-        that leaves, lines answered while stdin is still open, and the exit status a shell sees
-        (130, 141) through `sys.exit(main())`;
-      - test_cli_is_quiet_without_numpy (its own subprocess): what importing torch prints, with
-        numpy hidden before anything is imported.
-    The converter's own command is run as a process by test_convert_cli_subprocess."""
+    What needs a process runs in one, without this helper:
+      - test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive: two `python cli.py generate`
+        processes, end to end through stdin and stdout: lines answered while stdin is still open,
+        Ctrl-C (SIGINT), a reader that leaves (a closed pipe), and the exit status a shell sees
+        through `sys.exit(main())` (130, 141);
+      - test_cli_is_quiet_without_numpy: what importing torch prints, numpy hidden before anything
+        is imported; cli.py run as __main__, exit status 0 and its answer on stdout.
+    The converter's command runs as a process in test_convert_cli_subprocess."""
     text = not isinstance(stdin, bytes) and not any(isinstance(arg, bytes) for arg in args)
-    if process:
-        return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, text=text,
-                              input=stdin, timeout=300)
     argv = [os.fsdecode(arg) for arg in args]
     data = stdin.encode() if isinstance(stdin, str) else stdin or b""
     fake_in = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
@@ -1182,15 +1177,16 @@ def run_cli(*args: str | bytes, stdin: str | bytes | None = None, process: bool 
              line: str | None = None) -> None:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
-    real_stdin = sys.stdin
-    with contextlib.chdir(HERE), torch.random.fork_rng(devices=[]), warnings.catch_warnings(), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    real_stdin, cwd = sys.stdin, os.getcwd()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         warnings.resetwarnings()  # a fresh interpreter's filters (no -W, no dev mode)
         warnings.filterwarnings("default", category=DeprecationWarning, module="__main__|cli")
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
             warnings.filterwarnings("ignore", category=category, append=True)
         warnings.showwarning = show
         sys.stdin = fake_in
+        os.chdir(HERE)
         try:
             code = cli.main(argv)
         except SystemExit as exit:
@@ -1201,6 +1197,7 @@ def run_cli(*args: str | bytes, stdin: str | bytes | None = None, process: bool 
             traceback.print_exc()
             code = 1
         finally:
+            os.chdir(cwd)
             sys.stdin = real_stdin
             out.flush()
             err.flush()
@@ -1211,7 +1208,7 @@ def run_cli(*args: str | bytes, stdin: str | bytes | None = None, process: bool 
 
 
 def test_cli_generate_stream_batch_and_stdin() -> None:
-    one = run_cli("generate", "spell: 4071", process=True)
+    one = run_cli("generate", "spell: 4071")
     assert one.returncode == 0, one.stderr
     assert one.stdout == "four thousand seventy-one\n" and "tokens/s" in one.stderr
     many = run_cli("generate", "--num-beams", "2", "--max-new-tokens", "20", stdin="spell: 12\nspell: 300\n")
@@ -1444,27 +1441,30 @@ def test_cli_bad_checkpoints(tmp_path: Path) -> None:
 
 def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     """With --batch-size 1, the answer to a stdin line comes before the next line is written; a
-    reader that goes away (| head) and Ctrl-C end it quietly, without a traceback."""
+    reader that goes away (| head) and Ctrl-C end it quietly, without a traceback. Two real
+    `python cli.py generate` processes (signals, pipes, the exit status a shell sees), started
+    together so that their imports of torch overlap."""
     import signal
 
-    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write("spell: 12\r\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline() == "twelve\n"  # stdin is still open: this batch was answered alone
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    interrupted, left = start(), start()
+    interrupted.stdin.write("spell: 12\r\n")
+    interrupted.stdin.flush()
     lines = "".join(f"spell: {n}\n" for n in range(1, 200))
-    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write(lines)
-    proc.stdin.close()
-    assert proc.stdout.readline() == "one\n"
-    proc.stdout.close()  # the reader leaves, as `head -1` does
-    err = proc.stderr.read()
-    proc.wait(timeout=60)
-    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+    left.stdin.write(lines)
+    left.stdin.close()
+    assert left.stdout.readline() == "one\n"
+    left.stdout.close()  # the reader leaves, as `head -1` does
+    err = left.stderr.read()
+    left.wait(timeout=60)
+    assert left.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert interrupted.stdout.readline() == "twelve\n"  # stdin is still open: this batch was answered alone
+    interrupted.send_signal(signal.SIGINT)
+    _, err = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 130 and "Traceback" not in err and "interrupted" in err
 
 
 def test_cli_stdin_lines_stay_aligned() -> None:
