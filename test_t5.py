@@ -2500,6 +2500,16 @@ def test_training_reduces_loss() -> None:
     assert sum(losses[-20:]) / 20 < 0.1, losses[-20:]
 
 
+def two_ranks(worker: object, *args: object) -> None:
+    """Run worker(rank, 2, *args) in two processes and wait for both. Forked from this process
+    where there is no CUDA (each worker sets one thread before any work, as DataLoader workers
+    do): a spawned rank imports this module, transformers included, again, 5 to 10 s each here.
+    Spawned where CUDA is present: a forked child cannot use the CUDA its parent initialized."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="spawn" if torch.cuda.is_available() else "fork")
+
+
 def _fsdp_batch(config: t5.T5Config) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(18)
     return (torch.randint(3, config.vocab_size, (4, 11), generator=g),
@@ -2512,7 +2522,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)  # first: a forked child must not enter the parent's OpenMP thread team
+    torch.set_num_threads(1)  # first: a forked rank must not enter its parent's OpenMP threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = random_model("t5-v1.1", dropout=0.0).train()
     for layer in [*model.encoder.layers, *model.decoder.layers]:
@@ -2538,15 +2548,11 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 def test_fsdp2_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP2 over two gloo processes on CPU: the mean loss and the gathered gradients equal a
-    single-process run on the whole batch within 1e-5. The ranks are forked from this process (each
-    sets one thread before any work, as DataLoader workers do): spawned ones would import this
-    module, transformers included, again, about 5 to 10 s each."""
-    import torch.multiprocessing as mp
-
+    single-process run on the whole batch within 1e-5."""
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the host name resolves
 
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, start_method="fork")
+    two_ranks(_fsdp_worker, str(tmp_path / "init"), str(out))
     sharded = torch.load(out)
     model = random_model("t5-v1.1", dropout=0.0).train()
     ids, labels = _fsdp_batch(model.config)
@@ -2990,11 +2996,8 @@ def _readme_fsdp_worker(rank: int, world: int, folder: str, port: int, out: str)
 
 def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's FSDP2 script on two gloo ranks, forked from this process as in
-    test_fsdp2_two_processes_match_one."""
+    """The README's FSDP2 script, as written, on two gloo ranks (two_ranks)."""
     import socket
-
-    import torch.multiprocessing as mp
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     saved_tiny_t5(tmp_path / "hf", spiece_folder, feed_forward_proj="gated-gelu", dropout_rate=0.0)
@@ -3003,7 +3006,7 @@ def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "fsdp.pt"
-    mp.start_processes(_readme_fsdp_worker, args=(2, str(tmp_path), port, str(out)), nprocs=2, start_method="fork")
+    two_ranks(_readme_fsdp_worker, str(tmp_path), port, str(out))
     result = torch.load(out)
     assert math.isfinite(result["loss"]) and result["equal"]
 
