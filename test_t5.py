@@ -24,6 +24,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -1964,17 +1965,18 @@ def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.
     """`cli.py ARGS` run in the repository folder: its return code, stdout and stderr, as text
     unless an argument or stdin is bytes.
 
-    In this process (a new interpreter costs about 4 s of `import torch` here, the
-    command itself a fraction of a second): `cli.main(argv)` with stdin, stdout and stderr swapped
-    for in-memory files encoded as a real run's (UTF-8; surrogateescape on stdout, backslashreplace
-    on stderr; text read back with universal newlines, as subprocess does). Bytes arguments become
-    str as Python makes them of a real argv (`os.fsdecode`). argparse's SystemExit (2 for its
-    errors, 0 for --help) and an uncaught exception (its traceback on stderr, exit 1) become the
-    return code the interpreter would give. Warnings are printed on the captured stderr under a
-    fresh interpreter's filters (pytest would otherwise record them and hide them from the
-    one-line checks). The working folder, the warnings filters and torch's random state are
-    restored afterwards; cli.py changes nothing else global (no thread settings, and --compile,
-    whose cached compiled step would outlive the call, is not run here).
+    In this process (a new interpreter costs about 4 s of `import torch` here, the command itself
+    a fraction of a second): `cli.main(argv)` with stdin, stdout and stderr swapped for in-memory
+    files encoded as a real run's (UTF-8; surrogateescape on stdout, backslashreplace on stderr;
+    text read back with universal newlines, as subprocess does). Bytes arguments become str as
+    Python makes them of a real argv (`os.fsdecode`). argparse's SystemExit (2 for its errors, 0
+    for --help) and an uncaught exception (its traceback on stderr, exit 1) become the return code
+    the interpreter would give. Warnings are printed on the captured stderr under a fresh
+    interpreter's filters (pytest would otherwise record them and hide them from the one-line
+    checks). COLUMNS is 80 unless set, as for a real run's piped stdout (argparse wraps --help to
+    the terminal). The working folder, the environment, the warnings filters and torch's random
+    state are restored afterwards; cli.py changes nothing else global (no thread settings, and
+    --compile, whose cached compiled step would outlive the call, is not run here).
 
     What needs a process runs in one, without this helper:
       - test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive: two `python cli.py generate`
@@ -1996,8 +1998,10 @@ def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     real_stdin, cwd = sys.stdin, os.getcwd()
+    # argparse wraps --help to the terminal's width: a real run's stdout is a pipe (80 columns)
+    width = mock.patch.dict(os.environ, {"COLUMNS": os.environ.get("COLUMNS", "80")})
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
+            contextlib.redirect_stderr(err), width:
         warnings.resetwarnings()  # a fresh interpreter's filters (no -W, no dev mode)
         warnings.filterwarnings("default", category=DeprecationWarning, module="__main__|cli")
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
