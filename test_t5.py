@@ -3,19 +3,28 @@ convert_hf.py promise. Runs on CPU, and on CUDA as well when it is available.
 
 Reference checkpoints are tiny random models built from transformers' configs, saved the way the
 hub ships them, converted with the real command-line path, and compared in float32.
+
+One section per subject, in this order: parity with Hugging Face; loading and saving; bad input;
+tokenizers; the converter; decoding; the demo model and the command line; training; half
+precision; diffusion pipelines; the README, the benchmark and t5.py's own numbers. Helpers and
+fixtures sit before their first user; those that several sections share come first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -113,6 +122,35 @@ def padded_batch(vocab: int, lengths: list[int], seed: int = 1, pad: int = 0) ->
 def assert_close_where(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, atol: float) -> None:
     keep = mask.bool()
     torch.testing.assert_close(ours[keep].cpu(), ref[keep].cpu(), atol=atol, rtol=0)
+
+
+def tiny_config(family: str) -> t5.T5Config:
+    """Our config for a family of FAMILIES, without building the Hugging Face model."""
+    config_cls, kwargs, _ = FAMILIES[family]
+    hf_config = config_cls(**kwargs).to_dict()
+    hf_config["model_type"] = {"MT5Config": "mt5", "UMT5Config": "umt5"}.get(config_cls.__name__, "t5")
+    return convert_hf.config_from_hf(hf_config)[0]
+
+
+@pytest.fixture(scope="module")
+def spiece_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentencepiece model trained here, with T5's special pieces (pad 0, EOS 1, unknown 2, no BOS)."""
+    import random
+
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spiece")
+    rng = random.Random(0)
+    syllables = ["ka", "to", "ri", "mo", "ne", "su", "la", "pe", "qu", "ix", "ön", "ça", "東", "京", "😀", "ß"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    words += "hello world the fox".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
+    (folder / "corpus.txt").write_text("\n".join(lines))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=200, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
+        minloglevel=2)
+    return folder
 
 
 ########################################################################################
@@ -277,7 +315,7 @@ def test_padding_invariance(device: str, tmp_path: Path) -> None:
 
 
 ########################################################################################
-# Loading
+# Loading and saving
 ########################################################################################
 
 
@@ -356,6 +394,36 @@ def test_config_roundtrip_and_validation(tmp_path: Path) -> None:
         t5.T5Config(vocab_size=384, eos_token_id=500)
 
 
+def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> None:
+    """t5.save: a model (full or encoder-only) and its tokenizer come back identical from
+    t5.load; other files in the folder stay; a file in the way and a failed write leave things as
+    they were."""
+    model = t5.load(HERE / "demo")
+    tokenizer = t5.load_tokenizer(HERE / "demo")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    t5.save(model, folder, tokenizer)
+    assert (folder / "notes.txt").read_text() == "mine"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the umask's, like any file the user writes
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
+    again = t5.load(folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert t5.load_tokenizer(folder).encode("spell: 4071") == tokenizer.encode("spell: 4071")
+    t5.save(t5.load(HERE / "demo", encoder_only=True), tmp_path / "enc")
+    assert isinstance(t5.load(tmp_path / "enc", encoder_only=True), t5.T5Encoder)
+    with pytest.raises(FileExistsError, match="not a folder"):
+        t5.save(model, folder / "notes.txt")
+    before = (folder / "model.safetensors").read_bytes()
+    broken = t5.load(HERE / "demo")
+    broken.config = None  # saving its config fails after the weights were staged
+    with pytest.raises(AttributeError):
+        t5.save(broken, folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
+
+
 ########################################################################################
 # Bad input
 ########################################################################################
@@ -387,18 +455,167 @@ def test_bad_input_errors(family: Family) -> None:
         model(ids, dec, labels=ids)
 
 
+def test_python_api_mistakes() -> None:
+    tokenizer = t5.load_tokenizer(HERE / "demo")
+    with pytest.raises(ValueError, match="non-empty list of texts"):
+        tokenizer.encode_batch([])
+    with pytest.raises(ValueError, match="non-empty list of texts"):
+        tokenizer.encode_batch("spell: 1")
+    with pytest.raises(ValueError, match="truncation needs max_length"):
+        tokenizer.encode_batch(["x"], truncation=True)
+    model = t5.load(HERE / "demo")
+    ids, mask = tokenizer.encode_batch(["spell: 12"])
+    with pytest.raises(ValueError, match="num_return_sequences=3 beams asked of num_beams=2"):
+        t5.generate(model, ids, mask, max_new_tokens=4, num_beams=2, num_return_sequences=3)
+    # greedy decoding has one answer per input: transformers refuses, and so do we
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
+        t5.generate(model, ids, mask, max_new_tokens=4, num_return_sequences=2)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=8,
+                                                                       num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        hf.generate(ids[:, :5] % 40, max_new_tokens=4, num_return_sequences=2)
+    assert t5.generate(model, ids, mask, max_new_tokens=4, num_return_sequences=2, do_sample=True).tokens.shape[0] == 2
+
+
 ########################################################################################
-# Converter
+# Tokenizers
 ########################################################################################
 
 
-def test_convert_cli_subprocess(family: Family, tmp_path: Path) -> None:
-    """The script runs as a command with the runtime requirements (it never imports transformers)."""
+TOKENIZER_TEXTS = ["hello world", "", "  hello   world  ", "kato rimo <extra_id_0> ne", "<extra_id_0>",
+                   "a<extra_id_1>b", "hello <extra_id_0> world <extra_id_99>", "東京 😀 straße", "\tfox\n dog",
+                   "x  <extra_id_3>  y", "unknown ZZZ ü", "ｆｕｌｌ width ①", "<extra_id_100> is plain text here",
+                   "  ", "\n\n"]
+
+
+def test_sentencepiece_tokenizer_matches_hf(spiece_folder: Path) -> None:
+    """Our ids equal transformers' T5Tokenizer (legacy=False) on sentinels, unicode, the empty
+    string and whitespace runs; sentinels count down from the end of the vocabulary."""
+    hf = transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False)
+    config = t5.T5Config(vocab_size=300)
+    ours = t5.load_tokenizer(spiece_folder, config)
+    assert ours.sentinel(0) == 299 and ours.sentinel(99) == 200
+    assert hf.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [299, 200]
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
+    assert ours.encode("hello", eos=False) == hf("hello", add_special_tokens=False).input_ids
+    ids = ours.encode("hello <extra_id_0> world")
+    assert ours.decode(ids, skip_special_tokens=False) == "hello<extra_id_0> world</s>"
+    batch, mask = ours.encode_batch(["hello world", "", "fox"])
+    assert batch.shape == mask.shape == (3, 3)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert batch[1].tolist() == [1, 0, 0]
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(spiece_folder: Path) -> None:
+    """A model's vocabulary can be larger than its tokenizer's (T5: 32128 logits for 32100 ids),
+    and a sampled model can emit the extra ids: they decode to nothing, as in transformers."""
+    hf = transformers.T5TokenizerFast.from_pretrained(spiece_folder, legacy=False)
+    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=320))
+    ids = ours.encode("hello world", eos=False)
+    mixed = [310, *ids[:1], 300, 319, *ids[1:], 299, 311, 1]
+    for skip in (True, False):
+        assert ours.decode(mixed, skip_special_tokens=skip) == hf.decode(mixed, skip_special_tokens=skip), skip
+    assert ours.decode([305, 306]) == ""
+
+
+def test_byte_tokenizer_matches_hf_except_sentinel_numbering() -> None:
+    """ByT5: bytes offset by 3, as in transformers' ByT5Tokenizer. The one documented difference:
+    we number sentinels down from the end of the vocabulary (<extra_id_0> = 383), as T5's span
+    corruption did in pre-training; ByT5Tokenizer numbers them up from 259."""
+    hf = transformers.ByT5Tokenizer()
+    config = t5.T5Config(vocab_size=384, tokenizer="bytes", extra_ids=125)
+    ours = t5.load_tokenizer(Path("unused"), config)
+    for text in TOKENIZER_TEXTS:
+        if "<extra_id_" in text:  # sentinels: the documented difference, checked below
+            continue
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
+    assert ours.encode("a<extra_id_0>b") == [100, 383, 101, 1]
+    assert hf("a<extra_id_0>b").input_ids == [100, 259, 101, 1]
+    assert ours.decode([100, 383, 101, 1], skip_special_tokens=False) == "a<extra_id_0>b</s>"
+
+
+def test_tokenizer_errors(spiece_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no spiece.model"):
+        t5.load_tokenizer(tmp_path, t5.T5Config())
+    with pytest.raises(ValueError, match="200 pieces \\+ 100 sentinels do not fit"):
+        t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=250))
+    with pytest.raises(ValueError, match="<extra_id_100> does not exist"):
+        t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300)).sentinel(100)
+
+
+def test_encode_batch_equals_t5_tokenizer_fast(spiece_folder: Path, tmp_path: Path) -> None:
+    """padding="max_length", max_length and truncation as transformers' fast tokenizer does them,
+    on mixed lengths, rows longer than max_length included (EOS stays last)."""
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert isinstance(hf, transformers.T5TokenizerFast)
+    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300))
+    texts = ["hello world", "", "kato rimo ne su la pe qu ix hello world the fox <extra_id_0> mo", "fox  the"]
+    for max_length in (1, 3, 8, 40):
+        for padding in ("longest", "max_length"):
+            ids, mask = ours.encode_batch(texts, max_length=max_length, padding=padding, truncation=True)
+            ref = hf(texts, max_length=max_length, padding=padding, truncation=True, return_tensors="pt")
+            assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask), (max_length, padding)
+    # no truncation and a row past max_length: transformers cannot make one tensor; we pad to that row
+    ids, mask = ours.encode_batch(texts, max_length=8, padding="max_length")
+    assert ids.shape[1] == max(len(row) for row in hf(texts).input_ids) > 8
+    assert [row[row != 0].tolist() for row in ids * mask] == [[i for i in row if i] for row in hf(texts).input_ids]
+
+
+SPECIAL_TEXTS = ["hello </s> world", "<pad>x<unk>", "a </s>b", "a</s>b", "hello  </s>  world", " <pad> ", "x <unk>",
+                 "\t</s>\n fox", "</s></s> <pad><extra_id_1> <unk>", "< /s>", "<s>", "<extra_id_05>", "<extra_id_0 >",
+                 "x<extra_id_1> </s> y", "<extra_id_007> hello", "<PAD> </S>"]
+
+
+def test_literal_special_tokens_encode_as_transformers(spiece_folder: Path, tmp_path: Path) -> None:
+    """</s>, <pad>, <unk> written in text are their ids, as transformers' T5TokenizerFast and
+    ByT5Tokenizer give them (ByT5's eat the whitespace around them); "<extra_id_05>" is plain text."""
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert isinstance(fast, transformers.T5TokenizerFast)
+    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300))
+    for text in SPECIAL_TEXTS:
+        assert ours.encode(text) == fast(text).input_ids, text
+    assert ours.encode("a </s>b", eos=False)[-3:-1] == [1, ours.encode("b", eos=False)[0]]
+    byt5 = transformers.ByT5Tokenizer()
+    ours = t5.load_tokenizer(Path("unused"), t5.T5Config(vocab_size=384, tokenizer="bytes", extra_ids=125))
+    for text in SPECIAL_TEXTS:
+        if re.search(r"<extra_id_[1-9]\d*>|<extra_id_0>", text):  # sentinel numbering: the documented difference
+            continue
+        # without EOS: ByT5Tokenizer drops the EOS it appends when the text ends in </s> (with a warning
+        # that this will change); that is not what this test is about
+        assert ours.encode(text, eos=False) == byt5(text, add_special_tokens=False).input_ids, text
+    assert ours.encode("hello </s> world", eos=False) == [107, 104, 111, 111, 114, 1, 122, 114, 117, 111, 103]
+
+
+########################################################################################
+# Converter: hub and transformers 5 folders, single files, fp8, diffusers, --to-hf
+########################################################################################
+
+
+def test_convert_cli_subprocess(family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture) -> None:
+    """The script runs as a command with the runtime requirements (it never imports transformers).
+    For t5-v1.1, `python convert_hf.py SRC OUT` runs as a real process, transformers hidden from
+    it: what only a process shows, the script's entry point and its module-level imports, does not
+    depend on the family, and a process costs about 4 s of `import torch`. The other families run
+    the same argv through its main in this process, transformers unimportable meanwhile, which
+    still fails on an import of transformers on any family's path."""
     out = tmp_path / "out"
-    code = ("import sys, runpy; sys.modules['transformers'] = None; sys.argv = ['convert_hf.py'] + sys.argv[1:]; "
-            "runpy.run_path('convert_hf.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code, str(family.hf_dir), str(out), "--dtype", "bfloat16"],
-                            cwd=HERE, capture_output=True, text=True)
+    argv = [str(family.hf_dir), str(out), "--dtype", "bfloat16"]
+    if family.name == "t5-v1.1":
+        code = ("import sys, runpy; sys.modules['transformers'] = None; sys.argv = ['convert_hf.py'] + sys.argv[1:]; "
+                "runpy.run_path('convert_hf.py', run_name='__main__')")
+        result = subprocess.run([sys.executable, "-c", code, *argv], cwd=HERE, capture_output=True, text=True)
+    else:
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, "transformers", None)
+            status = convert_hf.main(argv)
+        captured = capsys.readouterr()
+        result = subprocess.CompletedProcess(argv, status, captured.out, captured.err)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
     state = load_file(out / "model.safetensors")
@@ -483,6 +700,469 @@ def test_convert_encoder_only(family: Family, tmp_path: Path) -> None:
         torch.testing.assert_close(t5.load(out2, encoder_only=True)(ids, mask), encoder(ids, mask))
 
 
+def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """convert_hf.py's summary line and `cli.py flops` (their mains, in this process) on an
+    encoder-only checkpoint name no decoder."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "enc"), "--encoder-only"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 encoder layers, d_model 32" in out and "decoder" not in out, out
+    assert cli.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
+    out = capsys.readouterr().out
+    assert "encoder forward" in out and "decoder" not in out, out
+    assert cli.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
+    assert "one cached decode step" in capsys.readouterr().out
+
+
+def saved_by_transformers(folder: Path, family: str, form: str) -> Path:
+    """A family's folder as transformers 5 writes it: `fresh` is a new model's save_pretrained
+    (tied, "tie_word_embeddings": true); `resaved` is a hub-style folder loaded and saved again
+    (what every fine-tune produces: own lm_head, config rewritten by transformers 5)."""
+    config_cls, kwargs, _ = FAMILIES[family]
+    model_cls = HF_MODELS[config_cls]
+    if form == "fresh":
+        torch.manual_seed(5)
+        model_cls(config_cls(**kwargs)).save_pretrained(folder)
+    else:
+        hub = build_hf_checkpoint(folder.parent / f"{folder.name}-hub", family, seed=5)
+        model_cls.from_pretrained(hub).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("form", ["fresh", "resaved"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_convert_folders_saved_by_transformers_5(name: str, form: str, tmp_path: Path) -> None:
+    """Every family converts right as save_pretrained writes it today, not only as the hub ships
+    it: transformers 5 never scales mT5's decoder output, whatever tie_word_embeddings says, and
+    a v1.0 config with scale_decoder_outputs still scales. Reference: from_pretrained of the folder."""
+    hf_dir = saved_by_transformers(tmp_path / "hf", name, form)
+    written = json.loads((hf_dir / "config.json").read_text())
+    assert written["tie_word_embeddings"] is True  # what makes this form a trap
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    hf = HF_MODELS[FAMILIES[name][0]].from_pretrained(hf_dir).eval()
+    ours = t5.load(tmp_path / "ours")
+    ids, mask = padded_batch(FAMILIES[name][1]["vocab_size"], [9, 5], seed=4)
+    dec, dec_mask = padded_batch(FAMILIES[name][1]["vocab_size"], [6, 3], seed=5)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        assert_close_where(ours(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits, ref, dec_mask, ATOL)
+
+
+def test_output_scale_rule_per_model_type() -> None:
+    """The rule itself, for the configs the hub and transformers 5 write."""
+    rule = convert_hf.scales_decoder_output
+    assert rule("t5", {"tie_word_embeddings": True}) and not rule("t5", {"tie_word_embeddings": False})
+    assert rule("t5", {}) and not rule("t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False})
+    assert not rule("umt5", {"tie_word_embeddings": True, "scale_decoder_outputs": False})
+    assert not rule("mt5", {"tie_word_embeddings": True}) and not rule("mt5", {"tie_word_embeddings": False})
+
+
+def test_convert_byt5_folder_saved_by_transformers_5_keeps_its_sentinels(tmp_path: Path) -> None:
+    """transformers 5 writes "extra_ids": 0 for ByT5 and keeps the 125 sentinels as added tokens."""
+    hf_dir = saved_by_transformers(tmp_path / "hf", "byt5", "fresh")
+    transformers.ByT5Tokenizer().save_pretrained(hf_dir)
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["extra_ids"] == 0  # what makes it a trap
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    config = t5.T5Config.load(tmp_path / "ours" / "config.json")
+    assert config.tokenizer == "bytes" and config.extra_ids == 125
+    tokenizer = t5.load_tokenizer(tmp_path / "ours")
+    assert tokenizer.encode("a<extra_id_0>b<extra_id_124>") == [100, 383, 101, 259, 1]
+
+
+def saved_tiny_t5(folder: Path, spiece_folder: Path, model_cls: type = transformers.T5ForConditionalGeneration,
+                  config_cls: type = transformers.T5Config, **fields: object) -> torch.nn.Module:
+    """A seeded tiny random transformers model with the 300-id test tokenizer, both saved into
+    `folder` the way transformers 5 saves them (the tokenizer as tokenizer.json, no spiece.model)."""
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**dict(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
+                                           decoder_start_token_id=0), **fields})).eval()
+    model.save_pretrained(folder)
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(folder)
+    return model
+
+
+def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path) -> None:
+    """transformers 5 saves a T5 tokenizer as tokenizer.json alone: the converter writes the
+    equivalent spiece.model, whose ids (and decoded text) equal transformers' on every test text."""
+    hf_dir = tmp_path / "hf"
+    saved_tiny_t5(hf_dir, spiece_folder)
+    assert not (hf_dir / "spiece.model").exists() and (hf_dir / "tokenizer.json").exists()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    assert (tmp_path / "ours" / "spiece.model").is_file()
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ours = t5.load_tokenizer(tmp_path / "ours")
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text) == hf(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
+    # the same pieces, scores and normalizer as the sentencepiece model it came from
+    import sentencepiece
+
+    made = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "ours" / "spiece.model"))
+    original = sentencepiece.SentencePieceProcessor(model_file=str(spiece_folder / "spiece.model"))
+    assert [(made.id_to_piece(i), made.get_score(i)) for i in range(made.get_piece_size())] == \
+        [(original.id_to_piece(i), original.get_score(i)) for i in range(original.get_piece_size())]
+    # --to-hf takes the tokenizer back: transformers reads it and gets the same ids
+    assert convert_hf.main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to-hf"]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert all(back(text).input_ids == hf(text).input_ids for text in TOKENIZER_TEXTS)
+    # a tokenizer.json of another kind is refused by name
+    other = json.loads((hf_dir / "tokenizer.json").read_text())
+    other["model"] = {"type": "BPE", "vocab": {}, "merges": []}
+    with pytest.raises(convert_hf.ConversionError, match="a 'BPE' tokenizer"):
+        convert_hf.sentencepiece_from_tokenizer_json(other)
+
+
+def test_convert_refuses_tokens_added_to_the_tokenizer(spiece_folder: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Tokens added with add_tokens are not in the sentencepiece model t5.py reads: refused by name
+    (they used to be dropped silently). The same folder without them converts."""
+    hf_dir = tmp_path / "hf"
+    saved_tiny_t5(hf_dir, spiece_folder, vocab_size=302)
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "plain")]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer.add_tokens(["<new>", "zzq"]) == 2
+    tokenizer.save_pretrained(hf_dir)
+    capsys.readouterr()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert "2 added token(s) t5.py does not support: '<new>' (id 300), 'zzq' (id 301)" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "ours").exists()
+
+
+SHAPE_FLAGS = {  # what a single file's shapes cannot tell, for the families' non-default values
+    "t5-v1.1": ["--max-distance", "13", "--eps", "1e-5"],
+    "umt5": ["--max-distance", "20"],
+}
+PREFIX = "text_encoders.t5xxl.transformer."  # SD3-style single files
+
+
+def single_file(family: Family, path: Path, *, prefix: str = "", encoder_only: bool = False,
+                extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """The family's weights as diffusion tools ship them: one .safetensors file, transformers' key
+    names (under a prefix), no config.json, beside other models' tensors."""
+    state = load_file(family.hf_dir / "model.safetensors")
+    if encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
+    save_file({prefix + k: v for k, v in state.items()} | (extra or {}), path)
+    return path
+
+
+def test_float16_single_file_defaults_to_bfloat16(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A float16 source (t5xxl_fp16.safetensors) is stored in bfloat16 unless told otherwise: v1.1
+    XL / XXL overflow float16 without calibration. --dtype float16 keeps it, --calibrate too."""
+    state = load_file(build_hf_checkpoint(tmp_path / "hf", "t5-v1.1") / "model.safetensors")
+    src = tmp_path / "t5xxl_fp16.safetensors"
+    save_file({k: v.half() for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}, src)
+    flags = SHAPE_FLAGS["t5-v1.1"]
+    assert convert_hf.main([str(src), str(tmp_path / "default"), *flags]) == 0
+    assert "is float16; storing bfloat16" in capsys.readouterr().err
+    assert load_file(tmp_path / "default" / "model.safetensors")["encoder.embedding.weight"].dtype == torch.bfloat16
+    assert convert_hf.main([str(src), str(tmp_path / "half"), "--dtype", "float16", *flags]) == 0
+    assert "storing bfloat16" not in capsys.readouterr().err
+    assert load_file(tmp_path / "half" / "model.safetensors")["encoder.embedding.weight"].dtype == torch.float16
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    assert t5.T5Config.load(a / "config.json") == t5.T5Config.load(b / "config.json")
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_convert_single_file(family: Family, tmp_path: Path) -> None:
+    """A single file with no config converts to exactly what the folder converts to (the config
+    read off the shapes, the rest from flags); the encoder matches transformers to 1e-5."""
+    src = single_file(family, tmp_path / "t5.safetensors")
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
+    assert_same_checkpoint(tmp_path / "ours", family.ours_dir)
+    encoder = t5.load(tmp_path / "ours", encoder_only=True)
+    ids, mask = padded_batch(family.vocab, [19, 6])
+    with torch.no_grad():
+        assert_close_where(encoder(ids, mask), family.hf.get_encoder()(input_ids=ids, attention_mask=mask)
+                           .last_hidden_state, mask, 1e-5)
+
+
+def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> None:
+    """SD3-style: the encoder under a prefix, next to another model's tensors (ignored)."""
+    other = {"text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}
+    src = single_file(family, tmp_path / "sd3.safetensors", prefix=PREFIX, encoder_only=True, extra=other)
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
+    assert convert_hf.main([str(src), str(tmp_path / "ours2"), "--prefix", PREFIX, *flags]) == 0
+    assert_same_checkpoint(tmp_path / "ours", tmp_path / "ours2")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    reference = load_file(family.ours_dir / "model.safetensors")
+    assert ours.keys() == {k for k in reference if k.startswith("encoder.")}
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def fp8_encoder_file(family: Family, path: Path, *, scaled: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An encoder file as diffusion tools ship fp8 T5s: every linear weight in float8_e4m3fn,
+    cast as it is, or (scaled=True) divided by a per-tensor `scale_weight` with a `scaled_fp8`
+    marker; norms, embeddings and position bias left as they were. Also returns the dequantized
+    transformers state dict: the exact model that file stands for."""
+    state = {k: v for k, v in load_file(family.hf_dir / "model.safetensors").items()
+             if not k.startswith(("decoder.", "lm_head."))}
+    stored, dequantized = {}, {}
+    for key, value in state.items():
+        if value.dim() == 2 and "DenseReluDense" in key or any(f".{p}.weight" in key for p in "qkvo"):
+            scale = value.abs().max() / 448 if scaled else torch.tensor(1.0)
+            stored[key] = (value / scale).to(torch.float8_e4m3fn)
+            if scaled:
+                stored[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            dequantized[key] = stored[key].float() * scale
+        else:
+            stored[key] = dequantized[key] = value
+    if scaled:
+        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(stored, path)
+    return path, dequantized
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, scaled: bool, tmp_path: Path) -> None:
+    src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", scaled=scaled)
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), "--dtype", "float32", *flags]) == 0
+    encoder = t5.load(tmp_path / "ours", encoder_only=True)
+    linears = [m for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
+    assert linears and all(isinstance(m, t5.Float8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    upcast = t5.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
+    assert not any(isinstance(m, t5.Float8Linear) for m in upcast.modules())
+    ids, mask = padded_batch(family.vocab, [19, 6])
+    with torch.no_grad():
+        out = encoder(ids, mask)
+        torch.testing.assert_close(out, upcast(ids, mask), rtol=1e-6, atol=0)
+        # and it is the model the file stands for: transformers with the dequantized weights
+        enc_cls = {"mt5": transformers.MT5EncoderModel, "umt5": transformers.UMT5EncoderModel}.get(
+            family.name, transformers.T5EncoderModel)
+        hf = enc_cls(family.hf.config).eval()
+        hf.load_state_dict(dequantized, strict=False)
+        assert_close_where(out, hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_dequantize_rounds_once_and_never_underflows(dtype: torch.dtype) -> None:
+    """fp8 weight x float32 row scale is rounded to the compute dtype once (the exact float64
+    product, rounded), and rows with tiny scales (std 3e-6) do not become zeros in float16."""
+    torch.manual_seed(0)
+    dense = torch.randn(64, 48) * torch.logspace(-6, 1, 64)[:, None]
+    weight, scale = convert_hf.quantize_rows(dense)
+    exact = (weight.double() * scale.double()[:, None]).to(dtype)
+    got = t5.dequantize_weight(weight, scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, exact)
+    assert (got[:8].float().abs().amax(dim=1) > 0).all()  # the smallest rows survive
+    layer = t5.Float8Linear(48, 64)
+    layer.weight.data, layer.weight_scale.data = weight, scale
+    x = torch.randn(3, 48).to(dtype)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, exact), rtol=0, atol=0)
+
+
+def test_convert_weights_float8_from_a_dense_source(family: Family, tmp_path: Path) -> None:
+    """--weights float8_e4m3fn: per-row scales, embeddings and norms kept in --dtype; the result
+    runs in fp8 and equals its dequantized twin; transformers -> fp8 -> transformers works too."""
+    out = tmp_path / "fp8"
+    assert convert_hf.main([str(family.hf_dir), str(out), "--weights", "float8_e4m3fn", "--dtype", "bfloat16"]) == 0
+    state = load_file(out / "model.safetensors")
+    assert state["encoder.layers.0.attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    assert state["encoder.layers.0.attn.qkv.weight_scale"].shape == (3 * family.hf.config.num_heads * family.hf.config.d_kv,)
+    assert state["encoder.embedding.weight"].dtype == torch.bfloat16
+    model = t5.load(out)
+    ids, mask = padded_batch(family.vocab, [11, 4])
+    dec, dec_mask = padded_batch(family.vocab, [5, 3], seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
+                                   t5.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
+                                   rtol=1e-6, atol=0)
+    assert t5.generate(model, ids, mask, max_new_tokens=3).tokens.shape[0] == 2
+
+
+def test_convert_single_file_beside_other_models_and_input_scales(family: Family, tmp_path: Path) -> None:
+    """T5 keys at the root of a file that also holds other models' tensors: those are ignored. fp8
+    files with per-layer scale_input tensors (activation scales for fp8 kernels) convert, ignoring them."""
+    others = {"clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 3),
+              "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2),
+              "first_stage_model.encoder.conv_in.weight": torch.zeros(2), "logit_scale": torch.zeros(())}
+    src = single_file(family, tmp_path / "all_in_one.safetensors", extra=others)
+    flags = SHAPE_FLAGS.get(family.name, [])
+    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
+    assert_same_checkpoint(tmp_path / "ours", family.ours_dir)
+    path, _ = fp8_encoder_file(family, tmp_path / "fp8.safetensors", scaled=True)
+    assert convert_hf.main([str(path), str(tmp_path / "fp8"), *flags]) == 0
+    state = load_file(path)
+    inputs = {k.replace("scale_weight", "scale_input"): torch.tensor(0.5) for k in state if k.endswith("scale_weight")}
+    assert inputs
+    save_file(state | inputs, tmp_path / "fp8_inputs.safetensors")
+    assert convert_hf.main([str(tmp_path / "fp8_inputs.safetensors"), str(tmp_path / "fp8-inputs"), *flags]) == 0
+    assert_same_checkpoint(tmp_path / "fp8", tmp_path / "fp8-inputs")
+
+
+def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path) -> None:
+    """A diffusers pipeline folder: the T5 encoder in text_encoder_2/, its tokenizer in
+    tokenizer_2/, a CLIP beside them; the root, the encoder folder and --tokenizer all work."""
+    root = tmp_path / "flux"
+    (root / "text_encoder").mkdir(parents=True)
+    (root / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
+    (root / "model_index.json").write_text(json.dumps({"text_encoder": ["transformers", "CLIPTextModel"],
+                                                       "text_encoder_2": ["transformers", "T5EncoderModel"],
+                                                       "tokenizer_2": ["transformers", "T5TokenizerFast"]}))
+    torch.manual_seed(0)
+    hf = transformers.T5EncoderModel(transformers.T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+                                                           num_heads=2, feed_forward_proj="gated-gelu")).eval()
+    hf.save_pretrained(root / "text_encoder_2")
+    transformers.T5TokenizerFast.from_pretrained(spiece_folder, legacy=False).save_pretrained(root / "tokenizer_2")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2")
+    for src, flags in [(root, []), (root / "text_encoder_2", []),
+                       (root / "text_encoder_2", ["--tokenizer", str(spiece_folder / "spiece.model")])]:
+        out = tmp_path / f"ours-{len(flags)}-{src.name}"
+        assert convert_hf.main([str(src), str(out), *flags]) == 0
+        encoder, tokenizer = t5.load(out, encoder_only=True), t5.load_tokenizer(out)
+        texts = ["hello world", "kato rimo <extra_id_0> ne fox"]
+        ids, mask = tokenizer.encode_batch(texts)
+        ref = hf_tokenizer(texts, padding="longest", return_tensors="pt")
+        assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+        with torch.no_grad():
+            assert_close_where(encoder(ids, mask), hf(**ref).last_hidden_state, mask, 1e-5)
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_to_hf_round_trip_is_bit_exact(family: Family, tmp_path: Path) -> None:
+    """transformers -> ours -> transformers gives back every tensor bit for bit (v1.0's folded
+    lm_head scale becomes the tied embedding again), a config transformers loads with no missing
+    or unexpected key, and the same logits."""
+    back = tmp_path / "back"
+    model_type = {"mt5": ["--model-type", "mt5"]}.get(family.name, [])
+    assert convert_hf.main([str(family.ours_dir), str(back), "--to-hf", *model_type]) == 0
+    original, exported = hf_tensors(family.hf_dir), hf_tensors(back)
+    assert original.keys() == exported.keys()
+    for key in original:
+        assert original[key].dtype == exported[key].dtype and torch.equal(original[key], exported[key]), key
+    config = json.loads((back / "config.json").read_text())
+    source = json.loads((family.hf_dir / "config.json").read_text())
+    assert config["model_type"] == source["model_type"] and config["architectures"] == source["architectures"]
+    assert config["feed_forward_proj"] == source["feed_forward_proj"]
+    assert config["tie_word_embeddings"] == (family.name == "t5-v1.0")
+    model_cls = HF_MODELS[FAMILIES[family.name][0]]
+    reloaded, info = model_cls.from_pretrained(back, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"], info
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids, mask = padded_batch(family.vocab, [13, 6], seed=2)
+    dec, dec_mask = padded_batch(family.vocab, [7, 4], seed=3)
+    with torch.no_grad():
+        kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+        assert torch.equal(reloaded.eval()(**kwargs).logits, family.hf(**kwargs).logits)
+
+
+def test_to_hf_encoder_only_and_refusals(family: Family, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    enc = tmp_path / "enc"
+    assert convert_hf.main([str(family.hf_dir), str(enc), "--encoder-only"]) == 0
+    back = tmp_path / "back"
+    assert convert_hf.main([str(enc), str(back), "--to-hf"]) == 0
+    config = json.loads((back / "config.json").read_text())
+    expected = {"umt5": "UMT5EncoderModel"}.get(family.name, "T5EncoderModel")
+    assert config["architectures"] == [expected] and not config["is_encoder_decoder"]
+    enc_cls = getattr(transformers, expected)
+    reloaded, info = enc_cls.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask = padded_batch(family.vocab, [9, 5])
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           family.hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state)
+    # no overwrite without --force; a file is never OUT
+    assert convert_hf.main([str(enc), str(back), "--to-hf"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert convert_hf.main([str(enc), str(enc / "model.safetensors"), "--to-hf", "--force"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "x"), "--to-hf"]) == 2
+    assert "Hugging Face config" in capsys.readouterr().err
+
+
+def test_demo_exports_to_transformers(tmp_path: Path) -> None:
+    """The shipped demo (trained with sum_embedding_grads, so its two tables are equal) exports
+    with --to-hf; it was trained with scale_qk=True, which the export folds into the queries
+    (d_kv**-0.5 = 32**-0.5 is no power of two: float32 rounding, hence 1e-5 of the largest logit),
+    and transformers spells the numbers as we do."""
+    assert convert_hf.main(["--to-hf", str(HERE / "demo"), str(tmp_path / "hf")]) == 0
+    ours, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = tokenizer.encode_batch(["spell: 4071", "spell: 12", "spell: 99999"])
+    with torch.no_grad():
+        logits = ours(ids, ids, input_mask=mask).logits
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits
+        torch.testing.assert_close(logits, ref, atol=1e-5 * float(logits.abs().max()), rtol=0)
+        hf_tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=24)
+    texts = [tokenizer.decode(row) for row in t5.generate(ours, ids, mask, max_new_tokens=24).tokens]
+    assert texts == [tokenizer.decode(row) for row in hf_tokens] == ["four thousand seventy-one", "twelve",
+                                                                     "ninety-nine thousand nine hundred ninety-nine"]
+
+
+def save_ours(model: t5.T5, folder: Path, dtype: torch.dtype) -> Path:
+    """One of our folders (config.json + model.safetensors) from a model, weights in `dtype`."""
+    folder.mkdir()
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    model.config.save(folder / "config.json")
+    return folder
+
+
+def test_to_hf_of_a_calibrated_checkpoint_computes_what_ours_does(tmp_path: Path) -> None:
+    """--dtype float16 --calibrate, then --to-hf: transformers (float32) computes our logits (float32
+    from the same float16 file) to 1e-5 of their range; the scales are not dropped."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    state = load_file(hf_dir / "model.safetensors")
+    state["encoder.block.1.layer.1.DenseReluDense.wo.weight"] *= 3e4
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "fp16"), "--dtype", "float16", "--calibrate"]) == 0
+    assert t5.T5Config.load(tmp_path / "fp16" / "config.json").out_scales
+    assert convert_hf.main([str(tmp_path / "fp16"), str(tmp_path / "back"), "--to-hf"]) == 0
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    ours = t5.load(tmp_path / "fp16", dtype=torch.float32)
+    ids, mask = padded_batch(103, [12, 7], seed=8)
+    dec, dec_mask = padded_batch(103, [5, 3], seed=9)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+        logits = ours(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits
+    assert_close_where(logits, ref, dec_mask, 1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["t5-v1.0", "t5-v1.1"])
+def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Scales on every block (attention V, cross-attention V, FFN up rows: gated and ReLU) export to
+    exactly the tensors of the same model without scales; a value that no longer fits float16 once
+    unscaled is refused by name, and --dtype float32 exports it exactly."""
+    assert convert_hf.main([str(build_hf_checkpoint(tmp_path / "hf", name)), str(tmp_path / "ours")]) == 0
+    model = t5.load(tmp_path / "ours")
+    with torch.no_grad():  # no float16 subnormals once scaled by 1/4: the comparison below is then bit-exact
+        for param in model.parameters():
+            param[param.abs() < 2**-10] = 0
+    plain = save_ours(model, tmp_path / "plain", torch.float16)
+    convert_hf.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
+    scaled = save_ours(model, tmp_path / "scaled", torch.float16)
+    for folder in (plain, scaled):
+        assert convert_hf.main([str(folder), str(tmp_path / f"{folder.name}-hf"), "--to-hf"]) == 0
+    a, b = hf_tensors(tmp_path / "plain-hf"), hf_tensors(tmp_path / "scaled-hf")
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.float16 and torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(load_file(plain / "model.safetensors")["encoder.layers.0.ffn.wi.weight"],
+                           load_file(scaled / "model.safetensors")["encoder.layers.0.ffn.wi.weight"])
+    state = load_file(scaled / "model.safetensors")
+    state["decoder.layers.0.cross_attn.kv.weight"][-1, 0] = 30000.0  # a V row: 120000 once unscaled
+    save_file(state, scaled / "model.safetensors")
+    capsys.readouterr()
+    assert convert_hf.main([str(scaled), str(tmp_path / "over"), "--to-hf"]) == 2
+    err = capsys.readouterr().err
+    assert "decoder.layers.0.cross_attn.kv.weight" in err and "--dtype float32" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "over").exists()
+    assert convert_hf.main([str(scaled), str(tmp_path / "over"), "--to-hf", "--dtype", "float32"]) == 0
+    assert hf_tensors(tmp_path / "over")["decoder.block.0.layer.1.EncDecAttention.v.weight"][-1, 0] == 120000.0
+
+
 @pytest.mark.parametrize("model_type, message", [
     ("longt5", "unsupported architecture 'longt5': LongT5"),
     ("switch_transformers", "unsupported architecture 'switch_transformers'"),
@@ -545,9 +1225,236 @@ def test_convert_refuses_overwrite_and_fails_atomically(family: Family, tmp_path
     assert (out / "config.json").read_text() != "precious" and (out / "model.safetensors").exists()
 
 
+def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"precious checkpoint")
+    assert convert_hf.main([str(family.hf_dir), str(out), "--force"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each bad source is one line naming what is wrong, and an existing OUT is never touched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("precious")
+    state = load_file(family.hf_dir / "model.safetensors")
+    no_bias = tmp_path / "no_bias.safetensors"
+    save_file({k: v for k, v in state.items() if "relative_attention_bias" not in k}, no_bias)
+    not_t5 = tmp_path / "clip.safetensors"
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}, not_t5)
+    two = tmp_path / "two.safetensors"
+    save_file({f"{p}.{k}": v.clone() for p in ("a", "b") for k, v in state.items()}, two)
+    plain = single_file(family, tmp_path / "plain.safetensors")
+    cases = [([str(no_bias)], "these tensors fit no T5: encoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
+             ([str(not_t5)], "no T5 tensors found"),
+             ([str(two)], "several T5 models in one file, under prefixes ['a.', 'b.']; choose one with --prefix"),
+             ([str(plain), "--prefix", "text_encoders.t5xxl."], "no T5 tensors under prefix 'text_encoders.t5xxl.'"),
+             ([str(plain), "--tokenizer", str(tmp_path / "nowhere")], "--tokenizer"),
+             ([str(plain), "--tokenizer", str(tmp_path)], "no spiece.model, tokenizer.json or tokenizer_config.json"),
+             ([str(family.hf_dir / "config.json")], "must be a .safetensors file")]
+    for args, message in cases:
+        assert convert_hf.main([*args, str(out), "--force"]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (message, err)
+        assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "precious"
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_convert_unreadable_weights_are_one_line(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = (family.hf_dir / "model.safetensors").read_bytes()
+    cases = {"truncated": data[:len(data) // 2], "foreign": b"PK\x03\x04 not safetensors at all" * 10}
+    for name, content in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((family.hf_dir / "config.json").read_text())
+        (folder / "model.safetensors").write_bytes(content)
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+        for src in (folder, tmp_path / f"{name}.safetensors"):
+            assert convert_hf.main([str(src), str(tmp_path / "out")]) == 2, src
+            err = capsys.readouterr().err
+            assert "not a readable safetensors file" in err and len(err.splitlines()) == 1, err
+            assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("to_hf", [False, True])
+def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C half-way through writing: "interrupted", exit 130, OUT as it was, no temporary folder."""
+    write = convert_hf.write_safetensors
+
+    def interrupted(path: Path, specs: dict, tensors: object) -> None:
+        def some() -> object:
+            for i, item in enumerate(tensors):
+                if i == 3:
+                    raise KeyboardInterrupt
+                yield item
+        write(path, specs, some())
+
+    monkeypatch.setattr(convert_hf, "write_safetensors", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("precious")
+    src = family.ours_dir if to_hf else family.hf_dir
+    try:
+        code = convert_hf.main([str(src), str(out), "--force", *(["--to-hf"] if to_hf else [])])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C came out of main: a traceback")
+    assert code == 130
+    err = capsys.readouterr().err  # (after the no-tokenizer warning, for a convert)
+    assert err.splitlines()[-1] == "convert_hf.py: interrupted" and "Traceback" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["config.json"]
+    assert (out / "config.json").read_text() == "precious"
+
+
+def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--force never deletes what the tool did not write: a parent folder of checkpoints, a converted
+    folder with the user's notes, the source itself (SRC == OUT or inside OUT, convert and --to-hf)."""
+    import shutil
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(family.ours_dir, checkpoints / "sibling")
+    (checkpoints / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    shutil.copytree(family.ours_dir, mine)
+    (mine / "notes.txt").write_text("mine")
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(family.hf_dir, hf_copy)
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    single_file(family, inside / "t5.safetensors")
+    ours = tmp_path / "ours"
+    shutil.copytree(family.ours_dir, ours)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [([str(family.hf_dir), str(checkpoints), "--force"], "holds what this tool did not write (notes.txt, sibling)"),
+             ([str(family.hf_dir), str(mine), "--force"], "holds what this tool did not write (notes.txt)"),
+             ([str(hf_copy), str(hf_copy), "--force"], "is OUT: writing OUT would destroy the source"),
+             ([str(inside / "t5.safetensors"), str(inside), "--force"], "is inside OUT"),
+             ([str(ours), str(ours), "--force", "--to-hf"], "is OUT: writing OUT would destroy the source"),
+             ([str(ours), str(tmp_path), "--force", "--to-hf"], "is inside OUT"),
+             ([str(family.hf_dir), str(ours)], "exists; pass --force to overwrite it (replaces its config.json, "
+                                                "model.safetensors)")]
+    for args, message in cases:
+        assert convert_hf.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, (args, err)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert convert_hf.main([str(family.hf_dir), str(ours), "--force"]) == 0  # a converted folder is replaced
+
+
+class CountingSafetensors:
+    """safetensors.safe_open that counts the reads of each tensor and the bytes of the tensors read
+    and still alive (peak: what the reader holds at once)."""
+
+    opener: object = None  # the real safe_open
+    reads: dict[str, int] = {}
+    live = peak = 0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._file = type(self).opener(*args, **kwargs)
+
+    @classmethod
+    def track(cls, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        import weakref
+
+        cls.reads[key] = cls.reads.get(key, 0) + 1
+        cls.live += tensor.nbytes
+        cls.peak = max(cls.peak, cls.live)
+        weakref.finalize(tensor, lambda n=tensor.nbytes: setattr(cls, "live", cls.live - n))
+        return tensor
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.track(key, self._file.get_tensor(key))
+
+    def get_slice(self, key: str) -> object:
+        inner, track = self._file.get_slice(key), self.track
+
+        class Slice:
+            get_dtype, get_shape = inner.get_dtype, inner.get_shape
+
+            def __getitem__(self, index: object) -> torch.Tensor:
+                return track(key, inner[index])
+        return Slice()
+
+    def __enter__(self) -> CountingSafetensors:
+        self._file.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._file, name)
+
+
+def test_convert_and_to_hf_read_each_tensor_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert reads no tensor twice (not the shared embedding that makes both embeddings and v1.0's
+    lm_head, not a weight for its dtype); --to-hf reads each tensor once, streaming: it never holds
+    more than two tensors' bytes (the embedding beside lm_head, to tell whether they are tied)."""
+    import safetensors
+    import safetensors.torch
+
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.0")
+    real = safetensors.safe_open
+    monkeypatch.setattr(CountingSafetensors, "opener", real)
+    for module in (safetensors, safetensors.torch):
+        monkeypatch.setattr(module, "safe_open", CountingSafetensors)
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    with real(str(hf_dir / "model.safetensors"), framework="pt") as f:
+        sizes = {key: f.get_tensor(key).nbytes for key in f.keys()}
+    assert CountingSafetensors.reads == {key: 1 for key in sizes}
+    assert CountingSafetensors.peak <= 2 * max(sizes.values()), (CountingSafetensors.peak, max(sizes.values()))
+    for name, value in [("reads", {}), ("live", 0), ("peak", 0)]:
+        monkeypatch.setattr(CountingSafetensors, name, value)
+    assert convert_hf.main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to-hf"]) == 0
+    with real(str(tmp_path / "ours" / "model.safetensors"), framework="pt") as f:
+        sizes = {key: f.get_tensor(key).nbytes for key in f.keys()}
+    assert CountingSafetensors.reads == {key: 1 for key in sizes}
+    assert sum(sizes.values()) > 6 * max(sizes.values())  # so that holding everything would show
+    assert CountingSafetensors.peak <= 2 * max(sizes.values()), (CountingSafetensors.peak, max(sizes.values()))
+
+
+def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """A mistyped local path, a hub id that cannot be fetched, a broken config.json, a tokenizer
+    larger than the model's vocabulary: one line each, exit 2. No tokenizer at all: converted, with
+    a one-line warning naming --tokenizer."""
+    import huggingface_hub
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.\n\nMore lines")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "t5",')
+    too_big = tmp_path / "too_big"
+    saved_tiny_t5(too_big, spiece_folder, vocab_size=250)
+    capsys.readouterr()
+    cases = [(["./chekpoints/x"], "./chekpoints/x: no such folder"),
+             (["path/that/does/not/exist"], "path/that/does/not/exist: no such folder"),
+             (["chekpoints/x"], "chekpoints/x: no such folder, and as a hub id it could not be fetched (OSError: "
+                                "We couldn't connect to 'https://huggingface.co'.)"),
+             ([str(broken)], f"{broken / 'config.json'}: not valid JSON"),
+             ([str(too_big)], "200 pieces + 100 sentinels do not fit the model's vocabulary of 250")]
+    for args, message in cases:
+        assert convert_hf.main([*args, str(tmp_path / "out")]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, (message, err)
+        assert not (tmp_path / "out").exists()
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    capsys.readouterr()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no tokenizer" in err and "--tokenizer" in err and len(err.splitlines()) == 1, err
+    assert t5.load(tmp_path / "out").config.vocab_size == 103
+
+
 ########################################################################################
-# Decoding: static cache, greedy, beams, sampling
+# Decoding: cache, greedy, beams, sampling, FLOPs, compile, custom loops, CUDA graphs
 ########################################################################################
+
 
 GENERATION_FAMILIES = ["t5-v1.0", "t5-v1.1", "umt5", "byt5"]
 
@@ -624,6 +1531,22 @@ def test_beam_search_matches_hf(gen_family: Family, early_stopping: bool | str, 
     torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-3, rtol=1e-5)
 
 
+def test_beam_search_num_return_sequences_matches_hf(gen_family: Family) -> None:
+    """num_beams=4, num_return_sequences=3: the 3 best beams of each input, best first, as HF."""
+    model = t5.load(gen_family.ours_dir)
+    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20], seed=7)
+    with torch.no_grad():
+        ref = gen_family.hf.cpu().generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
+                                           num_beams=4, num_return_sequences=3, output_scores=True,
+                                           return_dict_in_generate=True)
+    out = t5.generate(model, ids, mask, max_new_tokens=16, num_beams=4, num_return_sequences=3)
+    assert out.tokens.shape[0] == 9 and ref.sequences.shape[0] == 9
+    for row in range(9):
+        n = int(out.lengths[row])
+        assert out.tokens[row, :n].tolist() == ref.sequences[row, 1:n + 1].tolist(), row
+    torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-3, rtol=1e-5)
+
+
 def test_generation_stops_rows_at_eos(gen_family: Family) -> None:
     """The EOS-prone models really do stop rows at different steps, so the tests above see it."""
     model = t5.load(gen_family.ours_dir)
@@ -680,6 +1603,25 @@ def test_stream_yields_what_generate_returns(gen_family: Family) -> None:
     assert torch.equal(streamed, t5.generate(model, ids, mask, max_new_tokens=20).tokens)
 
 
+def test_generation_options_once() -> None:
+    """generate and stream take a GenerationOptions or its fields as Hugging Face-named keywords
+    (keywords replace the options' fields); an unknown keyword is named."""
+    model, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
+    ids, mask = tokenizer.encode_batch(["spell: 12", "spell: 300"])
+    by_keywords = t5.generate(model, ids, mask, max_new_tokens=8, num_beams=2)
+    options = t5.GenerationOptions(max_new_tokens=3, num_beams=2)
+    by_options = t5.generate(model, ids, mask, options, max_new_tokens=8)
+    assert torch.equal(by_keywords.tokens, by_options.tokens)
+    with pytest.raises(TypeError, match="max_tokens"):
+        t5.generate(model, ids, mask, max_new_tokens=8, max_tokens=3)
+    with pytest.raises(TypeError, match="beams"):
+        next(t5.stream(model, ids, mask, max_new_tokens=8, beams=3))
+    with pytest.raises(ValueError, match="num_beams must be at least 1"):
+        t5.generate(model, ids, mask, options, num_beams=0)
+    with pytest.raises(ValueError, match="stream does not do beam search"):
+        next(t5.stream(model, ids, mask, options))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_left_padded_decoder_prompts_and_chunked_prefill(gen_family: Family, device: str) -> None:
     """Decoder prompts of different lengths, left-padded in one batch and prefilled in one call,
@@ -707,7 +1649,9 @@ def test_left_padded_decoder_prompts_and_chunked_prefill(gen_family: Family, dev
 
 def peak_bytes(fn: object) -> int:
     """Peak of the bytes allocated (and not yet freed) while fn runs, from the profiler's memory
-    events on CPU, or the CUDA allocator's statistics."""
+    records on CPU (each allocation's bytes, each free's as negative bytes, in time order), or the
+    CUDA allocator's statistics. The raw records, not `prof.events()`: building those per-op events
+    costs about 0.1 ms each, seconds for a few dozen decode steps."""
     if torch.cuda.is_available() and getattr(fn, "device", "cpu") == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -719,9 +1663,10 @@ def peak_bytes(fn: object) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    live = peak = 0  # allocations are counted at the start of the op that made them, frees as "[memory]" events
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    records = [event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for record in sorted(records, key=lambda record: record.start_ns()):
+        live += record.nbytes()
         peak = max(peak, live)
     return peak
 
@@ -768,19 +1713,6 @@ def test_cache_errors(family: Family) -> None:
         t5.generate(model, ids, mask, max_new_tokens=3, do_sample=True, top_p=0.0)
     with pytest.raises(ValueError, match="early_stopping must be"):
         t5.generate(model, ids, mask, max_new_tokens=3, num_beams=2, early_stopping="sometimes")
-
-
-########################################################################################
-# FLOP counter and torch.compile
-########################################################################################
-
-
-def tiny_config(family: str) -> t5.T5Config:
-    """Our config for a family of FAMILIES, without building the Hugging Face model."""
-    config_cls, kwargs, _ = FAMILIES[family]
-    hf_config = config_cls(**kwargs).to_dict()
-    hf_config["model_type"] = {"MT5Config": "mt5", "UMT5Config": "umt5"}.get(config_cls.__name__, "t5")
-    return convert_hf.config_from_hf(hf_config)[0]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -848,11 +1780,6 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
             token = expected.argmax(-1, keepdim=True)
             position += 1
         torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, atol=1e-5, rtol=1e-5)
-
-
-########################################################################################
-# Decoding at scale: compile, reuse, beams, custom loops, CUDA graphs
-########################################################################################
 
 
 def test_compiled_generate_survives_many_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1018,103 +1945,12 @@ def test_decode_step_captures_in_a_cuda_graph() -> None:
 
 
 ########################################################################################
-# Tokenizers
-########################################################################################
-
-TOKENIZER_TEXTS = ["hello world", "", "  hello   world  ", "kato rimo <extra_id_0> ne", "<extra_id_0>",
-                   "a<extra_id_1>b", "hello <extra_id_0> world <extra_id_99>", "東京 😀 straße", "\tfox\n dog",
-                   "x  <extra_id_3>  y", "unknown ZZZ ü", "ｆｕｌｌ width ①", "<extra_id_100> is plain text here",
-                   "  ", "\n\n"]
-
-
-@pytest.fixture(scope="module")
-def spiece_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A sentencepiece model trained here, with T5's special pieces (pad 0, EOS 1, unknown 2, no BOS)."""
-    import random
-
-    import sentencepiece
-
-    folder = tmp_path_factory.mktemp("spiece")
-    rng = random.Random(0)
-    syllables = ["ka", "to", "ri", "mo", "ne", "su", "la", "pe", "qu", "ix", "ön", "ça", "東", "京", "😀", "ß"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
-    words += "hello world the fox".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
-    (folder / "corpus.txt").write_text("\n".join(lines))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "spiece"), vocab_size=200, pad_id=0, eos_id=1,
-        unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0,
-        minloglevel=2)
-    return folder
-
-
-def test_sentencepiece_tokenizer_matches_hf(spiece_folder: Path) -> None:
-    """Our ids equal transformers' T5Tokenizer (legacy=False) on sentinels, unicode, the empty
-    string and whitespace runs; sentinels count down from the end of the vocabulary."""
-    hf = transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False)
-    config = t5.T5Config(vocab_size=300)
-    ours = t5.load_tokenizer(spiece_folder, config)
-    assert ours.sentinel(0) == 299 and ours.sentinel(99) == 200
-    assert hf.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [299, 200]
-    for text in TOKENIZER_TEXTS:
-        assert ours.encode(text) == hf(text).input_ids, text
-        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
-    assert ours.encode("hello", eos=False) == hf("hello", add_special_tokens=False).input_ids
-    ids = ours.encode("hello <extra_id_0> world")
-    assert ours.decode(ids, skip_special_tokens=False) == "hello<extra_id_0> world</s>"
-    batch, mask = ours.encode_batch(["hello world", "", "fox"])
-    assert batch.shape == mask.shape == (3, 3)
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
-    assert batch[1].tolist() == [1, 0, 0]
-
-
-def test_ids_past_the_tokenizer_decode_to_nothing(spiece_folder: Path) -> None:
-    """A model's vocabulary can be larger than its tokenizer's (T5: 32128 logits for 32100 ids),
-    and a sampled model can emit the extra ids: they decode to nothing, as in transformers."""
-    hf = transformers.T5TokenizerFast.from_pretrained(spiece_folder, legacy=False)
-    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=320))
-    ids = ours.encode("hello world", eos=False)
-    mixed = [310, *ids[:1], 300, 319, *ids[1:], 299, 311, 1]
-    for skip in (True, False):
-        assert ours.decode(mixed, skip_special_tokens=skip) == hf.decode(mixed, skip_special_tokens=skip), skip
-    assert ours.decode([305, 306]) == ""
-
-
-def test_byte_tokenizer_matches_hf_except_sentinel_numbering() -> None:
-    """ByT5: bytes offset by 3, as in transformers' ByT5Tokenizer. The one documented difference:
-    we number sentinels down from the end of the vocabulary (<extra_id_0> = 383), as T5's span
-    corruption did in pre-training; ByT5Tokenizer numbers them up from 259."""
-    hf = transformers.ByT5Tokenizer()
-    config = t5.T5Config(vocab_size=384, tokenizer="bytes", extra_ids=125)
-    ours = t5.load_tokenizer(Path("unused"), config)
-    for text in TOKENIZER_TEXTS:
-        if "<extra_id_" in text:  # sentinels: the documented difference, checked below
-            continue
-        assert ours.encode(text) == hf(text).input_ids, text
-        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
-    assert ours.encode("a<extra_id_0>b") == [100, 383, 101, 1]
-    assert hf("a<extra_id_0>b").input_ids == [100, 259, 101, 1]
-    assert ours.decode([100, 383, 101, 1], skip_special_tokens=False) == "a<extra_id_0>b</s>"
-
-
-def test_tokenizer_errors(spiece_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no spiece.model"):
-        t5.load_tokenizer(tmp_path, t5.T5Config())
-    with pytest.raises(ValueError, match="200 pieces \\+ 100 sentinels do not fit"):
-        t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=250))
-    with pytest.raises(ValueError, match="<extra_id_100> does not exist"):
-        t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300)).sentinel(100)
-
-
-########################################################################################
-# Demo model and command line
+# The demo model and the command line: cli.py, its mistakes
 ########################################################################################
 
 
 def test_demo_model_spells_held_out_numbers() -> None:
     """The model shipped in demo/ spells at least 95% of the 200 held-out numbers exactly."""
-    import train
-
     model = t5.load(HERE / "demo")
     tokenizer = t5.load_tokenizer(HERE / "demo", model.config)
     numbers = train.held_out()
@@ -1125,10 +1961,89 @@ def test_demo_model_spells_held_out_numbers() -> None:
 
 
 def run_cli(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in the repository; text in and out, unless an argument or stdin is bytes."""
+    """`cli.py ARGS` run in the repository folder: its return code, stdout and stderr, as text
+    unless an argument or stdin is bytes.
+
+    In this process (a new interpreter costs about 4 s of `import torch` here, the command itself
+    a fraction of a second): `cli.main(argv)` with stdin, stdout and stderr swapped for in-memory
+    files encoded as a real run's (UTF-8; surrogateescape on stdout, backslashreplace on stderr;
+    text read back with universal newlines, as subprocess does). Bytes arguments become str as
+    Python makes them of a real argv (`os.fsdecode`). argparse's SystemExit (2 for its errors, 0
+    for --help) and an uncaught exception (its traceback on stderr, exit 1) become the return code
+    the interpreter would give. Warnings are printed on the captured stderr under a fresh
+    interpreter's filters (pytest would otherwise record them and hide them from the one-line
+    checks). COLUMNS is 80 unless set, as for a real run's piped stdout (argparse wraps --help to
+    the terminal). The working folder, the environment, the warnings filters and torch's random
+    state are restored afterwards; cli.py changes nothing else global (no thread settings, and
+    --compile, whose cached compiled step would outlive the call, is not run here).
+
+    What needs a process runs in one, without this helper:
+      - test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive: two `python cli.py generate`
+        processes, end to end through stdin and stdout: lines answered while stdin is still open,
+        Ctrl-C (SIGINT), a reader that leaves (a closed pipe), and the exit status a shell sees
+        through `sys.exit(main())` (130, 141);
+      - test_cli_is_quiet_without_numpy: what importing torch prints, numpy hidden before anything
+        is imported; cli.py run as __main__, exit status 0 and its answer on stdout.
+    The converter's command runs as a process in test_convert_cli_subprocess."""
     text = not isinstance(stdin, bytes) and not any(isinstance(arg, bytes) for arg in args)
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=HERE, capture_output=True, text=text, input=stdin,
-                          timeout=300)
+    argv = [os.fsdecode(arg) for arg in args]
+    data = stdin.encode() if isinstance(stdin, str) else stdin or b""
+    fake_in = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape")
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace")
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+             line: str | None = None) -> None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    real_stdin, cwd = sys.stdin, os.getcwd()
+    # argparse wraps --help to the terminal's width: a real run's stdout is a pipe (80 columns)
+    width = mock.patch.dict(os.environ, {"COLUMNS": os.environ.get("COLUMNS", "80")})
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err), width:
+        warnings.resetwarnings()  # a fresh interpreter's filters (no -W, no dev mode)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__|cli")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category, append=True)
+        warnings.showwarning = show
+        sys.stdin = fake_in
+        os.chdir(HERE)
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+            if not isinstance(exit.code, (int, type(None))):
+                print(exit.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(cwd)
+            sys.stdin = real_stdin
+            out.flush()
+            err.flush()
+    streams = [stream.buffer.getvalue() for stream in (out, err)]
+    if text:
+        streams = [s.decode().replace("\r\n", "\n").replace("\r", "\n") for s in streams]
+    return subprocess.CompletedProcess(["cli.py", *argv], code, *streams)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    err = result.stderr if isinstance(result.stderr, str) else result.stderr.decode()
+    assert result.returncode != 0, err
+    assert message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_demo_spells_small_numbers_and_train_keeps_demo(tmp_path: Path) -> None:
+    result = run_cli("generate", *[f"spell: {n}" for n in range(21)])
+    assert result.stdout.splitlines() == [train.spell(n) for n in range(21)]
+    out = tmp_path / "kept"
+    out.mkdir()
+    assert train.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
+    assert list(out.iterdir()) == []
+    default = next(a for a in train.parser()._actions if a.dest == "out").default
+    assert default.resolve() != (HERE / "demo").resolve()
 
 
 def test_cli_generate_stream_batch_and_stdin() -> None:
@@ -1156,236 +2071,6 @@ def test_cli_encode_and_flops(tmp_path: Path) -> None:
     assert flops.returncode == 0 and "encoder forward (2 x 32)" in flops.stdout
     config = t5.T5Config.load(HERE / "demo" / "config.json")
     assert f"{t5.encoder_flops(config, 2, 32).total / 1e9:12.4f}" in flops.stdout
-
-
-def test_cli_argparse_errors_have_one_error_line() -> None:
-    """argparse's own mistakes (usage, then one error line); the rest are in the table of CLI mistakes."""
-    result = run_cli("generate", "x", "--dtype", "float8")
-    assert result.returncode != 0
-    assert "invalid choice: 'float8'" in result.stderr and "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
-
-
-@pytest.mark.parametrize("command, options", [
-    ("generate", ["--ckpt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--num-beams", "--seed",
-                  "--dtype", "--device", "--compile"]),
-    ("encode", ["--ckpt", "--out", "--dtype", "--device"]),
-    ("flops", ["--ckpt", "--batch", "--src", "--tgt"]),
-])
-def test_cli_help(command: str, options: list[str]) -> None:
-    result = run_cli(command, "--help")
-    assert result.returncode == 0
-    assert all(option in result.stdout for option in options)
-
-
-########################################################################################
-# What a new user meets: folders as transformers 5 saves them, the command line's mistakes
-########################################################################################
-
-
-def saved_by_transformers(folder: Path, family: str, form: str) -> Path:
-    """A family's folder as transformers 5 writes it: `fresh` is a new model's save_pretrained
-    (tied, "tie_word_embeddings": true); `resaved` is a hub-style folder loaded and saved again
-    (what every fine-tune produces: own lm_head, config rewritten by transformers 5)."""
-    config_cls, kwargs, _ = FAMILIES[family]
-    model_cls = HF_MODELS[config_cls]
-    if form == "fresh":
-        torch.manual_seed(5)
-        model_cls(config_cls(**kwargs)).save_pretrained(folder)
-    else:
-        hub = build_hf_checkpoint(folder.parent / f"{folder.name}-hub", family, seed=5)
-        model_cls.from_pretrained(hub).save_pretrained(folder)
-    return folder
-
-
-@pytest.mark.parametrize("form", ["fresh", "resaved"])
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_convert_folders_saved_by_transformers_5(name: str, form: str, tmp_path: Path) -> None:
-    """Every family converts right as save_pretrained writes it today, not only as the hub ships
-    it: transformers 5 never scales mT5's decoder output, whatever tie_word_embeddings says, and
-    a v1.0 config with scale_decoder_outputs still scales. Reference: from_pretrained of the folder."""
-    hf_dir = saved_by_transformers(tmp_path / "hf", name, form)
-    written = json.loads((hf_dir / "config.json").read_text())
-    assert written["tie_word_embeddings"] is True  # what makes this form a trap
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
-    hf = HF_MODELS[FAMILIES[name][0]].from_pretrained(hf_dir).eval()
-    ours = t5.load(tmp_path / "ours")
-    ids, mask = padded_batch(FAMILIES[name][1]["vocab_size"], [9, 5], seed=4)
-    dec, dec_mask = padded_batch(FAMILIES[name][1]["vocab_size"], [6, 3], seed=5)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
-        assert_close_where(ours(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits, ref, dec_mask, ATOL)
-
-
-def test_output_scale_rule_per_model_type() -> None:
-    """The rule itself, for the configs the hub and transformers 5 write."""
-    rule = convert_hf.scales_decoder_output
-    assert rule("t5", {"tie_word_embeddings": True}) and not rule("t5", {"tie_word_embeddings": False})
-    assert rule("t5", {}) and not rule("t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False})
-    assert not rule("umt5", {"tie_word_embeddings": True, "scale_decoder_outputs": False})
-    assert not rule("mt5", {"tie_word_embeddings": True}) and not rule("mt5", {"tie_word_embeddings": False})
-
-
-def saved_tiny_t5(folder: Path, spiece_folder: Path, model_cls: type = transformers.T5ForConditionalGeneration,
-                  config_cls: type = transformers.T5Config, **fields: object) -> torch.nn.Module:
-    """A seeded tiny random transformers model with the 300-id test tokenizer, both saved into
-    `folder` the way transformers 5 saves them (the tokenizer as tokenizer.json, no spiece.model)."""
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**{**dict(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
-                                           decoder_start_token_id=0), **fields})).eval()
-    model.save_pretrained(folder)
-    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(folder)
-    return model
-
-
-def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path) -> None:
-    """transformers 5 saves a T5 tokenizer as tokenizer.json alone: the converter writes the
-    equivalent spiece.model, whose ids (and decoded text) equal transformers' on every test text."""
-    hf_dir = tmp_path / "hf"
-    saved_tiny_t5(hf_dir, spiece_folder)
-    assert not (hf_dir / "spiece.model").exists() and (hf_dir / "tokenizer.json").exists()
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
-    assert (tmp_path / "ours" / "spiece.model").is_file()
-    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    ours = t5.load_tokenizer(tmp_path / "ours")
-    for text in TOKENIZER_TEXTS:
-        assert ours.encode(text) == hf(text).input_ids, text
-        assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
-    # the same pieces, scores and normalizer as the sentencepiece model it came from
-    import sentencepiece
-
-    made = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "ours" / "spiece.model"))
-    original = sentencepiece.SentencePieceProcessor(model_file=str(spiece_folder / "spiece.model"))
-    assert [(made.id_to_piece(i), made.get_score(i)) for i in range(made.get_piece_size())] == \
-        [(original.id_to_piece(i), original.get_score(i)) for i in range(original.get_piece_size())]
-    # --to-hf takes the tokenizer back: transformers reads it and gets the same ids
-    assert convert_hf.main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to-hf"]) == 0
-    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
-    assert all(back(text).input_ids == hf(text).input_ids for text in TOKENIZER_TEXTS)
-    # a tokenizer.json of another kind is refused by name
-    other = json.loads((hf_dir / "tokenizer.json").read_text())
-    other["model"] = {"type": "BPE", "vocab": {}, "merges": []}
-    with pytest.raises(convert_hf.ConversionError, match="a 'BPE' tokenizer"):
-        convert_hf.sentencepiece_from_tokenizer_json(other)
-
-
-def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "model.safetensors"
-    out.write_bytes(b"precious checkpoint")
-    assert convert_hf.main([str(family.hf_dir), str(out), "--force"]) == 2
-    assert "is not a folder" in capsys.readouterr().err
-    assert out.read_bytes() == b"precious checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
-    err = result.stderr if isinstance(result.stderr, str) else result.stderr.decode()
-    assert result.returncode != 0, err
-    assert message in err and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
-
-
-def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> None:
-    """--out problems are reported before the model loads (here --ckpt is bad too, and it is the
-    --out error that comes); an existing file needs --force; the file gets ordinary permissions."""
-    for out, message in [(tmp_path / "missing" / "x.safetensors", "does not exist"), (tmp_path, "is a folder")]:
-        assert_one_line_error(run_cli("encode", "x", "--out", str(out), "--ckpt", "no/such/dir"), message)
-    out = tmp_path / "hidden.safetensors"
-    out.write_bytes(b"keep me")
-    assert_one_line_error(run_cli("encode", "spell: 7", "--out", str(out)), "exists; pass --force")
-    assert out.read_bytes() == b"keep me"
-    result = run_cli("encode", "spell: 7", "--out", str(out), "--force")
-    assert result.returncode == 0, result.stderr
-    assert load_file(out)["hidden"].shape[0] == 1
-    umask = os.umask(0)
-    os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden.safetensors"]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["generate", "x", "--ckpt", "no/such/dir"], "--ckpt no/such/dir: no converted checkpoint there"),
-    (["generate", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "x", "--device", "nope"],
-     "CUDA is not available" if not torch.cuda.is_available() else "unknown device"),
-    (["generate", "x", "--num-beams", "2", "--top-k", "3"], "does not combine"),
-    (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["generate", "x", "--device", "mps"], "--device mps: not a device this machine can run on"),
-    (["generate", "x", "--device", "meta"], "--device meta: not a device this machine can run on"),
-    (["generate", "x", "--num-beams", "0"], "--num-beams must be at least 1"),
-    (["generate", "x", "--num-beams", "-2"], "--num-beams must be at least 1"),
-    (["generate", "x", "--temperature", "0", "--top-k", "3"], "--temperature 0 is greedy decoding"),
-    (["generate", "x", "--temperature", "0", "--top-p", "0.5"], "--temperature 0 is greedy decoding"),
-    (["generate", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
-    (["generate", "x", "--top-k", "0"], "--top-k must be at least 1"),
-    (["generate", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["generate", "x", "--seed", "3"], "--seed only matters when sampling"),
-    (["generate", "x", "--num-beams", "2", "--seed", "3"], "--seed only matters when sampling"),
-    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be in [0, --max-new-tokens=4]"),
-    (["generate", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
-    (["encode", "x", "--out", "unused.safetensors", "--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
-    (["encode", "x", "--out", "unused.safetensors", "--no-mask"], "--no-mask needs --max-length N"),
-    (["flops", "--batch", "0"], "--batch must be at least 1"),
-    (["flops", "--src", "-5"], "--src must be at least 1"),
-    (["flops", "--ckpt", "README.md"], "README.md: not a JSON config"),
-    (["flops", "--ckpt", "demo/model.safetensors"], "demo/model.safetensors: not a JSON config"),
-])
-def test_cli_mistakes_are_one_line(args: list[str], message: str) -> None:
-    assert_one_line_error(run_cli(*args), message)
-
-
-def test_cli_temperature_zero_is_greedy() -> None:
-    assert run_cli("generate", "spell: 4071", "--temperature", "0").stdout == "four thousand seventy-one\n"
-
-
-def test_cli_non_utf8_prompts() -> None:
-    assert_one_line_error(run_cli("generate", b"spell: \xff12"), "prompt 1 is not valid UTF-8")
-    assert_one_line_error(run_cli("generate", stdin=b"spell: 1\nspell: \xff\n"), "line 2 of stdin is not valid UTF-8")
-
-
-def test_cli_bad_checkpoints(tmp_path: Path) -> None:
-    """A corrupt model.safetensors, a transformers folder, an encoder-only folder asked to generate:
-    one line each, naming the file or saying what to do."""
-    import shutil
-
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(HERE / "demo", corrupt)
-    data = (corrupt / "model.safetensors").read_bytes()
-    (corrupt / "model.safetensors").write_bytes(data[:len(data) // 2])
-    assert_one_line_error(run_cli("generate", "x", "--ckpt", str(corrupt)),
-                          f"{corrupt / 'model.safetensors'}: not a readable safetensors file")
-    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
-    assert_one_line_error(run_cli("generate", "x", "--ckpt", str(hf_dir)), "convert its folder first with convert_hf.py")
-    encoder_only = tmp_path / "enc"
-    shutil.copytree(HERE / "demo", encoder_only)
-    state = load_file(encoder_only / "model.safetensors")
-    save_file({k: v for k, v in state.items() if k.startswith("encoder.")}, encoder_only / "model.safetensors")
-    result = run_cli("generate", "x", "--ckpt", str(encoder_only))
-    assert_one_line_error(result, "holds only an encoder: it can `encode`, not `generate`")
-    assert "encoder_only=True" not in result.stderr
-
-
-def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
-    """With --batch-size 1, the answer to a stdin line comes before the next line is written; a
-    reader that goes away (| head) and Ctrl-C end it quietly, without a traceback."""
-    import signal
-
-    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write("spell: 12\r\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline() == "twelve\n"  # stdin is still open: this batch was answered alone
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
-    lines = "".join(f"spell: {n}\n" for n in range(1, 200))
-    proc = subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write(lines)
-    proc.stdin.close()
-    assert proc.stdout.readline() == "one\n"
-    proc.stdout.close()  # the reader leaves, as `head -1` does
-    err = proc.stderr.read()
-    proc.wait(timeout=60)
-    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_cli_stdin_lines_stay_aligned() -> None:
@@ -1426,6 +2111,22 @@ def test_cli_stdin_encode_in_batches_equals_one_batch(tmp_path: Path) -> None:
     torch.testing.assert_close(a["hidden"], b["hidden"], atol=1e-5, rtol=0)  # padding-invariant encoder
 
 
+def test_cli_encode_fixed_length_without_mask(tmp_path: Path) -> None:
+    """`encode --max-length N --no-mask`: the Flux / SD3 call from the command line."""
+    out = tmp_path / "h.safetensors"
+    result = run_cli("encode", "spell: 7", "spell: 98765", "--max-length", "12", "--no-mask", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = load_file(out)
+    tokenizer, encoder = t5.load_tokenizer(HERE / "demo"), t5.load(HERE / "demo", encoder_only=True)
+    ids, mask = tokenizer.encode_batch(["spell: 7", "spell: 98765"], max_length=12, padding="max_length", truncation=True)
+    assert torch.equal(saved["input_ids"], ids) and torch.equal(saved["mask"], mask) and ids.shape == (2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(saved["hidden"], encoder(ids))
+        assert not torch.allclose(saved["hidden"], encoder(ids, mask))  # the mask would have mattered
+    assert_one_line_error(run_cli("encode", "x", "--max-length", "8", "--max-input-tokens", "4", "--out", str(out),
+                                  "--force"), "--max-length already truncates")
+
+
 def test_cli_dtype_defaults_to_the_checkpoint(tmp_path: Path) -> None:
     """A bfloat16 checkpoint runs in bfloat16 unless --dtype says otherwise (no silent upcast)."""
     import shutil
@@ -1442,14 +2143,20 @@ def test_cli_dtype_defaults_to_the_checkpoint(tmp_path: Path) -> None:
     assert load_file(out)["hidden"].dtype == torch.float32
 
 
-def test_cli_is_quiet_without_numpy() -> None:
-    """The minimal requirements have no numpy; torch >= 2.12 then warns at import. The command line
-    says nothing a user did not cause (numpy is hidden from the child process here)."""
-    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['cli.py', 'generate', 'spell: 12']; " \
-           "runpy.run_path('cli.py', run_name='__main__')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
-    assert result.returncode == 0 and result.stdout == "twelve\n", result.stderr
-    assert "NumPy" not in result.stderr and "Warning" not in result.stderr, result.stderr
+def test_cli_temperature_zero_is_greedy() -> None:
+    assert run_cli("generate", "spell: 4071", "--temperature", "0").stdout == "four thousand seventy-one\n"
+
+
+@pytest.mark.parametrize("command, options", [
+    ("generate", ["--ckpt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--num-beams", "--seed",
+                  "--dtype", "--device", "--compile"]),
+    ("encode", ["--ckpt", "--out", "--dtype", "--device"]),
+    ("flops", ["--ckpt", "--batch", "--src", "--tgt"]),
+])
+def test_cli_help(command: str, options: list[str]) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert all(option in result.stdout for option in options)
 
 
 def test_cli_every_option_has_help_with_its_default() -> None:
@@ -1469,602 +2176,142 @@ def test_cli_every_option_has_help_with_its_default() -> None:
     assert "(default: 64)" in text and "(default: 0)" in text
 
 
-def test_generation_options_once() -> None:
-    """generate and stream take a GenerationOptions or its fields as Hugging Face-named keywords
-    (keywords replace the options' fields); an unknown keyword is named."""
-    model, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
-    ids, mask = tokenizer.encode_batch(["spell: 12", "spell: 300"])
-    by_keywords = t5.generate(model, ids, mask, max_new_tokens=8, num_beams=2)
-    options = t5.GenerationOptions(max_new_tokens=3, num_beams=2)
-    by_options = t5.generate(model, ids, mask, options, max_new_tokens=8)
-    assert torch.equal(by_keywords.tokens, by_options.tokens)
-    with pytest.raises(TypeError, match="max_tokens"):
-        t5.generate(model, ids, mask, max_new_tokens=8, max_tokens=3)
-    with pytest.raises(TypeError, match="beams"):
-        next(t5.stream(model, ids, mask, max_new_tokens=8, beams=3))
-    with pytest.raises(ValueError, match="num_beams must be at least 1"):
-        t5.generate(model, ids, mask, options, num_beams=0)
-    with pytest.raises(ValueError, match="stream does not do beam search"):
-        next(t5.stream(model, ids, mask, options))
-
-
-def t5_sections() -> list[tuple[str, int, int]]:
-    """t5.py's sections as (title, first line, last line), from its `# ======== Title ===` banners."""
-    lines = (HERE / "t5.py").read_text().splitlines()
-    starts = [(i + 1, re.match(r"# =+ (.+?) =+$", line)[1]) for i, line in enumerate(lines)
-              if re.match(r"# =+ (.+?) =+$", line)]
-    ends = [start - 1 for start, _ in starts[1:]] + [len(lines)]
-    return [("Header and imports", 1, starts[0][0] - 1)] + [(title, start, end) for (start, title), end in
-                                                           zip(starts, ends)]
-
-
-def test_t5_py_acceptance_numbers() -> None:
-    """Issue 16's acceptance numbers for t5.py, so that they cannot regress: no argparse, at most 5
-    forward references between top-level definitions (uses inside annotations excluded: they are
-    lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
-    with at most 8 parameters written in its signature, and a line count that only goes down (the
-    issue asks for 1,300; this ratchet holds what has been reached). The README's map of sections
-    gives their current line ranges."""
-    import ast
-
-    source = (HERE / "t5.py").read_text()
-    tree = ast.parse(source)
-    defined = {}
-    for index, node in enumerate(tree.body):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined[node.name] = index
-        elif isinstance(node, ast.Assign):
-            defined.update({target.id: index for target in node.targets if isinstance(target, ast.Name)})
-    forward = []
-    for index, node in enumerate(tree.body):
-        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
-            continue
-        in_annotations = {id(name) for sub in ast.walk(node) for field in ("returns", "annotation")
-                          if getattr(sub, field, None) is not None for name in ast.walk(getattr(sub, field))}
-        forward += [(getattr(node, "name", "="), name.id) for name in ast.walk(node)
-                    if isinstance(name, ast.Name) and id(name) not in in_annotations
-                    and defined.get(name.id, -1) > index]
-    assert len(forward) <= 5, forward
-    assert "argparse" not in source
-    lines = source.splitlines()
-    assert len(lines) <= 1500, len(lines)
-    assert sum(len(line) > 110 for line in lines) <= 10
-    generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
-    args = generate.args
-    assert len(args.posonlyargs + args.args + args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg) <= 8
-    readme = (HERE / "README.md").read_text()
-    for title, first, last in t5_sections():
-        assert f"| {title} | {first}-{last} |" in readme, (title, first, last)
-
-
-def test_python_api_mistakes() -> None:
-    tokenizer = t5.load_tokenizer(HERE / "demo")
-    with pytest.raises(ValueError, match="non-empty list of texts"):
-        tokenizer.encode_batch([])
-    with pytest.raises(ValueError, match="non-empty list of texts"):
-        tokenizer.encode_batch("spell: 1")
-    with pytest.raises(ValueError, match="truncation needs max_length"):
-        tokenizer.encode_batch(["x"], truncation=True)
-    model = t5.load(HERE / "demo")
-    ids, mask = tokenizer.encode_batch(["spell: 12"])
-    with pytest.raises(ValueError, match="num_return_sequences=3 beams asked of num_beams=2"):
-        t5.generate(model, ids, mask, max_new_tokens=4, num_beams=2, num_return_sequences=3)
-    # greedy decoding has one answer per input: transformers refuses, and so do we
-    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True"):
-        t5.generate(model, ids, mask, max_new_tokens=4, num_return_sequences=2)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=8,
-                                                                       num_layers=1, num_heads=2))
-    with pytest.raises(ValueError, match="num_return_sequences"):
-        hf.generate(ids[:, :5] % 40, max_new_tokens=4, num_return_sequences=2)
-    assert t5.generate(model, ids, mask, max_new_tokens=4, num_return_sequences=2, do_sample=True).tokens.shape[0] == 2
-
-
-def test_beam_search_num_return_sequences_matches_hf(gen_family: Family) -> None:
-    """num_beams=4, num_return_sequences=3: the 3 best beams of each input, best first, as HF."""
-    model = t5.load(gen_family.ours_dir)
-    ids, mask = padded_batch(gen_family.vocab, [13, 7, 20], seed=7)
-    with torch.no_grad():
-        ref = gen_family.hf.cpu().generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
-                                           num_beams=4, num_return_sequences=3, output_scores=True,
-                                           return_dict_in_generate=True)
-    out = t5.generate(model, ids, mask, max_new_tokens=16, num_beams=4, num_return_sequences=3)
-    assert out.tokens.shape[0] == 9 and ref.sequences.shape[0] == 9
-    for row in range(9):
-        n = int(out.lengths[row])
-        assert out.tokens[row, :n].tolist() == ref.sequences[row, 1:n + 1].tolist(), row
-    torch.testing.assert_close(out.scores, ref.sequences_scores, atol=1e-3, rtol=1e-5)
-
-
-def python_blocks(heading: str) -> list[str]:
-    """The ```python blocks of a README section (up to the next heading of any level)."""
-    text = (HERE / "README.md").read_text()
-    section = re.split(r"\n#{2,3} ", text.split(heading + "\n", 1)[1], maxsplit=1)[0]
-    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
-
-
-def test_readme_python_block_runs_as_pasted(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The "Use from Python" block, unchanged, in a folder holding the checkpoints it names
-    (tiny random ones, converted from transformers folders), on this machine's device."""
-    (block,) = python_blocks("## Use from Python")
-    for name, kwargs in [("t5-xxl-enc", dict(feed_forward_proj="gated-gelu")), ("flan-t5-base", {})]:
-        hf_dir = tmp_path / "hf" / name
-        saved_tiny_t5(hf_dir, spiece_folder, **kwargs)
-        assert convert_hf.main([str(hf_dir), str(tmp_path / "checkpoints" / name)]) == 0
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
-    # the custom decode loop, run after it as a reader would, is greedy decoding
-    (loop,) = python_blocks("### Static KV cache and custom decode loops")
-    exec(compile(loop, "README.md", "exec"), scope)
-    greedy = t5.generate(scope["model"], scope["ids"], scope["mask"], max_new_tokens=32)
-    width = int(greedy.lengths.max())
-    assert torch.equal(torch.stack(scope["tokens"], dim=1)[:, :width], greedy.tokens)
-    # fine-tune, save, --to-hf: transformers computes the fine-tuned model's logits
-    train_block = next(b for b in python_blocks("## Training") if "t5.save(" in b)
-    vocab = scope["model"].config.vocab_size
-    batches = [padded_batch(vocab, [7, 4], seed=seed) for seed in range(3)]
-    scope["my_loader"] = [(ids, mask, labels.masked_fill(mask == 0, -100)) for (ids, mask), (labels, _) in
-                          zip(batches, batches[1:] + batches[:1])]
-    exec(compile(train_block, "README.md", "exec"), scope)
-    assert convert_hf.main(["--to-hf", "checkpoints/my-finetune", "hf/my-finetune"]) == 0
-    finetuned = t5.load("checkpoints/my-finetune")
-    assert not torch.equal(finetuned.lm_head.weight, t5.load("checkpoints/flan-t5-base").lm_head.weight)
-    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained("hf/my-finetune").eval()
-    ids, mask = batches[0]
-    with torch.no_grad():
-        torch.testing.assert_close(finetuned(ids, ids, input_mask=mask).logits,
-                                   hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits, atol=ATOL, rtol=0)
-
-
-def _readme_fsdp_worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
-    """One rank of the README's FSDP2 script, run as written (gloo on CPU) in a folder holding the
-    checkpoint it names; reports the last loss and whether the two input tables are still equal."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.chdir(folder)
-    torch.set_num_threads(1)
-    (block,) = [b for b in python_blocks("## Training") if "fully_shard" in b]
-    vocab = t5.T5Config.load(Path(folder) / "checkpoints" / "flan-t5-base" / "config.json").vocab_size
-    ids, mask = padded_batch(vocab, [6, 3], seed=rank)
-    labels, label_mask = padded_batch(vocab, [4, 2], seed=10 + rank)
-    scope = {"my_loader": [(ids, mask, labels.masked_fill(label_mask == 0, -100))] * 2}
-    block = block.replace("dist.destroy_process_group()", "")  # read the result first
-    exec(compile(block, "README.md", "exec"), scope)
-    model = scope["model"]
-    tables = [model.encoder.embedding.weight.full_tensor(), model.decoder.embedding.weight.full_tensor()]
-    if rank == 0:
-        torch.save({"loss": scope["loss"].item(), "equal": torch.equal(*tables)}, out)
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as _fsdp_worker: no interpreter teardown with gloo threads alive
-
-
-def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    saved_tiny_t5(tmp_path / "hf", spiece_folder, feed_forward_proj="gated-gelu", dropout_rate=0.0)
-    assert convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "checkpoints" / "flan-t5-base")]) == 0
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    out = tmp_path / "fsdp.pt"
-    mp.spawn(_readme_fsdp_worker, args=(2, str(tmp_path), port, str(out)), nprocs=2, join=True)
-    result = torch.load(out)
-    assert math.isfinite(result["loss"]) and result["equal"]
-
-
-def test_every_readme_python_block_is_run() -> None:
-    """Each ```python block of the README belongs to a section whose blocks a test executes as
-    written; a new block elsewhere fails this until a test runs it."""
-    tested = {"## Use from Python": 1, "### Text encoders of diffusion pipelines": 3,
-              "### Our encoder as a pipeline's text encoder": 1, "### Static KV cache and custom decode loops": 1,
-              "## Training": 2}
-    assert sum(len(python_blocks(heading)) for heading in tested) == sum(tested.values())
-    assert (HERE / "README.md").read_text().count("```python\n") == sum(tested.values())
-
-
-def test_readme_states_install_and_suite_time() -> None:
-    text = (HERE / "README.md").read_text()
-    assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only install
-    assert "python -m pytest -q test_t5.py" in text and "minutes on 2 CPU cores" in text
-    # the CPU-build note comes before the first command that would pull the CUDA build
-    assert text.index("--index-url https://download.pytorch.org/whl/cpu") < text.index("pip install -r requirements")
-    # one truth for the quick benchmark's time: the README, bench_t5.py's docstring and its --help
-    quick = re.search(r"--quick` gives a first look in (about \d+ s)", text).group(1)
-    bench = (HERE / "bench_t5.py").read_text()
-    assert bench.count(f"{quick} on 2 idle cores") == 2, quick
-
-
-def test_bench_quiet_and_noisy_flag() -> None:
-    """The benchmark's table flags rows whose runs spread widely, and silences transformers."""
-    assert bench_t5.Timing(1.0, 0.9, 1.1).flag() == "" and bench_t5.Timing(1.0, 0.9, 1.2).flag() == " noisy"
-    import logging
-
-    bench_t5.quiet_transformers()
-    assert logging.getLogger("transformers").getEffectiveLevel() >= logging.ERROR
-    assert not transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.enable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()
-
-
-def test_demo_spells_small_numbers_and_train_demo_keeps_demo(tmp_path: Path) -> None:
-    result = run_cli("generate", *[f"spell: {n}" for n in range(21)])
-    assert result.stdout.splitlines() == [__import__("train").spell(n) for n in range(21)]
-    import train
-
-    out = tmp_path / "kept"
-    out.mkdir()
-    assert train.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
-    assert list(out.iterdir()) == []
-    default = next(a for a in train.parser()._actions if a.dest == "out").default
-    assert default.resolve() != (HERE / "demo").resolve()
-
-
-def test_demo_exports_to_transformers(tmp_path: Path) -> None:
-    """The shipped demo (trained with sum_embedding_grads, so its two tables are equal) exports
-    with --to-hf; it was trained with scale_qk=True, which the export folds into the queries
-    (d_kv**-0.5 = 32**-0.5 is no power of two: float32 rounding, hence 1e-5 of the largest logit),
-    and transformers spells the numbers as we do."""
-    assert convert_hf.main(["--to-hf", str(HERE / "demo"), str(tmp_path / "hf")]) == 0
-    ours, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
-    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
-    ids, mask = tokenizer.encode_batch(["spell: 4071", "spell: 12", "spell: 99999"])
-    with torch.no_grad():
-        logits = ours(ids, ids, input_mask=mask).logits
-        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits
-        torch.testing.assert_close(logits, ref, atol=1e-5 * float(logits.abs().max()), rtol=0)
-        hf_tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=24)
-    texts = [tokenizer.decode(row) for row in t5.generate(ours, ids, mask, max_new_tokens=24).tokens]
-    assert texts == [tokenizer.decode(row) for row in hf_tokens] == ["four thousand seventy-one", "twelve",
-                                                                     "ninety-nine thousand nine hundred ninety-nine"]
-
-
-########################################################################################
-# Checkpoints as the ecosystem ships them: single files, fp8, diffusers folders, back to transformers
-########################################################################################
-
-SHAPE_FLAGS = {  # what a single file's shapes cannot tell, for the families' non-default values
-    "t5-v1.1": ["--max-distance", "13", "--eps", "1e-5"],
-    "umt5": ["--max-distance", "20"],
-}
-PREFIX = "text_encoders.t5xxl.transformer."  # SD3-style single files
-
-
-def single_file(family: Family, path: Path, *, prefix: str = "", encoder_only: bool = False,
-                extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """The family's weights as diffusion tools ship them: one .safetensors file, transformers' key
-    names (under a prefix), no config.json, beside other models' tensors."""
-    state = load_file(family.hf_dir / "model.safetensors")
-    if encoder_only:
-        state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
-    save_file({prefix + k: v for k, v in state.items()} | (extra or {}), path)
-    return path
-
-
-def test_float16_single_file_defaults_to_bfloat16(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A float16 source (t5xxl_fp16.safetensors) is stored in bfloat16 unless told otherwise: v1.1
-    XL / XXL overflow float16 without calibration. --dtype float16 keeps it, --calibrate too."""
-    state = load_file(build_hf_checkpoint(tmp_path / "hf", "t5-v1.1") / "model.safetensors")
-    src = tmp_path / "t5xxl_fp16.safetensors"
-    save_file({k: v.half() for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}, src)
-    flags = SHAPE_FLAGS["t5-v1.1"]
-    assert convert_hf.main([str(src), str(tmp_path / "default"), *flags]) == 0
-    assert "is float16; storing bfloat16" in capsys.readouterr().err
-    assert load_file(tmp_path / "default" / "model.safetensors")["encoder.embedding.weight"].dtype == torch.bfloat16
-    assert convert_hf.main([str(src), str(tmp_path / "half"), "--dtype", "float16", *flags]) == 0
-    assert "storing bfloat16" not in capsys.readouterr().err
-    assert load_file(tmp_path / "half" / "model.safetensors")["encoder.embedding.weight"].dtype == torch.float16
-
-
-def assert_same_checkpoint(a: Path, b: Path) -> None:
-    assert t5.T5Config.load(a / "config.json") == t5.T5Config.load(b / "config.json")
-    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
-def test_convert_single_file(family: Family, tmp_path: Path) -> None:
-    """A single file with no config converts to exactly what the folder converts to (the config
-    read off the shapes, the rest from flags); the encoder matches transformers to 1e-5."""
-    src = single_file(family, tmp_path / "t5.safetensors")
-    flags = SHAPE_FLAGS.get(family.name, [])
-    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
-    assert_same_checkpoint(tmp_path / "ours", family.ours_dir)
-    encoder = t5.load(tmp_path / "ours", encoder_only=True)
-    ids, mask = padded_batch(family.vocab, [19, 6])
-    with torch.no_grad():
-        assert_close_where(encoder(ids, mask), family.hf.get_encoder()(input_ids=ids, attention_mask=mask)
-                           .last_hidden_state, mask, 1e-5)
-
-
-def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> None:
-    """SD3-style: the encoder under a prefix, next to another model's tensors (ignored)."""
-    other = {"text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}
-    src = single_file(family, tmp_path / "sd3.safetensors", prefix=PREFIX, encoder_only=True, extra=other)
-    flags = SHAPE_FLAGS.get(family.name, [])
-    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
-    assert convert_hf.main([str(src), str(tmp_path / "ours2"), "--prefix", PREFIX, *flags]) == 0
-    assert_same_checkpoint(tmp_path / "ours", tmp_path / "ours2")
-    ours = load_file(tmp_path / "ours" / "model.safetensors")
-    reference = load_file(family.ours_dir / "model.safetensors")
-    assert ours.keys() == {k for k in reference if k.startswith("encoder.")}
-    assert all(torch.equal(ours[k], reference[k]) for k in ours)
-
-
-def fp8_encoder_file(family: Family, path: Path, *, scaled: bool) -> tuple[Path, dict[str, torch.Tensor]]:
-    """An encoder file as diffusion tools ship fp8 T5s: every linear weight in float8_e4m3fn,
-    cast as it is, or (scaled=True) divided by a per-tensor `scale_weight` with a `scaled_fp8`
-    marker; norms, embeddings and position bias left as they were. Also returns the dequantized
-    transformers state dict: the exact model that file stands for."""
-    state = {k: v for k, v in load_file(family.hf_dir / "model.safetensors").items()
-             if not k.startswith(("decoder.", "lm_head."))}
-    stored, dequantized = {}, {}
-    for key, value in state.items():
-        if value.dim() == 2 and "DenseReluDense" in key or any(f".{p}.weight" in key for p in "qkvo"):
-            scale = value.abs().max() / 448 if scaled else torch.tensor(1.0)
-            stored[key] = (value / scale).to(torch.float8_e4m3fn)
-            if scaled:
-                stored[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
-            dequantized[key] = stored[key].float() * scale
-        else:
-            stored[key] = dequantized[key] = value
-    if scaled:
-        stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    save_file(stored, path)
-    return path, dequantized
-
-
-@pytest.mark.parametrize("scaled", [False, True])
-def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, scaled: bool, tmp_path: Path) -> None:
-    src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", scaled=scaled)
-    flags = SHAPE_FLAGS.get(family.name, [])
-    assert convert_hf.main([str(src), str(tmp_path / "ours"), "--dtype", "float32", *flags]) == 0
-    encoder = t5.load(tmp_path / "ours", encoder_only=True)
-    linears = [m for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
-    assert linears and all(isinstance(m, t5.Float8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
-    upcast = t5.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
-    assert not any(isinstance(m, t5.Float8Linear) for m in upcast.modules())
-    ids, mask = padded_batch(family.vocab, [19, 6])
-    with torch.no_grad():
-        out = encoder(ids, mask)
-        torch.testing.assert_close(out, upcast(ids, mask), rtol=1e-6, atol=0)
-        # and it is the model the file stands for: transformers with the dequantized weights
-        enc_cls = {"mt5": transformers.MT5EncoderModel, "umt5": transformers.UMT5EncoderModel}.get(
-            family.name, transformers.T5EncoderModel)
-        hf = enc_cls(family.hf.config).eval()
-        hf.load_state_dict(dequantized, strict=False)
-        assert_close_where(out, hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask, 1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fp8_dequantize_rounds_once_and_never_underflows(dtype: torch.dtype) -> None:
-    """fp8 weight x float32 row scale is rounded to the compute dtype once (the exact float64
-    product, rounded), and rows with tiny scales (std 3e-6) do not become zeros in float16."""
-    torch.manual_seed(0)
-    dense = torch.randn(64, 48) * torch.logspace(-6, 1, 64)[:, None]
-    weight, scale = convert_hf.quantize_rows(dense)
-    exact = (weight.double() * scale.double()[:, None]).to(dtype)
-    got = t5.dequantize_weight(weight, scale, dtype)
-    assert got.dtype == dtype and torch.equal(got, exact)
-    assert (got[:8].float().abs().amax(dim=1) > 0).all()  # the smallest rows survive
-    layer = t5.Float8Linear(48, 64)
-    layer.weight.data, layer.weight_scale.data = weight, scale
-    x = torch.randn(3, 48).to(dtype)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, exact), rtol=0, atol=0)
-
-
-def test_convert_weights_float8_from_a_dense_source(family: Family, tmp_path: Path) -> None:
-    """--weights float8_e4m3fn: per-row scales, embeddings and norms kept in --dtype; the result
-    runs in fp8 and equals its dequantized twin; transformers -> fp8 -> transformers works too."""
-    out = tmp_path / "fp8"
-    assert convert_hf.main([str(family.hf_dir), str(out), "--weights", "float8_e4m3fn", "--dtype", "bfloat16"]) == 0
-    state = load_file(out / "model.safetensors")
-    assert state["encoder.layers.0.attn.qkv.weight"].dtype == torch.float8_e4m3fn
-    assert state["encoder.layers.0.attn.qkv.weight_scale"].shape == (3 * family.hf.config.num_heads * family.hf.config.d_kv,)
-    assert state["encoder.embedding.weight"].dtype == torch.bfloat16
-    model = t5.load(out)
-    ids, mask = padded_batch(family.vocab, [11, 4])
-    dec, dec_mask = padded_batch(family.vocab, [5, 3], seed=3)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
-                                   t5.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
-                                   rtol=1e-6, atol=0)
-    assert t5.generate(model, ids, mask, max_new_tokens=3).tokens.shape[0] == 2
-
-
-def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path) -> None:
-    """A diffusers pipeline folder: the T5 encoder in text_encoder_2/, its tokenizer in
-    tokenizer_2/, a CLIP beside them; the root, the encoder folder and --tokenizer all work."""
-    root = tmp_path / "flux"
-    (root / "text_encoder").mkdir(parents=True)
-    (root / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
-    (root / "model_index.json").write_text(json.dumps({"text_encoder": ["transformers", "CLIPTextModel"],
-                                                       "text_encoder_2": ["transformers", "T5EncoderModel"],
-                                                       "tokenizer_2": ["transformers", "T5TokenizerFast"]}))
-    torch.manual_seed(0)
-    hf = transformers.T5EncoderModel(transformers.T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=24, num_layers=2,
-                                                           num_heads=2, feed_forward_proj="gated-gelu")).eval()
-    hf.save_pretrained(root / "text_encoder_2")
-    transformers.T5TokenizerFast.from_pretrained(spiece_folder, legacy=False).save_pretrained(root / "tokenizer_2")
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2")
-    for src, flags in [(root, []), (root / "text_encoder_2", []),
-                       (root / "text_encoder_2", ["--tokenizer", str(spiece_folder / "spiece.model")])]:
-        out = tmp_path / f"ours-{len(flags)}-{src.name}"
-        assert convert_hf.main([str(src), str(out), *flags]) == 0
-        encoder, tokenizer = t5.load(out, encoder_only=True), t5.load_tokenizer(out)
-        texts = ["hello world", "kato rimo <extra_id_0> ne fox"]
-        ids, mask = tokenizer.encode_batch(texts)
-        ref = hf_tokenizer(texts, padding="longest", return_tensors="pt")
-        assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
-        with torch.no_grad():
-            assert_close_where(encoder(ids, mask), hf(**ref).last_hidden_state, mask, 1e-5)
-
-
-def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Each bad source is one line naming what is wrong, and an existing OUT is never touched."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.json").write_text("precious")
-    state = load_file(family.hf_dir / "model.safetensors")
-    no_bias = tmp_path / "no_bias.safetensors"
-    save_file({k: v for k, v in state.items() if "relative_attention_bias" not in k}, no_bias)
-    not_t5 = tmp_path / "clip.safetensors"
-    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}, not_t5)
-    two = tmp_path / "two.safetensors"
-    save_file({f"{p}.{k}": v.clone() for p in ("a", "b") for k, v in state.items()}, two)
-    plain = single_file(family, tmp_path / "plain.safetensors")
-    cases = [([str(no_bias)], "these tensors fit no T5: encoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
-             ([str(not_t5)], "no T5 tensors found"),
-             ([str(two)], "several T5 models in one file, under prefixes ['a.', 'b.']; choose one with --prefix"),
-             ([str(plain), "--prefix", "text_encoders.t5xxl."], "no T5 tensors under prefix 'text_encoders.t5xxl.'"),
-             ([str(plain), "--tokenizer", str(tmp_path / "nowhere")], "--tokenizer"),
-             ([str(plain), "--tokenizer", str(tmp_path)], "no spiece.model, tokenizer.json or tokenizer_config.json"),
-             ([str(family.hf_dir / "config.json")], "must be a .safetensors file")]
-    for args, message in cases:
-        assert convert_hf.main([*args, str(out), "--force"]) == 2, args
-        err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1, (message, err)
-        assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "precious"
-        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def test_to_hf_round_trip_is_bit_exact(family: Family, tmp_path: Path) -> None:
-    """transformers -> ours -> transformers gives back every tensor bit for bit (v1.0's folded
-    lm_head scale becomes the tied embedding again), a config transformers loads with no missing
-    or unexpected key, and the same logits."""
-    back = tmp_path / "back"
-    model_type = {"mt5": ["--model-type", "mt5"]}.get(family.name, [])
-    assert convert_hf.main([str(family.ours_dir), str(back), "--to-hf", *model_type]) == 0
-    original, exported = hf_tensors(family.hf_dir), hf_tensors(back)
-    assert original.keys() == exported.keys()
-    for key in original:
-        assert original[key].dtype == exported[key].dtype and torch.equal(original[key], exported[key]), key
-    config = json.loads((back / "config.json").read_text())
-    source = json.loads((family.hf_dir / "config.json").read_text())
-    assert config["model_type"] == source["model_type"] and config["architectures"] == source["architectures"]
-    assert config["feed_forward_proj"] == source["feed_forward_proj"]
-    assert config["tie_word_embeddings"] == (family.name == "t5-v1.0")
-    model_cls = HF_MODELS[FAMILIES[family.name][0]]
-    reloaded, info = model_cls.from_pretrained(back, output_loading_info=True)
-    assert info["missing_keys"] == set() or not info["missing_keys"], info
-    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ids, mask = padded_batch(family.vocab, [13, 6], seed=2)
-    dec, dec_mask = padded_batch(family.vocab, [7, 4], seed=3)
-    with torch.no_grad():
-        kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
-        assert torch.equal(reloaded.eval()(**kwargs).logits, family.hf(**kwargs).logits)
-
-
-def test_to_hf_encoder_only_and_refusals(family: Family, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
-    enc = tmp_path / "enc"
-    assert convert_hf.main([str(family.hf_dir), str(enc), "--encoder-only"]) == 0
-    back = tmp_path / "back"
-    assert convert_hf.main([str(enc), str(back), "--to-hf"]) == 0
-    config = json.loads((back / "config.json").read_text())
-    expected = {"umt5": "UMT5EncoderModel"}.get(family.name, "T5EncoderModel")
-    assert config["architectures"] == [expected] and not config["is_encoder_decoder"]
-    enc_cls = getattr(transformers, expected)
-    reloaded, info = enc_cls.from_pretrained(back, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids, mask = padded_batch(family.vocab, [9, 5])
-    with torch.no_grad():
-        assert torch.equal(reloaded.eval()(input_ids=ids, attention_mask=mask).last_hidden_state,
-                           family.hf.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state)
-    # no overwrite without --force; a file is never OUT
-    assert convert_hf.main([str(enc), str(back), "--to-hf"]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err
-    assert convert_hf.main([str(enc), str(enc / "model.safetensors"), "--to-hf", "--force"]) == 2
-    assert "is not a folder" in capsys.readouterr().err
-    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "x"), "--to-hf"]) == 2
-    assert "Hugging Face config" in capsys.readouterr().err
-
-
-def test_encode_batch_equals_t5_tokenizer_fast(spiece_folder: Path, tmp_path: Path) -> None:
-    """padding="max_length", max_length and truncation as transformers' fast tokenizer does them,
-    on mixed lengths, rows longer than max_length included (EOS stays last)."""
-    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert isinstance(hf, transformers.T5TokenizerFast)
-    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300))
-    texts = ["hello world", "", "kato rimo ne su la pe qu ix hello world the fox <extra_id_0> mo", "fox  the"]
-    for max_length in (1, 3, 8, 40):
-        for padding in ("longest", "max_length"):
-            ids, mask = ours.encode_batch(texts, max_length=max_length, padding=padding, truncation=True)
-            ref = hf(texts, max_length=max_length, padding=padding, truncation=True, return_tensors="pt")
-            assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask), (max_length, padding)
-    # no truncation and a row past max_length: transformers cannot make one tensor; we pad to that row
-    ids, mask = ours.encode_batch(texts, max_length=8, padding="max_length")
-    assert ids.shape[1] == max(len(row) for row in hf(texts).input_ids) > 8
-    assert [row[row != 0].tolist() for row in ids * mask] == [[i for i in row if i] for row in hf(texts).input_ids]
-
-
-def test_cli_encode_fixed_length_without_mask(tmp_path: Path) -> None:
-    """`encode --max-length N --no-mask`: the Flux / SD3 call from the command line."""
-    out = tmp_path / "h.safetensors"
-    result = run_cli("encode", "spell: 7", "spell: 98765", "--max-length", "12", "--no-mask", "--out", str(out))
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--ckpt", "no/such/dir"], "--ckpt no/such/dir: no converted checkpoint there"),
+    (["generate", "x", "--device", "cuda:7"] if not torch.cuda.is_available() else ["generate", "x", "--device", "nope"],
+     "CUDA is not available" if not torch.cuda.is_available() else "unknown device"),
+    (["generate", "x", "--num-beams", "2", "--top-k", "3"], "does not combine"),
+    (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "x", "--device", "mps"], "--device mps: not a device this machine can run on"),
+    (["generate", "x", "--device", "meta"], "--device meta: not a device this machine can run on"),
+    (["generate", "x", "--num-beams", "0"], "--num-beams must be at least 1"),
+    (["generate", "x", "--num-beams", "-2"], "--num-beams must be at least 1"),
+    (["generate", "x", "--temperature", "0", "--top-k", "3"], "--temperature 0 is greedy decoding"),
+    (["generate", "x", "--temperature", "0", "--top-p", "0.5"], "--temperature 0 is greedy decoding"),
+    (["generate", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+    (["generate", "x", "--top-k", "0"], "--top-k must be at least 1"),
+    (["generate", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "x", "--seed", "3"], "--seed only matters when sampling"),
+    (["generate", "x", "--num-beams", "2", "--seed", "3"], "--seed only matters when sampling"),
+    (["generate", "x", "--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be in [0, --max-new-tokens=4]"),
+    (["generate", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["encode", "x", "--out", "unused.safetensors", "--max-input-tokens", "0"], "--max-input-tokens must be at least 1"),
+    (["encode", "x", "--out", "unused.safetensors", "--no-mask"], "--no-mask needs --max-length N"),
+    (["flops", "--batch", "0"], "--batch must be at least 1"),
+    (["flops", "--src", "-5"], "--src must be at least 1"),
+    (["flops", "--ckpt", "README.md"], "README.md: not a JSON config"),
+    (["flops", "--ckpt", "demo/model.safetensors"], "demo/model.safetensors: not a JSON config"),
+])
+def test_cli_mistakes_are_one_line(args: list[str], message: str) -> None:
+    assert_one_line_error(run_cli(*args), message)
+
+
+def test_cli_argparse_errors_have_one_error_line() -> None:
+    """argparse's own mistakes (usage, then one error line); the rest are in the table of CLI mistakes."""
+    result = run_cli("generate", "x", "--dtype", "float8")
+    assert result.returncode != 0
+    assert "invalid choice: 'float8'" in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> None:
+    """--out problems are reported before the model loads (here --ckpt is bad too, and it is the
+    --out error that comes); an existing file needs --force; the file gets ordinary permissions."""
+    for out, message in [(tmp_path / "missing" / "x.safetensors", "does not exist"), (tmp_path, "is a folder")]:
+        assert_one_line_error(run_cli("encode", "x", "--out", str(out), "--ckpt", "no/such/dir"), message)
+    out = tmp_path / "hidden.safetensors"
+    out.write_bytes(b"keep me")
+    assert_one_line_error(run_cli("encode", "spell: 7", "--out", str(out)), "exists; pass --force")
+    assert out.read_bytes() == b"keep me"
+    result = run_cli("encode", "spell: 7", "--out", str(out), "--force")
     assert result.returncode == 0, result.stderr
-    saved = load_file(out)
-    tokenizer, encoder = t5.load_tokenizer(HERE / "demo"), t5.load(HERE / "demo", encoder_only=True)
-    ids, mask = tokenizer.encode_batch(["spell: 7", "spell: 98765"], max_length=12, padding="max_length", truncation=True)
-    assert torch.equal(saved["input_ids"], ids) and torch.equal(saved["mask"], mask) and ids.shape == (2, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(saved["hidden"], encoder(ids))
-        assert not torch.allclose(saved["hidden"], encoder(ids, mask))  # the mask would have mattered
-    assert_one_line_error(run_cli("encode", "x", "--max-length", "8", "--max-input-tokens", "4", "--out", str(out),
-                                  "--force"), "--max-length already truncates")
+    assert load_file(out)["hidden"].shape[0] == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden.safetensors"]
 
 
-def test_readme_pipeline_recipes_equal_transformers(spiece_folder: Path, tmp_path: Path) -> None:
-    """Each recipe block of the README, as written, against transformers' encoder called the way
-    that pipeline calls it (Flux/SD3: fixed length, no mask; PixArt: mask; Wan: UMT5, masked,
-    rows trimmed to their tokens and zero-padded)."""
-    blocks = python_blocks("### Text encoders of diffusion pipelines")
-    assert len(blocks) == 3
-    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
-    prompts = ["hello world the fox", "kato rimo " * 200]  # the second is longer than every max_length
-    for block, (config_cls, model_cls), masked in zip(
-            blocks, [(transformers.T5Config, transformers.T5EncoderModel)] * 2
-            + [(transformers.UMT5Config, transformers.UMT5EncoderModel)], [False, True, True]):
-        folder = tmp_path / f"hf-{model_cls.__name__}"
-        hf = saved_tiny_t5(folder, spiece_folder, model_cls, config_cls, num_layers=2, feed_forward_proj="gated-gelu")
-        ours = tmp_path / f"ours-{model_cls.__name__}"
-        if not ours.exists():
-            assert convert_hf.main([str(folder), str(ours)]) == 0
-        scope = dict(t5=t5, torch=torch, prompts=prompts, device="cpu", encoder=t5.load(ours, encoder_only=True),
-                     tokenizer=t5.load_tokenizer(ours))
-        with torch.no_grad():
-            exec(compile(block, "README.md", "exec"), scope)
-            length = scope["ids"].shape[1]
-            ref_in = hf_tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-            assert torch.equal(scope["ids"], ref_in.input_ids)
-            if not masked:  # Flux / SD3: text_encoder_2(ids)[0]
-                torch.testing.assert_close(scope["hidden"], hf(ref_in.input_ids)[0], atol=1e-5, rtol=0)
-                continue
-            ref = hf(ref_in.input_ids, attention_mask=ref_in.attention_mask).last_hidden_state
-            keep = ref_in.attention_mask.bool()
-            if model_cls is transformers.UMT5EncoderModel:  # Wan: trim to the real tokens, zero-pad back
-                ref = torch.where(keep[..., None], ref, torch.zeros(()))
-                torch.testing.assert_close(scope["hidden"], ref, atol=1e-5, rtol=0)
-            else:  # PixArt: the pipeline masks padding out downstream
-                torch.testing.assert_close(scope["hidden"][keep], ref[keep], atol=1e-5, rtol=0)
+def test_cli_non_utf8_prompts() -> None:
+    assert_one_line_error(run_cli("generate", b"spell: \xff12"), "prompt 1 is not valid UTF-8")
+    assert_one_line_error(run_cli("generate", stdin=b"spell: 1\nspell: \xff\n"), "line 2 of stdin is not valid UTF-8")
+
+
+def test_cli_bad_checkpoints(tmp_path: Path) -> None:
+    """A corrupt model.safetensors, a transformers folder, an encoder-only folder asked to generate:
+    one line each, naming the file or saying what to do."""
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(HERE / "demo", corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[:len(data) // 2])
+    assert_one_line_error(run_cli("generate", "x", "--ckpt", str(corrupt)),
+                          f"{corrupt / 'model.safetensors'}: not a readable safetensors file")
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    assert_one_line_error(run_cli("generate", "x", "--ckpt", str(hf_dir)), "convert its folder first with convert_hf.py")
+    encoder_only = tmp_path / "enc"
+    shutil.copytree(HERE / "demo", encoder_only)
+    state = load_file(encoder_only / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k.startswith("encoder.")}, encoder_only / "model.safetensors")
+    result = run_cli("generate", "x", "--ckpt", str(encoder_only))
+    assert_one_line_error(result, "holds only an encoder: it can `encode`, not `generate`")
+    assert "encoder_only=True" not in result.stderr
+
+
+def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`cli.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(HERE / "demo", broken)
+    data = (broken / "spiece.model").read_bytes()
+    (broken / "spiece.model").write_bytes(data[:len(data) // 3])
+    assert cli.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken / 'spiece.model'}: not a readable sentencepiece model" in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
+    """With --batch-size 1, the answer to a stdin line comes before the next line is written; a
+    reader that goes away (| head) and Ctrl-C end it quietly, without a traceback. Two real
+    `python cli.py generate` processes (signals, pipes, the exit status a shell sees), started
+    together so that their imports of torch overlap."""
+    import signal
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    interrupted, left = start(), start()
+    interrupted.stdin.write("spell: 12\r\n")
+    interrupted.stdin.flush()
+    lines = "".join(f"spell: {n}\n" for n in range(1, 200))
+    left.stdin.write(lines)
+    left.stdin.close()
+    assert left.stdout.readline() == "one\n"
+    left.stdout.close()  # the reader leaves, as `head -1` does
+    err = left.stderr.read()
+    left.wait(timeout=60)
+    assert left.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert interrupted.stdout.readline() == "twelve\n"  # stdin is still open: this batch was answered alone
+    interrupted.send_signal(signal.SIGINT)
+    _, err = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+def test_cli_is_quiet_without_numpy() -> None:
+    """The minimal requirements have no numpy; torch >= 2.12 then warns at import. The command line
+    says nothing a user did not cause (numpy is hidden from the child process here)."""
+    code = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = ['cli.py', 'generate', 'spell: 12']; " \
+           "runpy.run_path('cli.py', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0 and result.stdout == "twelve\n", result.stderr
+    assert "NumPy" not in result.stderr and "Warning" not in result.stderr, result.stderr
 
 
 ########################################################################################
-# Training: loss, packing, init, dropout, checkpointing, FSDP2
+# Training: loss, packing, init, dropout, checkpointing, fine-tuning, FSDP2
 ########################################################################################
 
 
@@ -2218,58 +2465,56 @@ def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -
         assert torch.equal(reloaded, logits)
 
 
-def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> None:
-    """t5.save: a model (full or encoder-only) and its tokenizer come back identical from
-    t5.load; other files in the folder stay; a file in the way and a failed write leave things as
-    they were."""
-    model = t5.load(HERE / "demo")
-    tokenizer = t5.load_tokenizer(HERE / "demo")
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("mine")
-    t5.save(model, folder, tokenizer)
-    assert (folder / "notes.txt").read_text() == "mine"
-    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
-    assert len(set(modes.values())) == 1, modes  # the umask's, like any file the user writes
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
-    again = t5.load(folder)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert t5.load_tokenizer(folder).encode("spell: 4071") == tokenizer.encode("spell: 4071")
-    t5.save(t5.load(HERE / "demo", encoder_only=True), tmp_path / "enc")
-    assert isinstance(t5.load(tmp_path / "enc", encoder_only=True), t5.T5Encoder)
-    with pytest.raises(FileExistsError, match="not a folder"):
-        t5.save(model, folder / "notes.txt")
-    before = (folder / "model.safetensors").read_bytes()
-    broken = t5.load(HERE / "demo")
-    broken.config = None  # saving its config fails after the weights were staged
-    with pytest.raises(AttributeError):
-        t5.save(broken, folder)
-    assert (folder / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
-
-
 def test_training_reduces_loss() -> None:
-    """A tiny model learns to reverse 8 random tokens: 800 AdamW steps on CPU take the loss from
-    about ln(21) = 3.0 to below 0.1 (it reaches about 0.02)."""
-    torch.manual_seed(0)
-    config = t5.T5Config(vocab_size=24, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=2,
-                         num_decoder_layers=2, ffn="gated-gelu", scale_qk=True, extra_ids=0, num_buckets=16,
-                         max_distance=16)
-    model = t5.T5(config)
-    train.init_weights(model, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(800):
-        ids = torch.randint(3, 24, (32, 8), generator=g)
-        labels = ids.flip(1)
-        loss = model(ids, train.shift_right(labels, config), labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    """A tiny model (one layer each side) learns to reverse 8 random tokens given with the EOS that
+    ends every T5 input (the anchor that makes the task quick to learn: output i is the input token
+    i places before EOS): 200 AdamW steps, one-cycle learning rate, take the loss on the 8 tokens
+    from above ln(21) = 3.0 to below 0.1 (it reaches about 0.02, and at most 0.045 over ten seeds).
+    One thread: a model this small runs several times slower on 2 threads when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        config = t5.T5Config(vocab_size=24, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_encoder_layers=1,
+                             num_decoder_layers=1, ffn="gated-gelu", scale_qk=True, extra_ids=0, num_buckets=16,
+                             max_distance=16)
+        model = t5.T5(config)
+        train.init_weights(model, torch.Generator().manual_seed(0))
+        steps = 200
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps)
+        g = torch.Generator().manual_seed(1)
+        eos = torch.full((64, 1), config.eos_token_id)
+        losses = []
+        for _ in range(steps):
+            tokens = torch.randint(3, 24, (64, 8), generator=g)
+            ids, labels = torch.cat([tokens, eos], dim=1), tokens.flip(1)
+            loss = model(ids, train.shift_right(labels, config), labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
     assert losses[0] > 3.0
     assert sum(losses[-20:]) / 20 < 0.1, losses[-20:]
+
+
+def two_ranks(worker: object, *args: object) -> None:
+    """Run worker(rank, 2, *args) in two processes and wait for both. Forked from this process
+    where there is no CUDA (each worker sets one thread before any work, as DataLoader workers
+    do): a spawned rank imports this module, transformers included, again, 5 to 10 s each here.
+    Spawned where CUDA is present: a forked child cannot use the CUDA its parent initialized."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="spawn" if torch.cuda.is_available() else "fork")
+
+
+def _fsdp_batch(config: t5.T5Config) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(18)
+    return (torch.randint(3, config.vocab_size, (4, 11), generator=g),
+            torch.randint(3, config.vocab_size, (4, 6), generator=g))
 
 
 def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -2278,8 +2523,8 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    torch.set_num_threads(1)  # first: a forked rank must not enter its parent's OpenMP threads
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     model = random_model("t5-v1.1", dropout=0.0).train()
     for layer in [*model.encoder.layers, *model.decoder.layers]:
         fully_shard(layer)
@@ -2302,21 +2547,13 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     os._exit(0)
 
 
-def _fsdp_batch(config: t5.T5Config) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(18)
-    return (torch.randint(3, config.vocab_size, (4, 11), generator=g),
-            torch.randint(3, config.vocab_size, (4, 6), generator=g))
-
-
 def test_fsdp2_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP2 over two gloo processes on CPU: the mean loss and the gathered gradients equal a
     single-process run on the whole batch within 1e-5."""
-    import torch.multiprocessing as mp
-
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the host name resolves
 
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    two_ranks(_fsdp_worker, str(tmp_path / "init"), str(out))
     sharded = torch.load(out)
     model = random_model("t5-v1.1", dropout=0.0).train()
     ids, labels = _fsdp_batch(model.config)
@@ -2328,7 +2565,7 @@ def test_fsdp2_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 ########################################################################################
-# Half precision
+# Half precision: bfloat16, float16 and its calibration
 ########################################################################################
 
 
@@ -2440,8 +2677,161 @@ def test_half_precision_greedy_matches_float32(gen_family: Family, dtype: torch.
 
 
 ########################################################################################
-# Issue 15: diffusion pipelines
+# Weight-only int8
 ########################################################################################
+
+
+def test_quantize_int8_rows() -> None:
+    """Symmetric per output row: each row's largest magnitude becomes +-127 (or 126-127 when the
+    bfloat16 scale rounded up), the scale is a bfloat16 number, an all-zero row stays zero, and no
+    weight moves by more than half a step (plus the step lost when the scale rounded down)."""
+    torch.manual_seed(0)
+    dense = torch.randn(64, 48) * torch.logspace(-6, 1, 64)[:, None]
+    dense[5] = 0
+    weight, scale = t5.quantize_int8(dense)
+    assert weight.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (64,)
+    peaks = weight.abs().amax(dim=1)
+    assert peaks[5] == 0 and ((peaks >= 126) | (torch.arange(64) == 5)).all() and peaks.max() == 127
+    back = t5.dequantize_weight(weight, scale, torch.float32)
+    assert ((back - dense).abs() <= scale.float()[:, None] * 1.01).all()
+    assert torch.equal(back[5], torch.zeros(48))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device: str, tmp_path: Path) -> None:
+    """t5.quantize: every linear layer (lm_head included) becomes an Int8Linear. In float32 it
+    computes exactly what its dequantized twin does (the same float32 weights); in bfloat16 on CPU
+    the int8 kernel takes the row scales after the sum, so it differs from a twin whose weights were
+    rounded to bfloat16 by less than that rounding: within bfloat16 error of the float32 result.
+    save -> load gives the same tensors back; convert_hf.py --weights int8 gives the same model."""
+    dense = t5.load(family.ours_dir, device=device)
+    int8 = t5.quantize(t5.load(family.ours_dir, device=device))
+    linears = [m for m in int8.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
+    assert linears and all(type(m) is t5.Int8Linear and m.weight.dtype == torch.int8 for m in linears)
+    assert type(int8.lm_head) is t5.Int8Linear
+    twin = t5.dequantize(t5.quantize(t5.load(family.ours_dir, device=device)))
+    assert not any(isinstance(m, t5.Float8Linear) for m in twin.modules())
+    ids, mask = padded_batch(family.vocab, [9, 5])
+    ids, mask = ids.to(device), mask.to(device)
+    decoder_ids = ids[:, :6]
+    with torch.no_grad():
+        logits = int8(ids, decoder_ids, input_mask=mask).logits
+        assert torch.equal(logits, twin(ids, decoder_ids, input_mask=mask).logits)
+        reference = dense(ids, decoder_ids, input_mask=mask).logits
+        bf16 = t5.quantize(t5.load(family.ours_dir, device=device, dtype=torch.bfloat16))
+        bf16_logits = bf16(ids, decoder_ids, input_mask=mask).logits.float()
+        # bfloat16 alone (no int8) is the yardstick: the int8 bfloat16 model is within 3x its error
+        plain_bf16 = t5.load(family.ours_dir, device=device, dtype=torch.bfloat16)
+        bf16_error = (plain_bf16(ids, decoder_ids, input_mask=mask).logits.float() - reference).abs().max()
+        assert (bf16_logits - logits).abs().max() <= 3 * bf16_error
+    t5.save(int8, tmp_path / "saved")
+    again = t5.load(tmp_path / "saved", device=device)
+    assert type(again.lm_head) is t5.Int8Linear
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), int8.state_dict().values()))
+    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "converted"), "--weights", "int8",
+                            "--dtype", "float32"]) == 0
+    converted = t5.load(tmp_path / "converted", device=device)
+    assert converted.state_dict().keys() == int8.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), int8.state_dict().values()))
+    # and back to transformers: the dequantized weights
+    assert convert_hf.main(["--to-hf", str(tmp_path / "converted"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    hf = HF_MODELS[FAMILIES[family.name][0]].from_pretrained(tmp_path / "hf").eval().to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits,
+                                   logits, atol=ATOL, rtol=0)
+
+
+def test_int8_on_the_demo_model() -> None:
+    """The trained demo model with int8 weights: held-out accuracy as in float32, every greedy
+    prediction of the held-out targets the same, and the logits' error no more than 1.5x (float32
+    compute) and 2x (bfloat16 compute) the error of plain bfloat16 weights (measured: 0.12, 0.15 vs
+    0.12 of logits up to 21). Beam search and the compiled step agree with the dequantized twin."""
+    model, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
+    numbers = train.held_out()[:64]
+    ids, mask = tokenizer.encode_batch([train.prompt(n) for n in numbers])
+    labels, label_mask = tokenizer.encode_batch([train.spell(n) for n in numbers])
+    decoder_ids = train.shift_right(labels.masked_fill(label_mask == 0, -100), model.config)
+    real = label_mask.bool()
+    with torch.no_grad():
+        reference = model(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits
+
+        def error(m: t5.T5) -> torch.Tensor:
+            logits = m(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits.float()
+            assert torch.equal(logits.argmax(-1)[real], reference.argmax(-1)[real])
+            return (logits - reference).abs()[real].max()
+
+        bf16_error = error(t5.load(HERE / "demo", dtype=torch.bfloat16))
+        int8 = t5.quantize(t5.load(HERE / "demo"))
+        int8_bf16 = t5.quantize(t5.load(HERE / "demo", dtype=torch.bfloat16))
+        assert error(int8) <= 1.5 * bf16_error and error(int8_bf16) <= 2 * bf16_error
+    accuracy = train.evaluate(model, tokenizer, numbers)
+    assert train.evaluate(int8, tokenizer, numbers) == accuracy == train.evaluate(int8_bf16, tokenizer, numbers)
+    twin = t5.dequantize(t5.quantize(t5.load(HERE / "demo")))
+    beams = t5.generate(int8, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    expected = t5.generate(twin, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    assert torch.equal(beams.tokens, expected.tokens) and torch.equal(beams.scores, expected.scores)
+    eager = t5.generate(int8_bf16, ids[:3], mask[:3], max_new_tokens=8)
+    compiled = t5.generate(int8_bf16, ids[:3], mask[:3], max_new_tokens=8, compile=True)
+    assert torch.equal(eager.tokens, compiled.tokens)
+
+
+def test_cli_weights_int8() -> None:
+    """--weights int8 quantizes after loading: the demo spells as it does in float32."""
+    for extra in ([], ["--dtype", "bfloat16"]):
+        result = run_cli("generate", "spell: 4071", "spell: 90019", "--weights", "int8", *extra)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["four thousand seventy-one", "ninety thousand nineteen"]
+    result = run_cli("generate", "spell: 1", "--weights", "int4")
+    assert result.returncode == 2 and "invalid choice: 'int4'" in result.stderr
+
+
+########################################################################################
+# Diffusion pipelines: the README's recipes and adapter in real pipelines
+########################################################################################
+
+
+def python_blocks(heading: str) -> list[str]:
+    """The ```python blocks of a README section (up to the next heading of any level)."""
+    text = (HERE / "README.md").read_text()
+    section = re.split(r"\n#{2,3} ", text.split(heading + "\n", 1)[1], maxsplit=1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_pipeline_recipes_equal_transformers(spiece_folder: Path, tmp_path: Path) -> None:
+    """Each recipe block of the README, as written, against transformers' encoder called the way
+    that pipeline calls it (Flux/SD3: fixed length, no mask; PixArt: mask; Wan: UMT5, masked,
+    rows trimmed to their tokens and zero-padded)."""
+    blocks = python_blocks("### Text encoders of diffusion pipelines")
+    assert len(blocks) == 3
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    prompts = ["hello world the fox", "kato rimo " * 200]  # the second is longer than every max_length
+    for block, (config_cls, model_cls), masked in zip(
+            blocks, [(transformers.T5Config, transformers.T5EncoderModel)] * 2
+            + [(transformers.UMT5Config, transformers.UMT5EncoderModel)], [False, True, True]):
+        folder = tmp_path / f"hf-{model_cls.__name__}"
+        hf = saved_tiny_t5(folder, spiece_folder, model_cls, config_cls, num_layers=2, feed_forward_proj="gated-gelu")
+        ours = tmp_path / f"ours-{model_cls.__name__}"
+        if not ours.exists():
+            assert convert_hf.main([str(folder), str(ours)]) == 0
+        scope = dict(t5=t5, torch=torch, prompts=prompts, device="cpu", encoder=t5.load(ours, encoder_only=True),
+                     tokenizer=t5.load_tokenizer(ours))
+        with torch.no_grad():
+            exec(compile(block, "README.md", "exec"), scope)
+            length = scope["ids"].shape[1]
+            ref_in = hf_tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            assert torch.equal(scope["ids"], ref_in.input_ids)
+            if not masked:  # Flux / SD3: text_encoder_2(ids)[0]
+                torch.testing.assert_close(scope["hidden"], hf(ref_in.input_ids)[0], atol=1e-5, rtol=0)
+                continue
+            ref = hf(ref_in.input_ids, attention_mask=ref_in.attention_mask).last_hidden_state
+            keep = ref_in.attention_mask.bool()
+            if model_cls is transformers.UMT5EncoderModel:  # Wan: trim to the real tokens, zero-pad back
+                ref = torch.where(keep[..., None], ref, torch.zeros(()))
+                torch.testing.assert_close(scope["hidden"], ref, atol=1e-5, rtol=0)
+            else:  # PixArt: the pipeline masks padding out downstream
+                torch.testing.assert_close(scope["hidden"][keep], ref[keep], atol=1e-5, rtol=0)
+
 
 # Mixed case, spaces around, a tab, an HTML entity, and one prompt longer than every max_length:
 # what PixArt (lowercase, strip) and Wan (unescape, collapse whitespace) change before tokenizing.
@@ -2650,358 +3040,165 @@ def test_pipeline_encoder_adapter_in_real_pipelines(tiny_pipelines: TinyPipeline
 
 
 ########################################################################################
-# Issue 15: converter paths
+# The README, the benchmark and t5.py's own numbers
 ########################################################################################
 
 
-def save_ours(model: t5.T5, folder: Path, dtype: torch.dtype) -> Path:
-    """One of our folders (config.json + model.safetensors) from a model, weights in `dtype`."""
-    folder.mkdir()
-    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    model.config.save(folder / "config.json")
-    return folder
-
-
-def test_to_hf_of_a_calibrated_checkpoint_computes_what_ours_does(tmp_path: Path) -> None:
-    """--dtype float16 --calibrate, then --to-hf: transformers (float32) computes our logits (float32
-    from the same float16 file) to 1e-5 of their range; the scales are not dropped."""
-    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
-    state = load_file(hf_dir / "model.safetensors")
-    state["encoder.block.1.layer.1.DenseReluDense.wo.weight"] *= 3e4
-    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "fp16"), "--dtype", "float16", "--calibrate"]) == 0
-    assert t5.T5Config.load(tmp_path / "fp16" / "config.json").out_scales
-    assert convert_hf.main([str(tmp_path / "fp16"), str(tmp_path / "back"), "--to-hf"]) == 0
-    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
-    ours = t5.load(tmp_path / "fp16", dtype=torch.float32)
-    ids, mask = padded_batch(103, [12, 7], seed=8)
-    dec, dec_mask = padded_batch(103, [5, 3], seed=9)
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
-        logits = ours(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits
-    assert_close_where(logits, ref, dec_mask, 1e-5 * float(ref.abs().max()))
-
-
-@pytest.mark.parametrize("name", ["t5-v1.0", "t5-v1.1"])
-def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Scales on every block (attention V, cross-attention V, FFN up rows: gated and ReLU) export to
-    exactly the tensors of the same model without scales; a value that no longer fits float16 once
-    unscaled is refused by name, and --dtype float32 exports it exactly."""
-    assert convert_hf.main([str(build_hf_checkpoint(tmp_path / "hf", name)), str(tmp_path / "ours")]) == 0
-    model = t5.load(tmp_path / "ours")
-    with torch.no_grad():  # no float16 subnormals once scaled by 1/4: the comparison below is then bit-exact
-        for param in model.parameters():
-            param[param.abs() < 2**-10] = 0
-    plain = save_ours(model, tmp_path / "plain", torch.float16)
-    convert_hf.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
-    scaled = save_ours(model, tmp_path / "scaled", torch.float16)
-    for folder in (plain, scaled):
-        assert convert_hf.main([str(folder), str(tmp_path / f"{folder.name}-hf"), "--to-hf"]) == 0
-    a, b = hf_tensors(tmp_path / "plain-hf"), hf_tensors(tmp_path / "scaled-hf")
-    assert a.keys() == b.keys() and all(a[k].dtype == torch.float16 and torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(load_file(plain / "model.safetensors")["encoder.layers.0.ffn.wi.weight"],
-                           load_file(scaled / "model.safetensors")["encoder.layers.0.ffn.wi.weight"])
-    state = load_file(scaled / "model.safetensors")
-    state["decoder.layers.0.cross_attn.kv.weight"][-1, 0] = 30000.0  # a V row: 120000 once unscaled
-    save_file(state, scaled / "model.safetensors")
-    capsys.readouterr()
-    assert convert_hf.main([str(scaled), str(tmp_path / "over"), "--to-hf"]) == 2
-    err = capsys.readouterr().err
-    assert "decoder.layers.0.cross_attn.kv.weight" in err and "--dtype float32" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "over").exists()
-    assert convert_hf.main([str(scaled), str(tmp_path / "over"), "--to-hf", "--dtype", "float32"]) == 0
-    assert hf_tensors(tmp_path / "over")["decoder.block.0.layer.1.EncDecAttention.v.weight"][-1, 0] == 120000.0
-
-
-def test_convert_byt5_folder_saved_by_transformers_5_keeps_its_sentinels(tmp_path: Path) -> None:
-    """transformers 5 writes "extra_ids": 0 for ByT5 and keeps the 125 sentinels as added tokens."""
-    hf_dir = saved_by_transformers(tmp_path / "hf", "byt5", "fresh")
-    transformers.ByT5Tokenizer().save_pretrained(hf_dir)
-    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["extra_ids"] == 0  # what makes it a trap
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
-    config = t5.T5Config.load(tmp_path / "ours" / "config.json")
-    assert config.tokenizer == "bytes" and config.extra_ids == 125
-    tokenizer = t5.load_tokenizer(tmp_path / "ours")
-    assert tokenizer.encode("a<extra_id_0>b<extra_id_124>") == [100, 383, 101, 259, 1]
-
-
-SPECIAL_TEXTS = ["hello </s> world", "<pad>x<unk>", "a </s>b", "a</s>b", "hello  </s>  world", " <pad> ", "x <unk>",
-                 "\t</s>\n fox", "</s></s> <pad><extra_id_1> <unk>", "< /s>", "<s>", "<extra_id_05>", "<extra_id_0 >",
-                 "x<extra_id_1> </s> y", "<extra_id_007> hello", "<PAD> </S>"]
-
-
-def test_literal_special_tokens_encode_as_transformers(spiece_folder: Path, tmp_path: Path) -> None:
-    """</s>, <pad>, <unk> written in text are their ids, as transformers' T5TokenizerFast and
-    ByT5Tokenizer give them (ByT5's eat the whitespace around them); "<extra_id_05>" is plain text."""
-    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "tok")
-    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert isinstance(fast, transformers.T5TokenizerFast)
-    ours = t5.load_tokenizer(spiece_folder, t5.T5Config(vocab_size=300))
-    for text in SPECIAL_TEXTS:
-        assert ours.encode(text) == fast(text).input_ids, text
-    assert ours.encode("a </s>b", eos=False)[-3:-1] == [1, ours.encode("b", eos=False)[0]]
-    byt5 = transformers.ByT5Tokenizer()
-    ours = t5.load_tokenizer(Path("unused"), t5.T5Config(vocab_size=384, tokenizer="bytes", extra_ids=125))
-    for text in SPECIAL_TEXTS:
-        if re.search(r"<extra_id_[1-9]\d*>|<extra_id_0>", text):  # sentinel numbering: the documented difference
-            continue
-        # without EOS: ByT5Tokenizer drops the EOS it appends when the text ends in </s> (with a warning
-        # that this will change); that is not what this test is about
-        assert ours.encode(text, eos=False) == byt5(text, add_special_tokens=False).input_ids, text
-    assert ours.encode("hello </s> world", eos=False) == [107, 104, 111, 111, 114, 1, 122, 114, 117, 111, 103]
-
-
-def test_convert_refuses_tokens_added_to_the_tokenizer(spiece_folder: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
-    """Tokens added with add_tokens are not in the sentencepiece model t5.py reads: refused by name
-    (they used to be dropped silently). The same folder without them converts."""
-    hf_dir = tmp_path / "hf"
-    saved_tiny_t5(hf_dir, spiece_folder, vocab_size=302)
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "plain")]) == 0
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    assert tokenizer.add_tokens(["<new>", "zzq"]) == 2
-    tokenizer.save_pretrained(hf_dir)
-    capsys.readouterr()
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 2
-    err = capsys.readouterr().err
-    assert "2 added token(s) t5.py does not support: '<new>' (id 300), 'zzq' (id 301)" in err, err
-    assert len(err.splitlines()) == 1 and not (tmp_path / "ours").exists()
-
-
-def test_convert_unreadable_weights_are_one_line(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = (family.hf_dir / "model.safetensors").read_bytes()
-    cases = {"truncated": data[:len(data) // 2], "foreign": b"PK\x03\x04 not safetensors at all" * 10}
-    for name, content in cases.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "config.json").write_text((family.hf_dir / "config.json").read_text())
-        (folder / "model.safetensors").write_bytes(content)
-        (tmp_path / f"{name}.safetensors").write_bytes(content)
-        for src in (folder, tmp_path / f"{name}.safetensors"):
-            assert convert_hf.main([str(src), str(tmp_path / "out")]) == 2, src
-            err = capsys.readouterr().err
-            assert "not a readable safetensors file" in err and len(err.splitlines()) == 1, err
-            assert not (tmp_path / "out").exists()
-
-
-def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`cli.py generate --ckpt X` (its main, in this process) with a truncated spiece.model."""
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(HERE / "demo", broken)
-    data = (broken / "spiece.model").read_bytes()
-    (broken / "spiece.model").write_bytes(data[:len(data) // 3])
-    assert cli.main(["generate", "spell: 7", "--ckpt", str(broken)]) == 2
-    err = capsys.readouterr().err
-    assert f"{broken / 'spiece.model'}: not a readable sentencepiece model" in err and len(err.splitlines()) == 1, err
-
-
-@pytest.mark.parametrize("to_hf", [False, True])
-def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture) -> None:
-    """Ctrl-C half-way through writing: "interrupted", exit 130, OUT as it was, no temporary folder."""
-    write = convert_hf.write_safetensors
-
-    def interrupted(path: Path, specs: dict, tensors: object) -> None:
-        def some() -> object:
-            for i, item in enumerate(tensors):
-                if i == 3:
-                    raise KeyboardInterrupt
-                yield item
-        write(path, specs, some())
-
-    monkeypatch.setattr(convert_hf, "write_safetensors", interrupted)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.json").write_text("precious")
-    src = family.ours_dir if to_hf else family.hf_dir
-    try:
-        code = convert_hf.main([str(src), str(out), "--force", *(["--to-hf"] if to_hf else [])])
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C came out of main: a traceback")
-    assert code == 130
-    err = capsys.readouterr().err  # (after the no-tokenizer warning, for a convert)
-    assert err.splitlines()[-1] == "convert_hf.py: interrupted" and "Traceback" not in err, err
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["config.json"]
-    assert (out / "config.json").read_text() == "precious"
-
-
-def test_convert_single_file_beside_other_models_and_input_scales(family: Family, tmp_path: Path) -> None:
-    """T5 keys at the root of a file that also holds other models' tensors: those are ignored. fp8
-    files with per-layer scale_input tensors (activation scales for fp8 kernels) convert, ignoring them."""
-    others = {"clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 3),
-              "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2),
-              "first_stage_model.encoder.conv_in.weight": torch.zeros(2), "logit_scale": torch.zeros(())}
-    src = single_file(family, tmp_path / "all_in_one.safetensors", extra=others)
-    flags = SHAPE_FLAGS.get(family.name, [])
-    assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
-    assert_same_checkpoint(tmp_path / "ours", family.ours_dir)
-    path, _ = fp8_encoder_file(family, tmp_path / "fp8.safetensors", scaled=True)
-    assert convert_hf.main([str(path), str(tmp_path / "fp8"), *flags]) == 0
-    state = load_file(path)
-    inputs = {k.replace("scale_weight", "scale_input"): torch.tensor(0.5) for k in state if k.endswith("scale_weight")}
-    assert inputs
-    save_file(state | inputs, tmp_path / "fp8_inputs.safetensors")
-    assert convert_hf.main([str(tmp_path / "fp8_inputs.safetensors"), str(tmp_path / "fp8-inputs"), *flags]) == 0
-    assert_same_checkpoint(tmp_path / "fp8", tmp_path / "fp8-inputs")
-
-
-def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """--force never deletes what the tool did not write: a parent folder of checkpoints, a converted
-    folder with the user's notes, the source itself (SRC == OUT or inside OUT, convert and --to-hf)."""
-    import shutil
-
-    checkpoints = tmp_path / "checkpoints"
-    shutil.copytree(family.ours_dir, checkpoints / "sibling")
-    (checkpoints / "notes.txt").write_text("mine")
-    mine = tmp_path / "mine"
-    shutil.copytree(family.ours_dir, mine)
-    (mine / "notes.txt").write_text("mine")
-    hf_copy = tmp_path / "hf"
-    shutil.copytree(family.hf_dir, hf_copy)
-    inside = tmp_path / "inside"
-    inside.mkdir()
-    single_file(family, inside / "t5.safetensors")
-    ours = tmp_path / "ours"
-    shutil.copytree(family.ours_dir, ours)
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    cases = [([str(family.hf_dir), str(checkpoints), "--force"], "holds what this tool did not write (notes.txt, sibling)"),
-             ([str(family.hf_dir), str(mine), "--force"], "holds what this tool did not write (notes.txt)"),
-             ([str(hf_copy), str(hf_copy), "--force"], "is OUT: writing OUT would destroy the source"),
-             ([str(inside / "t5.safetensors"), str(inside), "--force"], "is inside OUT"),
-             ([str(ours), str(ours), "--force", "--to-hf"], "is OUT: writing OUT would destroy the source"),
-             ([str(ours), str(tmp_path), "--force", "--to-hf"], "is inside OUT"),
-             ([str(family.hf_dir), str(ours)], "exists; pass --force to overwrite it (replaces its config.json, "
-                                                "model.safetensors)")]
-    for args, message in cases:
-        assert convert_hf.main(args) == 2, args
-        err = capsys.readouterr().err
-        assert message in err and len(err.splitlines()) == 1, (args, err)
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    assert convert_hf.main([str(family.hf_dir), str(ours), "--force"]) == 0  # a converted folder is replaced
-
-
-class CountingSafetensors:
-    """safetensors.safe_open that counts the reads of each tensor and the bytes of the tensors read
-    and still alive (peak: what the reader holds at once)."""
-
-    opener: object = None  # the real safe_open
-    reads: dict[str, int] = {}
-    live = peak = 0
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self._file = type(self).opener(*args, **kwargs)
-
-    @classmethod
-    def track(cls, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        import weakref
-
-        cls.reads[key] = cls.reads.get(key, 0) + 1
-        cls.live += tensor.nbytes
-        cls.peak = max(cls.peak, cls.live)
-        weakref.finalize(tensor, lambda n=tensor.nbytes: setattr(cls, "live", cls.live - n))
-        return tensor
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self.track(key, self._file.get_tensor(key))
-
-    def get_slice(self, key: str) -> object:
-        inner, track = self._file.get_slice(key), self.track
-
-        class Slice:
-            get_dtype, get_shape = inner.get_dtype, inner.get_shape
-
-            def __getitem__(self, index: object) -> torch.Tensor:
-                return track(key, inner[index])
-        return Slice()
-
-    def __enter__(self) -> CountingSafetensors:
-        self._file.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._file.__exit__(*exc)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._file, name)
-
-
-def test_convert_and_to_hf_read_each_tensor_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """convert reads no tensor twice (not the shared embedding that makes both embeddings and v1.0's
-    lm_head, not a weight for its dtype); --to-hf reads each tensor once, streaming: it never holds
-    more than two tensors' bytes (the embedding beside lm_head, to tell whether they are tied)."""
-    import safetensors
-    import safetensors.torch
-
-    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.0")
-    real = safetensors.safe_open
-    monkeypatch.setattr(CountingSafetensors, "opener", real)
-    for module in (safetensors, safetensors.torch):
-        monkeypatch.setattr(module, "safe_open", CountingSafetensors)
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
-    with real(str(hf_dir / "model.safetensors"), framework="pt") as f:
-        sizes = {key: f.get_tensor(key).nbytes for key in f.keys()}
-    assert CountingSafetensors.reads == {key: 1 for key in sizes}
-    assert CountingSafetensors.peak <= 2 * max(sizes.values()), (CountingSafetensors.peak, max(sizes.values()))
-    for name, value in [("reads", {}), ("live", 0), ("peak", 0)]:
-        monkeypatch.setattr(CountingSafetensors, name, value)
-    assert convert_hf.main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to-hf"]) == 0
-    with real(str(tmp_path / "ours" / "model.safetensors"), framework="pt") as f:
-        sizes = {key: f.get_tensor(key).nbytes for key in f.keys()}
-    assert CountingSafetensors.reads == {key: 1 for key in sizes}
-    assert sum(sizes.values()) > 6 * max(sizes.values())  # so that holding everything would show
-    assert CountingSafetensors.peak <= 2 * max(sizes.values()), (CountingSafetensors.peak, max(sizes.values()))
-
-
-def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture) -> None:
-    """A mistyped local path, a hub id that cannot be fetched, a broken config.json, a tokenizer
-    larger than the model's vocabulary: one line each, exit 2. No tokenizer at all: converted, with
-    a one-line warning naming --tokenizer."""
-    import huggingface_hub
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.\n\nMore lines")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+def test_readme_python_block_runs_as_pasted(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "Use from Python" block, unchanged, in a folder holding the checkpoints it names
+    (tiny random ones, converted from transformers folders), on this machine's device."""
+    (block,) = python_blocks("## Use from Python")
+    for name, kwargs in [("t5-xxl-enc", dict(feed_forward_proj="gated-gelu")), ("flan-t5-base", {})]:
+        hf_dir = tmp_path / "hf" / name
+        saved_tiny_t5(hf_dir, spiece_folder, **kwargs)
+        assert convert_hf.main([str(hf_dir), str(tmp_path / "checkpoints" / name)]) == 0
     monkeypatch.chdir(tmp_path)
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "t5",')
-    too_big = tmp_path / "too_big"
-    saved_tiny_t5(too_big, spiece_folder, vocab_size=250)
-    capsys.readouterr()
-    cases = [(["./chekpoints/x"], "./chekpoints/x: no such folder"),
-             (["path/that/does/not/exist"], "path/that/does/not/exist: no such folder"),
-             (["chekpoints/x"], "chekpoints/x: no such folder, and as a hub id it could not be fetched (OSError: "
-                                "We couldn't connect to 'https://huggingface.co'.)"),
-             ([str(broken)], f"{broken / 'config.json'}: not valid JSON"),
-             ([str(too_big)], "200 pieces + 100 sentinels do not fit the model's vocabulary of 250")]
-    for args, message in cases:
-        assert convert_hf.main([*args, str(tmp_path / "out")]) == 2, args
-        err = capsys.readouterr().err
-        assert message in err and len(err.splitlines()) == 1, (message, err)
-        assert not (tmp_path / "out").exists()
-    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
-    capsys.readouterr()
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "out")]) == 0
-    err = capsys.readouterr().err
-    assert "warning: no tokenizer" in err and "--tokenizer" in err and len(err.splitlines()) == 1, err
-    assert t5.load(tmp_path / "out").config.vocab_size == 103
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    # the custom decode loop, run after it as a reader would, is greedy decoding
+    (loop,) = python_blocks("### Static KV cache and custom decode loops")
+    exec(compile(loop, "README.md", "exec"), scope)
+    greedy = t5.generate(scope["model"], scope["ids"], scope["mask"], max_new_tokens=32)
+    width = int(greedy.lengths.max())
+    assert torch.equal(torch.stack(scope["tokens"], dim=1)[:, :width], greedy.tokens)
+    # fine-tune, save, --to-hf: transformers computes the fine-tuned model's logits
+    train_block = next(b for b in python_blocks("## Training") if "t5.save(" in b)
+    vocab = scope["model"].config.vocab_size
+    batches = [padded_batch(vocab, [7, 4], seed=seed) for seed in range(3)]
+    scope["my_loader"] = [(ids, mask, labels.masked_fill(mask == 0, -100)) for (ids, mask), (labels, _) in
+                          zip(batches, batches[1:] + batches[:1])]
+    exec(compile(train_block, "README.md", "exec"), scope)
+    assert convert_hf.main(["--to-hf", "checkpoints/my-finetune", "hf/my-finetune"]) == 0
+    finetuned = t5.load("checkpoints/my-finetune")
+    assert not torch.equal(finetuned.lm_head.weight, t5.load("checkpoints/flan-t5-base").lm_head.weight)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained("hf/my-finetune").eval()
+    ids, mask = batches[0]
+    with torch.no_grad():
+        torch.testing.assert_close(finetuned(ids, ids, input_mask=mask).logits,
+                                   hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits, atol=ATOL, rtol=0)
 
 
-def test_encoder_only_outputs_name_only_the_encoder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """convert_hf.py's summary line and `cli.py flops` (their mains, in this process) on an
-    encoder-only checkpoint name no decoder."""
-    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "full")]) == 0
-    capsys.readouterr()
-    assert convert_hf.main([str(hf_dir), str(tmp_path / "enc"), "--encoder-only"]) == 0
-    out = capsys.readouterr().out
-    assert "(3 encoder layers, d_model 32" in out and "decoder" not in out, out
-    assert cli.main(["flops", "--ckpt", str(tmp_path / "enc")]) == 0
-    out = capsys.readouterr().out
-    assert "encoder forward" in out and "decoder" not in out, out
-    assert cli.main(["flops", "--ckpt", str(tmp_path / "full")]) == 0
-    assert "one cached decode step" in capsys.readouterr().out
+def _readme_fsdp_worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
+    """One rank of the README's FSDP2 script, run as written (gloo on CPU) in a folder holding the
+    checkpoint it names; reports the last loss and whether the two input tables are still equal."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    (block,) = [b for b in python_blocks("## Training") if "fully_shard" in b]
+    vocab = t5.T5Config.load(Path(folder) / "checkpoints" / "flan-t5-base" / "config.json").vocab_size
+    ids, mask = padded_batch(vocab, [6, 3], seed=rank)
+    labels, label_mask = padded_batch(vocab, [4, 2], seed=10 + rank)
+    scope = {"my_loader": [(ids, mask, labels.masked_fill(label_mask == 0, -100))] * 2}
+    block = block.replace("dist.destroy_process_group()", "")  # read the result first
+    exec(compile(block, "README.md", "exec"), scope)
+    model = scope["model"]
+    tables = [model.encoder.embedding.weight.full_tensor(), model.decoder.embedding.weight.full_tensor()]
+    if rank == 0:
+        torch.save({"loss": scope["loss"].item(), "equal": torch.equal(*tables)}, out)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as _fsdp_worker: no interpreter teardown with gloo threads alive
+
+
+def test_readme_fsdp_script_runs_as_written(spiece_folder: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's FSDP2 script, as written, on two gloo ranks (two_ranks)."""
+    import socket
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    saved_tiny_t5(tmp_path / "hf", spiece_folder, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    assert convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "checkpoints" / "flan-t5-base")]) == 0
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "fsdp.pt"
+    two_ranks(_readme_fsdp_worker, str(tmp_path), port, str(out))
+    result = torch.load(out)
+    assert math.isfinite(result["loss"]) and result["equal"]
+
+
+def test_every_readme_python_block_is_run() -> None:
+    """Each ```python block of the README belongs to a section whose blocks a test executes as
+    written; a new block elsewhere fails this until a test runs it."""
+    tested = {"## Use from Python": 1, "### Text encoders of diffusion pipelines": 3,
+              "### Our encoder as a pipeline's text encoder": 1, "### Static KV cache and custom decode loops": 1,
+              "## Training": 2}
+    assert sum(len(python_blocks(heading)) for heading in tested) == sum(tested.values())
+    assert (HERE / "README.md").read_text().count("```python\n") == sum(tested.values())
+
+
+def test_readme_states_install_and_suite_time() -> None:
+    text = (HERE / "README.md").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only install
+    assert "python -m pytest -q test_t5.py" in text and "minutes on 2 CPU cores" in text
+    # the CPU-build note comes before the first command that would pull the CUDA build
+    assert text.index("--index-url https://download.pytorch.org/whl/cpu") < text.index("pip install -r requirements")
+    # one truth for the quick benchmark's time: the README, bench_t5.py's docstring and its --help
+    quick = re.search(r"--quick` gives a first look in (about \d+ s)", text).group(1)
+    bench = (HERE / "bench_t5.py").read_text()
+    assert bench.count(f"{quick} on 2 idle cores") == 2, quick
+
+
+def test_bench_quiet_and_noisy_flag() -> None:
+    """The benchmark's table flags rows whose runs spread widely, and silences transformers."""
+    assert bench_t5.Timing(1.0, 0.9, 1.1).flag() == "" and bench_t5.Timing(1.0, 0.9, 1.2).flag() == " noisy"
+    import logging
+
+    bench_t5.quiet_transformers()
+    assert logging.getLogger("transformers").getEffectiveLevel() >= logging.ERROR
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def t5_sections() -> list[tuple[str, int, int]]:
+    """t5.py's sections as (title, first line, last line), from its `# ======== Title ===` banners."""
+    lines = (HERE / "t5.py").read_text().splitlines()
+    starts = [(i + 1, re.match(r"# =+ (.+?) =+$", line)[1]) for i, line in enumerate(lines)
+              if re.match(r"# =+ (.+?) =+$", line)]
+    ends = [start - 1 for start, _ in starts[1:]] + [len(lines)]
+    return [("Header and imports", 1, starts[0][0] - 1)] + [(title, start, end) for (start, title), end in
+                                                           zip(starts, ends)]
+
+
+def test_t5_py_acceptance_numbers() -> None:
+    """Issue 16's acceptance numbers for t5.py, so that they cannot regress: no argparse, at most 5
+    forward references between top-level definitions (uses inside annotations excluded: they are
+    lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
+    with at most 8 parameters written in its signature, and a line count that only goes down (the
+    issue asks for 1,300; this ratchet holds what has been reached). The README's map of sections
+    gives their current line ranges."""
+    import ast
+
+    source = (HERE / "t5.py").read_text()
+    tree = ast.parse(source)
+    defined = {}
+    for index, node in enumerate(tree.body):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined[node.name] = index
+        elif isinstance(node, ast.Assign):
+            defined.update({target.id: index for target in node.targets if isinstance(target, ast.Name)})
+    forward = []
+    for index, node in enumerate(tree.body):
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            continue
+        in_annotations = {id(name) for sub in ast.walk(node) for field in ("returns", "annotation")
+                          if getattr(sub, field, None) is not None for name in ast.walk(getattr(sub, field))}
+        forward += [(getattr(node, "name", "="), name.id) for name in ast.walk(node)
+                    if isinstance(name, ast.Name) and id(name) not in in_annotations
+                    and defined.get(name.id, -1) > index]
+    assert len(forward) <= 5, forward
+    assert "argparse" not in source
+    lines = source.splitlines()
+    assert len(lines) <= 1440, len(lines)
+    assert sum(len(line) > 110 for line in lines) <= 10
+    generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
+    args = generate.args
+    assert len(args.posonlyargs + args.args + args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg) <= 8
+    readme = (HERE / "README.md").read_text()
+    for title, first, last in t5_sections():
+        assert f"| {title} | {first}-{last} |" in readme, (title, first, last)
