@@ -6,7 +6,9 @@
     python bench_t5.py --device cuda --dtype bfloat16
 
 Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache
-too) and, when installed, CTranslate2 (float32 on CPU). Models are random-weight models at the
+too) and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5
+(float32 eager generation, v1.1-style shapes). Our int8 rows are `t5.quantize` of the bfloat16
+model (--no-int8 skips them). Models are random-weight models at the
 real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
 convert_hf.py. Implementations are timed round-robin (one run of each in turn, `--repeats`
 times) so that a noisy machine hurts all of them alike; tables give the median with min-max, and
