@@ -256,22 +256,29 @@ def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repe
     out.write_text(json.dumps({label: timing._asdict() for label, timing in times.items()}))
 
 
-def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
-    """CTranslate2 in a child process, timed after the PyTorch implementations: its idle worker
-    threads keep spinning, and in the same process (or interleaved) they halve everyone's speed.
-    Empty when ctranslate2 is not installed."""
-    import importlib.util
-    import subprocess
-
-    if importlib.util.find_spec("ctranslate2") is None:
-        return {}
+def run_peer(flag: str, models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict | None:
+    """Run this file with a peer's worker `flag` in a child process, timed after the PyTorch
+    implementations (CTranslate2's idle worker threads keep spinning: in the same process, or
+    interleaved, they halve everyone's speed); what the worker wrote, or None if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "job.json"
         spec.write_text(json.dumps({"hf_dir": str(models.hf_dir), "ids": ids.tolist(), "new_tokens": new_tokens,
-                                    "repeats": repeats, "out": str(Path(tmp) / "times.json")}))
-        subprocess.run([sys.executable, __file__, "--ctranslate2-worker", str(spec)], check=True)
-        times = json.loads((Path(tmp) / "times.json").read_text())
-        return {f"{label} (own process, after)": Timing(**timing) for label, timing in times.items()}
+                                    "repeats": repeats, "out": str(Path(tmp) / "out.json")}))
+        if subprocess.run([sys.executable, __file__, flag, str(spec)]).returncode:
+            log(f"  {flag}: the peer failed (its traceback is above); its rows are left out")
+            return None
+        return json.loads((Path(tmp) / "out.json").read_text())
+
+
+def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
+    """CTranslate2's rows (`ctranslate2_worker` in its own process); empty when ctranslate2 is not
+    installed or failed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ctranslate2") is None:
+        return {}
+    times = run_peer("--ctranslate2-worker", models, ids, new_tokens, repeats) or {}
+    return {f"{label} (own process, after)": Timing(**timing) for label, timing in times.items()}
 
 
 def nai_t5_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
@@ -315,14 +322,9 @@ def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: i
 
     if importlib.util.find_spec("nai_t5") is None:
         return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = Path(tmp) / "job.json"
-        spec.write_text(json.dumps({"hf_dir": str(models.hf_dir), "ids": ids.tolist(), "new_tokens": new_tokens,
-                                    "repeats": repeats, "out": str(Path(tmp) / "times.json")}))
-        if subprocess.run([sys.executable, __file__, "--nai-t5-worker", str(spec)]).returncode:
-            log("  nai-t5 failed (its traceback is above): its row is left out")
-            return {}
-        result = json.loads((Path(tmp) / "times.json").read_text())
+    result = run_peer("--nai-t5-worker", models, ids, new_tokens, repeats)
+    if result is None:
+        return {}
     ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
         log("  nai-t5's greedy tokens differ from ours: its row is left out")
@@ -614,12 +616,10 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
         return None
-    if args.nai_t5_worker:
-        job = json.loads(args.nai_t5_worker.read_text())
-        return nai_t5_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
-    if args.ctranslate2_worker:
-        job = json.loads(args.ctranslate2_worker.read_text())
-        return ctranslate2_worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
+    for job_file, worker in ((args.nai_t5_worker, nai_t5_worker), (args.ctranslate2_worker, ctranslate2_worker)):
+        if job_file:
+            job = json.loads(job_file.read_text())
+            return worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
         args.models, args.repeats, args.no_compile, args.no_ctranslate2 = "t5-v1_1-small", 3, True, True
         args.no_int8 = True
