@@ -213,12 +213,9 @@ def bench_encoder(models: Models, name: str, batch: int, seq: int, args: argpars
 CT2_TYPES = {"float32": "CTranslate2 fp32", "int8": "CTranslate2 int8", "int8_float32": "CTranslate2 int8_float32"}
 
 
-def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
-    """Time CTranslate2 on CPU in each of CT2_TYPES (runs in its own process: see `ctranslate2_timing`).
-
-    The model is converted in memory from the Hugging Face one, with a stand-in vocabulary that
-    names tokens by id, so no tokenizer is needed."""
-    import ctranslate2
+def ctranslate2_model(hf_dir: Path, folder: str) -> list[str]:
+    """Convert a transformers T5 folder into a CTranslate2 model in `folder`, in memory, with a
+    stand-in vocabulary that names tokens by id (no tokenizer needed); returns that vocabulary."""
     import transformers
     from ctranslate2.converters.converter import Converter
     from ctranslate2.converters.transformers import T5Loader
@@ -243,9 +240,17 @@ def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repe
         def _load(self) -> object:
             return T5Loader()(hf, Vocabulary())
 
-    source = [[vocab[i] for i in row] for row in ids]
+    InMemory().convert(folder, force=True)
+    return vocab
+
+
+def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
+    """Time CTranslate2 on CPU in each of CT2_TYPES (runs in its own process: see `run_peer`)."""
+    import ctranslate2
+
     with tempfile.TemporaryDirectory() as tmp:
-        InMemory().convert(tmp, force=True)
+        vocab = ctranslate2_model(hf_dir, tmp)
+        source = [[vocab[i] for i in row] for row in ids]
         runs = {}
         for compute_type, label in CT2_TYPES.items():  # each converts the float32 weights as it loads them
             translator = ctranslate2.Translator(tmp, device="cpu", compute_type=compute_type,
@@ -363,6 +368,55 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     for impl, t in times.items():
         rows.append(f"| {name} | {batch} | {impl} | {t.median / new * 1e3:.2f} ({t.low / new * 1e3:.2f}-"
                     f"{t.high / new * 1e3:.2f}){t.flag()} | {batch * new / t.median:,.0f} | {hf_best / t.median:.2f}x |")
+    return rows
+
+
+########################################################################################
+# int8 quality
+########################################################################################
+
+
+def int8_quality() -> list[str]:
+    """Log-prob errors of int8 weights against the same implementation in float32, ours and
+    CTranslate2's, on the trained demo model: the 200 held-out prompts, teacher-forced on their right
+    answers (log-probs near 0) and on another prompt's answer (log-probs far from 0, where errors
+    show). CTranslate2 scores the demo exported with --to-hf; its float32 must match ours first."""
+    import ctranslate2
+    import train
+
+    demo = Path(__file__).parent / "demo"
+    model, tokenizer = t5.load(demo), t5.load_tokenizer(demo)
+    numbers = train.held_out()
+    ids, mask = tokenizer.encode_batch([train.prompt(n) for n in numbers])
+    answers = tokenizer.encode_batch([train.spell(n) for n in numbers])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        assert convert_hf.main(["--to-hf", str(demo), f"{tmp}/hf", "--dtype", "float32"]) == 0
+        vocab = ctranslate2_model(Path(tmp) / "hf", f"{tmp}/ct2")
+        translators = {ct: ctranslate2.Translator(f"{tmp}/ct2", device="cpu", compute_type=ct) for ct in CT2_TYPES}
+        ours = {"float32": model, "int8, float32 compute": t5.quantize(t5.load(demo)),
+                "int8, bfloat16 compute": t5.quantize(t5.load(demo, dtype=torch.bfloat16)),
+                "bfloat16 (no int8)": t5.load(demo, dtype=torch.bfloat16)}
+        for targets, (labels, label_mask) in [("right answers", answers),
+                                              ("another prompt's answer", tuple(t.roll(1, 0) for t in answers))]:
+            real = label_mask.bool()
+            decoder_ids = train.shift_right(labels.masked_fill(~real, -100), model.config)
+            with torch.no_grad():
+                logprobs = {name: m(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits.float()
+                            .log_softmax(-1).gather(-1, labels[..., None])[..., 0][real] for name, m in ours.items()}
+            source = [[vocab[i] for i in row[keep].tolist()] for row, keep in zip(ids, mask.bool())]
+            target = [[vocab[i] for i in row[keep].tolist()][:-1] for row, keep in zip(labels, real)]  # CT2 adds EOS
+            ct2 = {ct: torch.tensor([p for r in t.score_batch(source, target) for p in r.log_probs])
+                   for ct, t in translators.items()}
+            rows.append(f"| {targets} | CTranslate2 float32 vs t5.py float32 | "
+                        f"{(ct2['float32'] - logprobs['float32']).abs().max():.2e} | "
+                        f"{(ct2['float32'] - logprobs['float32']).abs().mean():.2e} |")
+            for name in list(ours)[1:]:
+                error = (logprobs[name] - logprobs["float32"]).abs()
+                rows.append(f"| {targets} | t5.py {name} | {error.max():.2e} | {error.mean():.2e} |")
+            for ct in list(CT2_TYPES)[1:]:
+                error = (ct2[ct] - ct2["float32"]).abs()
+                rows.append(f"| {targets} | CTranslate2 {ct} | {error.max():.2e} | {error.mean():.2e} |")
     return rows
 
 
@@ -582,6 +636,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--nai-t5-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--int8-quality", action="store_true", help="only the int8 quality table: log-prob errors of "
+                        "int8 weights, ours and CTranslate2's (needs ctranslate2), on the demo model")
     parser.add_argument("--memory", action="store_true", help="only the activation-memory table: peak extra memory of "
                         "one bfloat16 encoder forward at XXL's attention and FFN widths, ours vs transformers")
     parser.add_argument("--memory-batch", type=int, default=4, help="batch for --memory (default: 4, of 512 tokens)")
@@ -614,6 +670,14 @@ def main(argv: list[str] | None = None) -> None:
         print("| model | batch x seq | weights | file MiB | resident after load | peak while encoding | "
               "peak vs bfloat16 | encode s |")
         print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return None
+    if args.int8_quality:
+        rows = int8_quality()
+        print(f"# int8 quality, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}\n")
+        print("|log-prob - the same implementation's float32 log-prob| of each target token, demo model, "
+              "200 held-out prompts\n")
+        print("| targets | what | max | mean |\n|---|---|---|---|")
         print("\n".join(rows))
         return None
     for job_file, worker in ((args.nai_t5_worker, nai_t5_worker), (args.ctranslate2_worker, ctranslate2_worker)):
