@@ -513,7 +513,7 @@ def memory_worker(folder: Path, batch: int, seq: int) -> None:
 
 def random_encoder_tensors(config: t5.T5Config, specs: dict[str, tuple[torch.Size, torch.dtype]]):
     """Seeded random encoder weights at `config`'s shapes, one tensor at a time, stored as `specs`
-    says (fp8 weights quantized per row, followed by their scales)."""
+    says (fp8 and int8 weights quantized per row, followed by their scales)."""
     for i, (name, (shape, dtype)) in enumerate(specs.items()):
         if name.endswith("_scale"):
             continue
@@ -522,8 +522,8 @@ def random_encoder_tensors(config: t5.T5Config, specs: dict[str, tuple[torch.Siz
             tensor = torch.ones(shape)
         else:
             tensor = torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 and "embedding" not in name else 1)
-        if dtype == torch.float8_e4m3fn:
-            weight, scale = convert_hf.quantize_rows(tensor)
+        if dtype in (torch.float8_e4m3fn, torch.int8):
+            weight, scale = (convert_hf.quantize_rows if dtype == torch.float8_e4m3fn else t5.quantize_int8)(tensor)
             yield name, weight
             yield name + "_scale", scale
         else:
@@ -531,11 +531,11 @@ def random_encoder_tensors(config: t5.T5Config, specs: dict[str, tuple[torch.Siz
 
 
 def bench_fp8_memory(root: Path, layers: int, batch: int, seq: int) -> list[str]:
-    """The same random XXL-width encoder stored in bfloat16 and with fp8 weights; each loaded and
-    run in its own process."""
+    """The same random XXL-width encoder stored in bfloat16, with fp8 weights and with int8 weights;
+    each loaded and run in its own process."""
     config = t5.T5Config(**XXL_WIDTH, num_encoder_layers=layers, num_decoder_layers=1)
     results = {}
-    for weights in ("dense", "float8_e4m3fn"):
+    for weights in ("dense", "float8_e4m3fn", "int8"):
         folder = root / f"xxl-{weights}"
         folder.mkdir()
         specs = convert_hf.output_specs(config, True, torch.bfloat16, weights)
@@ -548,7 +548,8 @@ def bench_fp8_memory(root: Path, layers: int, batch: int, seq: int) -> list[str]
         shutil.rmtree(folder)
     dense = results["dense"]
     rows = []
-    for weights, label in (("dense", "bfloat16"), ("float8_e4m3fn", "fp8 weights, bfloat16 compute")):
+    for weights, label in (("dense", "bfloat16"), ("float8_e4m3fn", "fp8 weights, bfloat16 compute"),
+                           ("int8", "int8 weights, bfloat16 compute")):
         r = results[weights]
         rows.append(f"| {layers} x XXL width | {batch}x{seq} | {label} | {r['file']:,.0f} | {r['loaded']:,.0f} | "
                     f"{r['peak']:,.0f} | {r['peak'] / dense['peak']:.2f}x | {r['seconds']:.1f} |")
@@ -631,8 +632,8 @@ def main(argv: list[str] | None = None) -> None:
                         "computing in bfloat16)")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
                         "only, 3 repeats, no compile, no CTranslate2: about 45 s on 2 idle cores")
-    parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 table: resident memory while encoding, "
-                        "bfloat16 vs fp8 weights, XXL width (takes ~10 GB of disk in a temp folder, a few minutes)")
+    parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 and int8 table: resident memory while encoding, "
+                        "bfloat16 vs fp8 vs int8 weights, XXL width (~10 GB of disk in a temp folder, a few minutes)")
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--nai-t5-worker", type=Path, help=argparse.SUPPRESS)
