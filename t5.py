@@ -8,7 +8,7 @@ per layer). The design choices and their reasons are in README.md ("How t5.py re
 Sections, top to bottom: config; helpers (position buckets, input checks, masks); attention
 kernels (SDPA or FlexAttention); norm and relative position bias; static KV cache; attention x3
 and feed-forward x2; layers; stacks; model; FLOPs; sampler (greedy, sampling, beam search);
-tokenizers; loading and saving (fp8 weights included). Training helpers are in train.py.
+tokenizers; loading and saving (fp8 and int8 weights included). Training helpers: train.py.
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
