@@ -2733,6 +2733,14 @@ def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device
     converted = t5.load(tmp_path / "converted", device=device)
     assert converted.state_dict().keys() == int8.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), int8.state_dict().values()))
+    # the encoder alone (what pipelines load): converted with --encoder-only, or quantized in memory
+    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "encoder"), "--weights", "int8", "--encoder-only",
+                            "--dtype", "float32"]) == 0
+    encoder = t5.load(tmp_path / "encoder", encoder_only=True, device=device)
+    assert all(type(m) is t5.Int8Linear for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear)))
+    with torch.no_grad():
+        assert torch.equal(encoder(ids, mask), int8.encoder(ids, mask))
+        assert torch.equal(encoder(ids[:1]), int8.encoder(ids[:1]))  # batch 1, no mask
     # and back to transformers: the dequantized weights
     assert convert_hf.main(["--to-hf", str(tmp_path / "converted"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     hf = HF_MODELS[FAMILIES[family.name][0]].from_pretrained(tmp_path / "hf").eval().to(device)
