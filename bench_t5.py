@@ -522,8 +522,8 @@ def random_encoder_tensors(config: t5.T5Config, specs: dict[str, tuple[torch.Siz
             tensor = torch.ones(shape)
         else:
             tensor = torch.randn(shape, generator=g) * (shape[-1] ** -0.5 if len(shape) == 2 and "embedding" not in name else 1)
-        if dtype in (torch.float8_e4m3fn, torch.int8):
-            weight, scale = (convert_hf.quantize_rows if dtype == torch.float8_e4m3fn else t5.quantize_int8)(tensor)
+        if dtype in convert_hf.QUANTIZE:
+            weight, scale = convert_hf.QUANTIZE[dtype](tensor)
             yield name, weight
             yield name + "_scale", scale
         else:

@@ -45,7 +45,8 @@ with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unu
 from einops import rearrange
 from torch import Tensor, nn
 
-from t5 import DTYPES, SENTINEL, T5, T5Config, T5Encoder, dequantize_weight, quantize_int8, scalable_blocks
+from t5 import (DTYPES, SENTINEL, T5, Float8Linear, Int8Linear, T5Config, T5Encoder, dequantize_weight, quantize_int8,
+                scalable_blocks)
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -85,8 +86,9 @@ TORCH_DTYPES = {**{name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}, "
                 "F8_E5M2": torch.float8_e5m2}  # a safetensors header's dtype names
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-WEIGHTS = {"dense": None, "float8_e4m3fn": (FP8, torch.float32), "int8": (torch.int8, torch.bfloat16)}  # --weights:
-# how linear weights are stored: (weight dtype, dtype of its per-row scale), None for as --dtype says
+# --weights: how linear weights are stored, as the layer `t5.load` makes of them (its weight_dtype and
+# scale_dtype); None: as --dtype says
+WEIGHTS = {"dense": None, "float8_e4m3fn": Float8Linear, "int8": Int8Linear}
 # Tensors of fp8 files made for diffusion tools (ComfyUI's "scaled fp8"): X.scale_weight scales
 # X.weight (a scalar, or one value per output row); scaled_fp8 is an empty marker tensor. Some also
 # carry X.scale_input: the scale an fp8 matmul kernel divides the activations by before casting them
@@ -297,6 +299,9 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (weight / rearrange(scale, "o -> o 1")).to(FP8), scale
 
 
+QUANTIZE = {FP8: quantize_rows, torch.int8: quantize_int8}  # stored weight dtype -> (weight, row scale)
+
+
 def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, stored: torch.dtype | None = None
           ) -> tuple[Tensor, Tensor | None]:
     """Make one of our tensors from its Source; fusion (concatenation) happens here only. Returns
@@ -305,18 +310,15 @@ def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | No
     The result is always a new tensor: the encoder's and decoder's embeddings, both made from
     shared.weight, must not share memory (that would tie them again)."""
     parts = [read_part(tensors, key) for key in source.keys]
-    fp8 = stored == FP8
-    if fp8 and all(scale is not None for _, scale in parts):
+    if stored == FP8 and all(scale is not None for _, scale in parts):
         weight = torch.cat([part for part, _ in parts], dim=source.dim)
         return weight.clone() if len(parts) == 1 else weight, torch.cat([scale for _, scale in parts]) * source.scale
     exact = [part if scale is None else part.float() * rearrange(scale, "o -> o 1") for part, scale in parts]
     tensor = exact[0] if len(exact) == 1 else torch.cat(exact, dim=source.dim)
     if source.scale != 1.0:
         tensor = tensor.float() * source.scale
-    if fp8:
-        return quantize_rows(tensor)
-    if stored == torch.int8:
-        return quantize_int8(tensor)
+    if stored in QUANTIZE:
+        return QUANTIZE[stored](tensor)
     return tensor.to(dtype or exact[0].dtype, memory_format=torch.contiguous_format, copy=True), None
 
 
@@ -380,9 +382,10 @@ def output_specs(config: T5Config, encoder_only: bool, dtype: torch.dtype, weigh
     followed by a `weight_scale` of one value per output row (float32 for fp8, bfloat16 for int8)."""
     specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
     for name, shape in expected_shapes(config, encoder_only).items():
-        if WEIGHTS[weights] is not None and is_linear(name):
-            specs[name] = (shape, WEIGHTS[weights][0])
-            specs[name + "_scale"] = (torch.Size([shape[0]]), WEIGHTS[weights][1])
+        layer = WEIGHTS[weights]
+        if layer is not None and is_linear(name):
+            specs[name] = (shape, layer.weight_dtype)
+            specs[name + "_scale"] = (torch.Size([shape[0]]), layer.scale_dtype)
         else:
             specs[name] = (shape, dtype)
     return specs
