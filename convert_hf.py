@@ -45,8 +45,8 @@ with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unu
 from einops import rearrange
 from torch import Tensor, nn
 
-from t5 import (DTYPES, SENTINEL, T5, Float8Linear, Int8Linear, T5Config, T5Encoder, dequantize_weight, quantize_int8,
-                scalable_blocks)
+from t5 import (DTYPES, SENTINEL, T5, Float8Linear, Int8Linear, Linear, T5Config, T5Encoder, dequantize_weight,
+                quantize_int8, scalable_blocks)
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -1044,8 +1044,22 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 
 ########################################################################################
-# Back to transformers: --to-hf
+# Back to transformers: --to-hf (and back to dense weights in memory)
 ########################################################################################
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every t5.Float8Linear and t5.Int8Linear by a t5.Linear holding its dequantized
+    weight, in the dtype of the model's embeddings (the dtype it computes in): the model computes
+    what it did. In place; returns the model."""
+    dtype = next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight.dtype
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Float8Linear):
+            with torch.device("meta"):
+                dense = Linear(module.in_features, module.out_features)
+            dense.weight = nn.Parameter(module.dense_weight(dtype), requires_grad=False)
+            model.set_submodule(name, dense)
+    return model
+
 
 HF_ARCHITECTURES = {  # model_type -> (encoder-decoder class, encoder-only class)
     "t5": ("T5ForConditionalGeneration", "T5EncoderModel"),

@@ -23,11 +23,13 @@ import subprocess
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -931,7 +933,7 @@ def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, 
     encoder = t5.load(tmp_path / "ours", encoder_only=True)
     linears = [m for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
     assert linears and all(isinstance(m, t5.Float8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
-    upcast = t5.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
+    upcast = convert_hf.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
     assert not any(isinstance(m, t5.Float8Linear) for m in upcast.modules())
     ids, mask = padded_batch(family.vocab, [19, 6])
     with torch.no_grad():
@@ -976,7 +978,7 @@ def test_convert_weights_float8_from_a_dense_source(family: Family, tmp_path: Pa
     dec, dec_mask = padded_batch(family.vocab, [5, 3], seed=3)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
-                                   t5.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
+                                   convert_hf.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
                                    rtol=1e-6, atol=0)
     assert t5.generate(model, ids, mask, max_new_tokens=3).tokens.shape[0] == 2
 
@@ -1719,7 +1721,8 @@ def test_cache_errors(family: Family) -> None:
 def test_flop_counter_matches_flop_counter_mode(name: str) -> None:
     """The analytic count equals torch's FlopCounterMode over the real forward, exactly, for the
     encoder, the teacher-forced encoder-decoder and one cached decode step. SDPA runs under the MATH
-    backend: FlopCounterMode counts 0 FLOPs for the CPU flash kernel."""
+    backend and linear layers through F.linear (oneDNN off): FlopCounterMode counts 0 FLOPs for the
+    CPU flash kernel and for oneDNN's linear op, which do the same matmuls."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -1734,7 +1737,7 @@ def test_flop_counter_matches_flop_counter_mode(name: str) -> None:
             fn()
         return counter.get_total_flops()
 
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
         assert counted(lambda: model.encoder(ids)) == t5.encoder_flops(config, 3, 17).total
         full = t5.encoder_flops(config, 3, 17).total + t5.decoder_flops(config, 3, 6, 17).total
         assert counted(lambda: model(ids, dec)) == full
@@ -2677,8 +2680,41 @@ def test_half_precision_greedy_matches_float32(gen_family: Family, dtype: torch.
 
 
 ########################################################################################
-# Weight-only int8
+# CPU kernels: oneDNN's float32 linear; weight-only int8
 ########################################################################################
+
+
+def linear_ops(fn: Callable[[], object]) -> set[str]:
+    """The names of the matmul ops `fn` runs."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key in ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")}
+
+
+def test_linear_kernel_choice() -> None:
+    """t5.linear: oneDNN's op only in float32 on an x86 CPU with autograd off (and mkldnn enabled),
+    F.linear otherwise, so gradients still flow while training; both agree to float32 rounding (the
+    two kernels sum in different orders), for 2- and 3-dim inputs of 1 and several rows, a
+    non-contiguous weight and input. The whole model under no_grad takes the oneDNN op too."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64).t().contiguous().t()  # (96, 64), column-major
+    layer = t5.Linear(64, 96)
+    for x in (torch.randn(1, 64), torch.randn(5, 64), torch.randn(2, 3, 64), torch.randn(3, 2, 64).transpose(0, 1)):
+        for w in (weight, layer.weight):
+            with torch.no_grad():
+                torch.testing.assert_close(t5.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+                assert linear_ops(lambda: t5.linear(x, w)) == ({"mkldnn::_linear_pointwise"} if t5.ONEDNN else {"aten::mm"})
+                with torch.backends.mkldnn.flags(enabled=False):
+                    assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: t5.linear(x, w))
+                    assert torch.equal(t5.linear(x, w), F.linear(x, w))
+    assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: layer(torch.randn(4, 64)).sum().backward())
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        bf16 = torch.randn(2, 64, dtype=torch.bfloat16)
+        assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: t5.linear(bf16, weight.bfloat16()))
+        model = t5.T5(tiny_config("t5-v1.1")).eval()
+        ops = linear_ops(lambda: model(torch.tensor([[3, 4, 5]]), torch.tensor([[0, 6]])))
+    assert ops == ({"mkldnn::_linear_pointwise"} if t5.ONEDNN else {"aten::mm"})
 
 
 def test_quantize_int8_rows() -> None:
@@ -2709,7 +2745,7 @@ def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device
     linears = [m for m in int8.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
     assert linears and all(type(m) is t5.Int8Linear and m.weight.dtype == torch.int8 for m in linears)
     assert type(int8.lm_head) is t5.Int8Linear
-    twin = t5.dequantize(t5.quantize(t5.load(family.ours_dir, device=device)))
+    twin = convert_hf.dequantize(t5.quantize(t5.load(family.ours_dir, device=device)))
     assert not any(isinstance(m, t5.Float8Linear) for m in twin.modules())
     ids, mask = padded_batch(family.vocab, [9, 5])
     ids, mask = ids.to(device), mask.to(device)
@@ -2774,7 +2810,7 @@ def test_int8_on_the_demo_model() -> None:
         assert error(int8) <= 1.5 * bf16_error and error(int8_bf16) <= 2 * bf16_error
     accuracy = train.evaluate(model, tokenizer, numbers)
     assert train.evaluate(int8, tokenizer, numbers) == accuracy == train.evaluate(int8_bf16, tokenizer, numbers)
-    twin = t5.dequantize(t5.quantize(t5.load(HERE / "demo")))
+    twin = convert_hf.dequantize(t5.quantize(t5.load(HERE / "demo")))
     beams = t5.generate(int8, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
     expected = t5.generate(twin, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
     assert torch.equal(beams.tokens, expected.tokens) and torch.equal(beams.scores, expected.scores)
