@@ -235,11 +235,12 @@ def _(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., i) @ weight (o, i).T -> (..., o); in float32 on an x86 CPU with autograd off (generation,
-    no_grad) through oneDNN's matmul instead of the default BLAS: GEMVs 1.3-2x faster on the AMD CPU of
-    the README's tables, unmeasured on Intel (`torch.backends.mkldnn.flags(enabled=False)`: off)."""
+    """x (..., i) @ weight (o, i).T -> (..., o); in float32 on an x86 CPU with autograd and autocast off
+    (generation, no_grad) through oneDNN's matmul, not the default BLAS: GEMVs 1.3-2x faster on the AMD
+    CPU of the README's tables, unmeasured on Intel; `torch.backends.mkldnn.flags(enabled=False)`: off."""
     if ONEDNN and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" \
-            and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled:
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") \
+            and torch.backends.mkldnn.enabled:  # (under autocast, F.linear: autocast casts its inputs)
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")  # 20 us sooner per call

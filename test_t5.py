@@ -2692,10 +2692,10 @@ def linear_ops(fn: Callable[[], object]) -> set[str]:
 
 
 def test_linear_kernel_choice() -> None:
-    """t5.linear: oneDNN's op only in float32 on an x86 CPU with autograd off (and mkldnn enabled),
-    F.linear otherwise, so gradients still flow while training; both agree to float32 rounding (the
-    two kernels sum in different orders), for 2- and 3-dim inputs of 1 and several rows, a
-    non-contiguous weight and input. The whole model under no_grad takes the oneDNN op too, and so
+    """t5.linear: oneDNN's op only in float32 on an x86 CPU with autograd and autocast off (and mkldnn
+    enabled), F.linear otherwise, so gradients still flow while training and autocast still casts;
+    both agree to float32 rounding (the two kernels sum in different orders), for 2- and 3-dim inputs
+    of 1 and several rows, a non-contiguous weight and input. The whole model under no_grad takes the oneDNN op too, and so
     does a compiled function (the op is `t5::onednn_linear` to inductor)."""
     torch.manual_seed(0)
     weight = torch.randn(96, 64).t().contiguous().t()  # (96, 64), column-major
@@ -2713,6 +2713,9 @@ def test_linear_kernel_choice() -> None:
     with torch.no_grad():
         bf16 = torch.randn(2, 64, dtype=torch.bfloat16)
         assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: t5.linear(bf16, weight.bfloat16()))
+        x = torch.randn(2, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bfloat16 matmul, as F.linear gives
+            assert torch.equal(t5.linear(x, weight), F.linear(x, weight)) and t5.linear(x, weight).dtype == torch.bfloat16
         model = t5.T5(tiny_config("t5-v1.1")).eval()
         ops = linear_ops(lambda: model(torch.tensor([[3, 4, 5]]), torch.tensor([[0, 6]])))
         assert ops == ({"mkldnn::_linear_pointwise"} if t5.ONEDNN else {"aten::mm"})
@@ -3230,7 +3233,7 @@ def test_t5_py_acceptance_numbers() -> None:
     lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
     with at most 8 parameters written in its signature, and a line count held where it is (the
     issue asks for 1,300; this ratchet holds what was reached, 1,440, plus issue 17's oneDNN linear:
-    the function, its layer and the op torch.compile keeps, 11 lines). The README's map of sections
+    the function, its layer and the op torch.compile keeps, 12 lines). The README's map of sections
     gives their current line ranges."""
     import ast
 
@@ -3254,7 +3257,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1451, len(lines)
+    assert len(lines) <= 1452, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
