@@ -2695,8 +2695,8 @@ def test_linear_kernel_choice() -> None:
     """t5.linear: oneDNN's op only in float32 on an x86 CPU with autograd and autocast off (and mkldnn
     enabled), F.linear otherwise, so gradients still flow while training and autocast still casts;
     both agree to float32 rounding (the two kernels sum in different orders), for 2- and 3-dim inputs
-    of 1 and several rows, a non-contiguous weight and input. The whole model under no_grad takes the oneDNN op too, and so
-    does a compiled function (the op is `t5::onednn_linear` to inductor)."""
+    of 1 and several rows, a non-contiguous weight and input. The whole model under no_grad takes the
+    oneDNN op too, and so does a compiled function (the op is `t5::onednn_linear` to inductor)."""
     torch.manual_seed(0)
     weight = torch.randn(96, 64).t().contiguous().t()  # (96, 64), column-major
     layer = t5.Linear(64, 96)
@@ -2704,7 +2704,8 @@ def test_linear_kernel_choice() -> None:
         for w in (weight, layer.weight):
             with torch.no_grad():
                 torch.testing.assert_close(t5.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
-                assert linear_ops(lambda: t5.linear(x, w)) == ({"mkldnn::_linear_pointwise"} if t5.ONEDNN else {"aten::mm"})
+                ops = linear_ops(lambda: t5.linear(x, w))
+                assert (ops == {"mkldnn::_linear_pointwise"}) if t5.ONEDNN else ("mkldnn::_linear_pointwise" not in ops)
                 with torch.backends.mkldnn.flags(enabled=False):
                     assert "mkldnn::_linear_pointwise" not in linear_ops(lambda: t5.linear(x, w))
                     assert torch.equal(t5.linear(x, w), F.linear(x, w))
@@ -2718,7 +2719,7 @@ def test_linear_kernel_choice() -> None:
             assert torch.equal(t5.linear(x, weight), F.linear(x, weight)) and t5.linear(x, weight).dtype == torch.bfloat16
         model = t5.T5(tiny_config("t5-v1.1")).eval()
         ops = linear_ops(lambda: model(torch.tensor([[3, 4, 5]]), torch.tensor([[0, 6]])))
-        assert ops == ({"mkldnn::_linear_pointwise"} if t5.ONEDNN else {"aten::mm"})
+        assert (ops == {"mkldnn::_linear_pointwise"}) if t5.ONEDNN else ("mkldnn::_linear_pointwise" not in ops)
         compiled = torch.compile(lambda x: t5.linear(x, weight).relu(), fullgraph=True)  # the op survives inductor
         x = torch.randn(3, 64)
         torch.testing.assert_close(compiled(x), F.linear(x, weight).relu(), atol=1e-5, rtol=1e-5)
