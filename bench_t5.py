@@ -7,8 +7,9 @@
 
 Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache
 too) and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5
-(float32 eager generation, v1.1-style shapes). Our int8 rows are `t5.quantize` of the bfloat16
-model (--no-int8 skips them). Models are random-weight models at the
+(float32 eager generation, v1.1-style shapes). Our int8 rows are `t5.quantize` of our model in the
+run's dtype (float32 on CPU: fbgemm's int8 x int8 products, inputs quantized per row; bfloat16:
+weight-only int8; --no-int8 skips them). Models are random-weight models at the
 real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
 convert_hf.py. Implementations are timed round-robin (one run of each in turn, `--repeats`
 times) so that a noisy machine hurts all of them alike; tables give the median with min-max, and
@@ -120,7 +121,7 @@ class Models(NamedTuple):
     hf: dict[str, torch.nn.Module]  # attention implementation -> model
     hf_dir: Path
     config: t5.T5Config
-    int8: t5.T5 | None  # ours with int8 linear weights (t5.quantize), computing in bfloat16
+    int8: t5.T5 | None  # ours with int8 linear weights (t5.quantize), in the same dtype
 
 
 def untie_as_on_the_hub(folder: Path) -> None:
@@ -142,7 +143,7 @@ def untie_as_on_the_hub(folder: Path) -> None:
 
 def build_models(name: str, root: Path, device: str, dtype: torch.dtype, int8: bool = False) -> Models:
     """A seeded random model at `name`'s shapes: saved as the hub ships it, converted, loaded both ways
-    (and, with int8, ours again in bfloat16 with int8 linear weights)."""
+    (and, with int8, ours again with int8 linear weights)."""
     import transformers
 
     fields = dict(SHAPES[name])
@@ -158,7 +159,7 @@ def build_models(name: str, root: Path, device: str, dtype: torch.dtype, int8: b
     ours = t5.load(root / f"{name}-ours", device=device, dtype=dtype)
     hf = {impl: transformers.T5ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation=impl, dtype=dtype)
           .to(device).eval() for impl in ("eager", "sdpa")}
-    quantized = t5.quantize(t5.load(root / f"{name}-ours", device=device, dtype=torch.bfloat16)) if int8 else None
+    quantized = t5.quantize(t5.load(root / f"{name}-ours", device=device, dtype=dtype)) if int8 else None
     return Models(ours, hf, hf_dir, ours.config, quantized)
 
 
@@ -394,16 +395,22 @@ def int8_quality() -> list[str]:
         assert convert_hf.main(["--to-hf", str(demo), f"{tmp}/hf", "--dtype", "float32"]) == 0
         vocab = ctranslate2_model(Path(tmp) / "hf", f"{tmp}/ct2")
         translators = {ct: ctranslate2.Translator(f"{tmp}/ct2", device="cpu", compute_type=ct) for ct in CT2_TYPES}
-        ours = {"float32": model, "int8, float32 compute": t5.quantize(t5.load(demo)),
+        int8 = t5.quantize(t5.load(demo))
+        ours = {"float32": model, "int8, float32 compute, inputs quantized (fbgemm)": int8,
+                "int8, float32 compute, weight-only": int8,
                 "int8, bfloat16 compute": t5.quantize(t5.load(demo, dtype=torch.bfloat16)),
                 "bfloat16 (no int8)": t5.load(demo, dtype=torch.bfloat16)}
         for targets, (labels, label_mask) in [("right answers", answers),
                                               ("another prompt's answer", tuple(t.roll(1, 0) for t in answers))]:
             real = label_mask.bool()
             decoder_ids = train.shift_right(labels.masked_fill(~real, -100), model.config)
-            with torch.no_grad():
-                logprobs = {name: m(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits.float()
-                            .log_softmax(-1).gather(-1, labels[..., None])[..., 0][real] for name, m in ours.items()}
+            logprobs = {}
+            for name, m in ours.items():
+                t5.Int8Linear.quantize_inputs = t5.FBGEMM and "weight-only" not in name
+                with torch.no_grad():
+                    logprobs[name] = m(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits.float() \
+                        .log_softmax(-1).gather(-1, labels[..., None])[..., 0][real]
+            t5.Int8Linear.quantize_inputs = t5.FBGEMM
             source = [[vocab[i] for i in row[keep].tolist()] for row, keep in zip(ids, mask.bool())]
             target = [[vocab[i] for i in row[keep].tolist()][:-1] for row, keep in zip(labels, real)]  # CT2 adds EOS
             ct2 = {ct: torch.tensor([p for r in t.score_batch(source, target) for p in r.log_probs])
@@ -628,8 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
-    parser.add_argument("--no-int8", action="store_true", help="skip the rows of our int8 model (t5.quantize, "
-                        "computing in bfloat16)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the rows of our int8 model (t5.quantize "
+                        "of our model in --dtype)")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
                         "only, 3 repeats, no compile, no CTranslate2: about 45 s on 2 idle cores")
     parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 and int8 table: resident memory while encoding, "

@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -245,6 +246,33 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
             return onednn_linear(x, weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")  # 20 us sooner per call
     return F.linear(x, weight)
+
+
+FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # int8 x int8 products on x86 CPUs
+_packed: dict[int, tuple[tuple[int, int], object]] = {}  # id(int8 weight) -> (its address, version), packed
+
+
+def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x (m, i) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm, which quantizes x on the fly
+    (per tensor, asymmetric, 7 bits: 8 can overflow without VNNI). The weight's packed copy is made on
+    first use, again after a write to the weight, and is dropped with it."""
+    stamp = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    if id(weight) not in _packed:
+        weakref.finalize(weight, _packed.pop, id(weight), None)
+    if _packed.get(id(weight), (None,))[0] != stamp:
+        with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's packing takes one
+            warnings.simplefilter("ignore")
+            quantized = torch._make_per_tensor_quantized_tensor(weight.detach(), 1.0, 0)
+        _packed[id(weight)] = stamp, torch.ops.quantized.linear_prepack(quantized, None)
+    return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)
+
+
+compiled_fbgemm_linear = torch.library.custom_op("t5::fbgemm_linear", fbgemm_linear, mutates_args=())
+
+
+@compiled_fbgemm_linear.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -1339,18 +1367,27 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(Float8Linear):
-    """Weight-only int8: the weight in int8 with a bfloat16 scale per output row (`quantize_int8`).
-    On CPU with bfloat16 inputs one int8 kernel multiplies without a dequantized copy of the
-    weight; otherwise each call dequantizes it to the input's dtype, as Float8Linear does. (torch
-    2.13's kernel returns NaN or crashes when in_features is not a multiple of 8: those dequantize.)"""
+    """The weight in int8 with a bfloat16 scale per output row (`quantize_int8`). On CPU in float32
+    inference (autograd and autocast off) fbgemm multiplies int8 by int8, each input row scaled to its
+    peak and quantized to 7 bits on the fly, as CTranslate2's int8 does (`quantize_inputs = False`:
+    weight-only); with bfloat16 inputs one int8 kernel multiplies, weight-only; otherwise each call
+    dequantizes the weight to the input's dtype, as Float8Linear does. (torch 2.13's bfloat16 kernel
+    returns NaN or crashes when in_features is not a multiple of 8: those dequantize.)"""
 
     weight_dtype, scale_dtype = torch.int8, torch.bfloat16
+    quantize_inputs = FBGEMM  # where fbgemm is built in (x86)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.in_features % 8:
-            return super().forward(x)
         rows = rearrange(x, "... i -> (...) i")
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.quantize_inputs \
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            product = compiled_fbgemm_linear if torch.compiler.is_compiling() else fbgemm_linear
+            y = product(rows / peak, self.weight) * (peak * self.weight_scale.float())  # rows quantized alone
+        elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 8 == 0:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
+        else:
+            return super().forward(x)
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -2743,12 +2744,16 @@ def test_quantize_int8_rows() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device: str, tmp_path: Path) -> None:
-    """t5.quantize: every linear layer (lm_head included) becomes an Int8Linear. In float32 it
-    computes exactly what its dequantized twin does (the same float32 weights); in bfloat16 on CPU
-    the int8 kernel takes the row scales after the sum, so it differs from a twin whose weights were
-    rounded to bfloat16 by less than that rounding: within bfloat16 error of the float32 result.
-    save -> load gives the same tensors back; convert_hf.py --weights int8 gives the same model."""
+def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """t5.quantize: every linear layer (lm_head included) becomes an Int8Linear. Weight-only in float32
+    (quantize_inputs off) it computes exactly what its dequantized twin does (the same float32
+    weights); in bfloat16 on CPU the int8 kernel takes the row scales after the sum, so it differs from
+    a twin whose weights were rounded to bfloat16 by less than that rounding: within bfloat16 error of
+    the float32 result. With its inputs quantized too (float32 on CPU, fbgemm) it is within 12x the
+    error of plain bfloat16 weights (7-bit steps of each row's peak against bfloat16's 8 bits of each
+    value; measured 3.3-5.1x on these models). save -> load gives the same tensors back;
+    convert_hf.py --weights int8 gives the same model."""
     dense = t5.load(family.ours_dir, device=device)
     int8 = t5.quantize(t5.load(family.ours_dir, device=device))
     linears = [m for m in int8.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
@@ -2760,6 +2765,8 @@ def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device
     ids, mask = ids.to(device), mask.to(device)
     decoder_ids = ids[:, :6]
     with torch.no_grad():
+        dynamic = int8(ids, decoder_ids, input_mask=mask).logits
+        monkeypatch.setattr(t5.Int8Linear, "quantize_inputs", False)
         logits = int8(ids, decoder_ids, input_mask=mask).logits
         assert torch.equal(logits, twin(ids, decoder_ids, input_mask=mask).logits)
         reference = dense(ids, decoder_ids, input_mask=mask).logits
@@ -2769,6 +2776,10 @@ def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device
         plain_bf16 = t5.load(family.ours_dir, device=device, dtype=torch.bfloat16)
         bf16_error = (plain_bf16(ids, decoder_ids, input_mask=mask).logits.float() - reference).abs().max()
         assert (bf16_logits - logits).abs().max() <= 3 * bf16_error
+        quantized_inputs = device == "cpu" and t5.FBGEMM
+        assert torch.equal(dynamic, logits) != quantized_inputs
+        assert (dynamic - reference).abs().max() <= 12 * bf16_error
+        monkeypatch.undo()
     t5.save(int8, tmp_path / "saved")
     again = t5.load(tmp_path / "saved", device=device)
     assert type(again.lm_head) is t5.Int8Linear
@@ -2794,11 +2805,12 @@ def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device
                                    logits, atol=ATOL, rtol=0)
 
 
-def test_int8_on_the_demo_model() -> None:
+def test_int8_on_the_demo_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The trained demo model with int8 weights: held-out accuracy as in float32, every greedy
     prediction of the held-out targets the same, and the logits' error no more than 1.5x (float32
-    compute) and 2x (bfloat16 compute) the error of plain bfloat16 weights (measured: 0.12, 0.15 vs
-    0.12 of logits up to 21). Beam search agrees with the dequantized twin."""
+    compute, weight-only), 2x (bfloat16 compute) and 15x (float32 on CPU with inputs quantized too)
+    the error of plain bfloat16 weights (measured: 0.12, 0.15 and 0.81 vs 0.086 of logits up to 21).
+    Beam search agrees with the dequantized twin (weight-only), and in tokens with inputs quantized."""
     model, tokenizer = t5.load(HERE / "demo"), t5.load_tokenizer(HERE / "demo")
     numbers = train.held_out()[:32]
     ids, mask = tokenizer.encode_batch([train.prompt(n) for n in numbers])
@@ -2816,26 +2828,72 @@ def test_int8_on_the_demo_model() -> None:
         bf16_error = error(t5.load(HERE / "demo", dtype=torch.bfloat16))
         int8 = t5.quantize(t5.load(HERE / "demo"))
         int8_bf16 = t5.quantize(t5.load(HERE / "demo", dtype=torch.bfloat16))
-        assert error(int8) <= 1.5 * bf16_error and error(int8_bf16) <= 2 * bf16_error
+        assert error(int8) <= 15 * bf16_error and error(int8_bf16) <= 2 * bf16_error
     accuracy = train.evaluate(model, tokenizer, numbers)
     assert train.evaluate(int8, tokenizer, numbers) == accuracy == train.evaluate(int8_bf16, tokenizer, numbers)
     twin = convert_hf.dequantize(t5.quantize(t5.load(HERE / "demo")))
     beams = t5.generate(int8, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    monkeypatch.setattr(t5.Int8Linear, "quantize_inputs", False)
+    with torch.no_grad():
+        assert error(int8) <= 1.5 * bf16_error
+    assert train.evaluate(int8, tokenizer, numbers) == accuracy
     expected = t5.generate(twin, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
-    assert torch.equal(beams.tokens, expected.tokens) and torch.equal(beams.scores, expected.scores)
+    assert torch.equal(beams.tokens, expected.tokens)
+    weight_only = t5.generate(int8, ids[:4], mask[:4], max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    assert torch.equal(weight_only.tokens, expected.tokens) and torch.equal(weight_only.scores, expected.scores)
+
+
+def test_int8_quantized_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int8Linear in float32 on CPU under no_grad: fbgemm's int8 x int8 op (`quantized::linear_dynamic`),
+    each input row scaled to its own peak first, so a row of tiny values keeps its precision next to a
+    huge one: every output within the rounding bound, (row peak / 127) * sum |w| (7-bit steps over
+    [-peak, peak]); a zero row gives zeros. With autograd on or quantize_inputs off: the dequantized
+    product exactly. fbgemm's packed copy follows an in-place write and is dropped with the weight."""
+    if not t5.FBGEMM:
+        assert not t5.Int8Linear.quantize_inputs  # nothing to test: the layer multiplies weight-only
+        return
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(48, 40, bias=False)
+    layer = t5.quantize(torch.nn.Sequential(dense))[0]
+    weight = t5.dequantize_weight(layer.weight, layer.weight_scale, torch.float32)
+    x = torch.randn(2, 3, 48) * torch.tensor([1e-3, 1.0, 1e3, 0.0, 5.0, 1e-6]).view(2, 3, 1)  # x[1, 0] = 0
+    with torch.no_grad():
+        y = layer(x)
+        with torch.profiler.profile() as prof:
+            layer(x[:, :1])
+        assert "quantized::linear_dynamic" in {e.key for e in prof.key_averages()}
+        exact = F.linear(x.double(), weight.double())
+        bound = x.abs().amax(dim=-1, keepdim=True).double() / 127 * weight.abs().sum(dim=1).double()
+        assert y.shape == (2, 3, 40) and ((y - exact).abs() <= bound * 1.01 + 1e-6 * exact.abs()).all()
+        assert torch.equal(y[1, 0], torch.zeros(40)) and not torch.equal(y, F.linear(x, weight))
+        monkeypatch.setattr(t5.Int8Linear, "quantize_inputs", False)
+        assert torch.equal(layer(x), t5.linear(x, weight))
+        monkeypatch.undo()
+        layer.weight.mul_(-1)  # an in-place write: the packed copy is made again
+        torch.testing.assert_close(layer(x), -y)
+    assert torch.equal(layer(x), F.linear(x, -weight))  # autograd on: weight-only
+    key = id(layer.weight)
+    assert key in t5._packed
+    del layer
+    gc.collect()
+    assert key not in t5._packed
 
 
 def test_int8_compiled_decode_step() -> None:
-    """The CPU int8 kernel inside the compiled decode step (bfloat16, widths that are multiples of
-    8, so the kernel is used): the same tokens as eager. A tiny one-layer model: compiling is the cost."""
+    """The CPU int8 kernels inside the compiled decode step: fbgemm's in float32 (an op of its own to
+    inductor, `t5::fbgemm_linear`), int8pack's in bfloat16 (widths that are multiples of 8, so the kernel
+    is used): the same tokens as eager. A tiny one-layer model: compiling is the cost."""
     config = dataclasses.replace(tiny_config("t5-v1.1"), num_encoder_layers=1, num_decoder_layers=1, d_ff=40)
-    model = t5.T5(config).eval()
-    train.init_weights(model, torch.Generator().manual_seed(0))
-    model = t5.quantize(model.to(torch.bfloat16))
     ids, mask = padded_batch(config.vocab_size, [7, 4], seed=3)
-    eager = t5.generate(model, ids, mask, max_new_tokens=5, min_new_tokens=5)
-    assert torch.equal(t5.generate(model, ids, mask, max_new_tokens=5, min_new_tokens=5, compile=True).tokens,
-                       eager.tokens)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = t5.T5(config).eval()
+        train.init_weights(model, torch.Generator().manual_seed(0))
+        model = t5.quantize(model.to(dtype))
+        eager = t5.generate(model, ids, mask, max_new_tokens=5, min_new_tokens=5)
+        with torch.profiler.profile() as prof:
+            compiled = t5.generate(model, ids, mask, max_new_tokens=5, min_new_tokens=5, compile=True)
+        assert torch.equal(compiled.tokens, eager.tokens)
+        assert ("t5::fbgemm_linear" in {e.key for e in prof.key_averages()}) == (dtype == torch.float32 and t5.FBGEMM)
 
 
 def test_cli_weights_int8() -> None:
@@ -3234,7 +3292,8 @@ def test_t5_py_acceptance_numbers() -> None:
     lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
     with at most 8 parameters written in its signature, and a line count held where it is (the
     issue asks for 1,300; this ratchet holds what was reached, 1,440, plus issue 17's oneDNN linear:
-    the function, its layer and the op torch.compile keeps, 12 lines). The README's map of sections
+    the function, its layer and the op torch.compile keeps, 12 lines, and its fbgemm int8 product:
+    the packed-weight cache, the op and Int8Linear's choice, 37 lines). The README's map of sections
     gives their current line ranges."""
     import ast
 
@@ -3258,7 +3317,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1452, len(lines)
+    assert len(lines) <= 1489, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
