@@ -235,13 +235,19 @@ def _(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def cpu_float32_inference(x: Tensor) -> bool:
+    """Whether x is float32 on CPU with autograd and CPU autocast off (generation, no_grad): where
+    t5.py's CPU kernels replace F.linear (under autocast F.linear stays: autocast casts its inputs)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        and not torch.is_autocast_enabled("cpu")
+
+
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., i) @ weight (o, i).T -> (..., o); in float32 on an x86 CPU with autograd and autocast off
     (generation, no_grad) through oneDNN's matmul, not the default BLAS: GEMVs 1.3-2x faster on the AMD
     CPU of the README's tables, unmeasured on Intel; `torch.backends.mkldnn.flags(enabled=False)`: off."""
-    if ONEDNN and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" \
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") \
-            and torch.backends.mkldnn.enabled:  # (under autocast, F.linear: autocast casts its inputs)
+    if ONEDNN and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled \
+            and cpu_float32_inference(x):
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")  # 20 us sooner per call
@@ -1379,8 +1385,7 @@ class Int8Linear(Float8Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = rearrange(x, "... i -> (...) i")
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.quantize_inputs \
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+        if self.quantize_inputs and cpu_float32_inference(x):
             peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             product = compiled_fbgemm_linear if torch.compiler.is_compiling() else fbgemm_linear
             y = product(rows / peak, self.weight) * (peak * self.weight_scale.float())  # rows quantized alone

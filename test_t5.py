@@ -2848,7 +2848,8 @@ def test_int8_quantized_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     each input row scaled to its own peak first, so a row of tiny values keeps its precision next to a
     huge one: every output within the rounding bound, (row peak / 127) * sum |w| (7-bit steps over
     [-peak, peak]); a zero row gives zeros. With autograd on or quantize_inputs off: the dequantized
-    product exactly. fbgemm's packed copy follows an in-place write and is dropped with the weight."""
+    product exactly; under CPU autocast, autocast's bfloat16 product. fbgemm's packed copy follows an
+    in-place write and is dropped with the weight."""
     if not t5.FBGEMM:
         assert not t5.Int8Linear.quantize_inputs  # nothing to test: the layer multiplies weight-only
         return
@@ -2869,6 +2870,9 @@ def test_int8_quantized_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(t5.Int8Linear, "quantize_inputs", False)
         assert torch.equal(layer(x), t5.linear(x, weight))
         monkeypatch.undo()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:  # autocast's matmul
+            assert layer(x).dtype == torch.bfloat16
+        assert "quantized::linear_dynamic" not in {e.key for e in prof.key_averages()}
         layer.weight.mul_(-1)  # an in-place write: the packed copy is made again
         torch.testing.assert_close(layer(x), -y)
     assert torch.equal(layer(x), F.linear(x, -weight))  # autograd on: weight-only
@@ -3293,7 +3297,8 @@ def test_t5_py_acceptance_numbers() -> None:
     with at most 8 parameters written in its signature, and a line count held where it is (the
     issue asks for 1,300; this ratchet holds what was reached, 1,440, plus issue 17's oneDNN linear:
     the function, its layer and the op torch.compile keeps, 12 lines, and its fbgemm int8 product:
-    the packed-weight cache, the op and Int8Linear's choice, 37 lines). The README's map of sections
+    the packed-weight cache, the op and Int8Linear's choice, 37 lines, and the float32-CPU-inference
+    test both kernels share, 5 lines). The README's map of sections
     gives their current line ranges."""
     import ast
 
@@ -3317,7 +3322,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1489, len(lines)
+    assert len(lines) <= 1494, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
