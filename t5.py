@@ -1397,13 +1397,14 @@ class Int8Linear(Float8Linear):
 
 
 def quantize(model: nn.Module) -> nn.Module:
-    """Replace every Linear (lm_head included) by an Int8Linear of its weight; embeddings and
-    norms stay as they are, and the model computes in their dtype. In place; returns the model."""
+    """Every Linear (lm_head included) and fp8 layer -> an Int8Linear of its float32 weight; int8 layers,
+    embeddings and norms stay as they are (the model computes in their dtype). In place; returns it."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or type(module) is Float8Linear:
             with torch.device("meta"):
                 layer = Int8Linear(module.in_features, module.out_features)
-            weight, scale = quantize_int8(module.weight.detach())
+            dense = module.weight if isinstance(module, nn.Linear) else module.dense_weight(torch.float32)
+            weight, scale = quantize_int8(dense.detach())
             layer.weight = nn.Parameter(weight, requires_grad=False)
             layer.weight_scale = nn.Parameter(scale, requires_grad=False)
             model.set_submodule(name, layer)
@@ -1421,8 +1422,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     path = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found (convert a checkpoint with convert_hf.py "
-                                    "first)")
+            raise FileNotFoundError(f"{path / name} not found (convert_hf.py writes it)")
     config = T5Config.load(path / "config.json")
     with torch.device("meta"):
         model: T5 | T5Encoder = T5Encoder(config) if encoder_only else T5(config)

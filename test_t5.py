@@ -983,6 +983,15 @@ def test_convert_weights_float8_from_a_dense_source(family: Family, tmp_path: Pa
                                    convert_hf.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
                                    rtol=1e-6, atol=0)
     assert t5.generate(model, ids, mask, max_new_tokens=3).tokens.shape[0] == 2
+    # t5.quantize of an fp8 model: int8 of the float32 dequantized weights, every layer; again: unchanged
+    int8 = t5.quantize(t5.load(out))
+    assert all(type(m) is t5.Int8Linear for m in int8.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear)))
+    upcast = t5.load(out, dtype=torch.float32)
+    expected = t5.quantize(convert_hf.dequantize(upcast)).state_dict()
+    assert all(torch.equal(a, expected[key]) for key, a in int8.state_dict().items() if a.dtype != torch.bfloat16
+               or key.endswith("weight_scale"))
+    again = t5.quantize(int8).state_dict()
+    assert all(torch.equal(a, again[key]) for key, a in int8.state_dict().items())
 
 
 def test_convert_single_file_beside_other_models_and_input_scales(family: Family, tmp_path: Path) -> None:
