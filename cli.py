@@ -281,7 +281,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=sorted(t5.DTYPES), help="compute in this dtype (default: as stored in --ckpt)")
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
         p.add_argument("--weights", choices=["int8"], help="int8: make the linear weights int8 after loading "
-                       "(t5.quantize; on CPU fastest with --dtype bfloat16) (default: as stored in --ckpt)")
+                       "(t5.quantize; on a CPU in float32 fbgemm multiplies int8 by int8: README, 'Which dtype when') "
+                       "(default: as stored in --ckpt)")
         p.add_argument("--batch-size", type=int, default=16, help="prompts run together (default: 16)")
         p.add_argument("--max-input-tokens", type=int, help="truncate prompts to this many tokens, EOS kept last "
                        f"(default: no limit; prompts over {LONG_INPUT} tokens get a warning)")
