@@ -906,17 +906,21 @@ def decode_step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, posit
 
 @functools.cache
 def compiled_decode_step() -> Callable[..., Tensor]:
-    """`decode_step` under torch.compile (whole graph), compiled on first use. Past torch's recompile
-    limit a new shape runs eagerly, with a warning, instead of failing."""
+    """`decode_step` under torch.compile (whole graph), compiled on first use. Past torch's recompile limit
+    a new shape runs eagerly, with a warning, and is not offered again (torch would log each refusal)."""
     compiled = torch.compile(decode_step, fullgraph=True)
+    refused: set[tuple] = set()  # (model, shapes) past the limit
 
-    def step(*args: object) -> Tensor:
-        try:
-            return compiled(*args)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: nothing written yet
-            warnings.warn("compiled decode step: torch's recompile limit reached, this shape runs eagerly",
-                          stacklevel=2)
-            return decode_step(*args)
+    def step(model: T5, tokens: Tensor, memory: Memory, cache: KVCache, *rest: Tensor | None) -> Tensor:
+        key = (id(model), tokens.shape, memory.encoded.shape, memory.cross_mask is None, cache.kv.shape)
+        if key not in refused:
+            try:
+                return compiled(model, tokens, memory, cache, *rest)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the step runs: nothing written
+                refused.add(key)
+                warnings.warn("compiled decode step: torch's recompile limit reached, this shape runs eagerly",
+                              stacklevel=2)
+        return decode_step(model, tokens, memory, cache, *rest)
     return step
 
 
