@@ -9,7 +9,9 @@ Peers: Hugging Face transformers (eager attention and SDPA; for generation its s
 too) and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5
 (float32 eager generation, v1.1-style shapes). Our int8 rows are `t5.quantize` of our model in the
 run's dtype (float32 on CPU: fbgemm's int8 x int8 products, inputs quantized per row; bfloat16:
-weight-only int8; --no-int8 skips them). Models are random-weight models at the
+weight-only int8; --no-int8 skips them). On CUDA a generation row "CUDA graphs (experiment)" times
+greedy decoding with our step compiled with mode="reduce-overhead" over a reused static cache
+(`cuda_graph_greedy`: what t5.generate does not do yet). Models are random-weight models at the
 real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
 convert_hf.py. Implementations are timed round-robin (one run of each in turn, `--repeats`
 times) so that a noisy machine hurts all of them alike; tables give the median with min-max, and
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -338,6 +341,39 @@ def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: i
     return {"nai-t5 fp32 eager (own process, after)": Timing(**result["time"])}
 
 
+def cuda_graph_greedy(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], torch.Tensor]:
+    """Greedy decoding of exactly `new` tokens with the decode step compiled with
+    mode="reduce-overhead" (CUDA graphs on CUDA) over one static-address cache that every call
+    reuses: an experiment for the GPU table (t5.generate does not do this), checked to give
+    t5.generate's tokens before it is timed."""
+    def graph_step(*args: object) -> torch.Tensor:  # a frame of its own: its own recompile count
+        return t5.decode_step(*args)
+
+    step = torch.compile(graph_step, mode="reduce-overhead", fullgraph=True)
+    dtype = model.encoder.compute_dtype
+    cache = t5.make_cache(model.config, ids.shape[0], 1 + new, device=ids.device, dtype=dtype, static_address=True)
+    eos = model.config.eos_token_id
+
+    def run() -> torch.Tensor:
+        memory, _, logits, position, _ = t5.prefill(model, ids, mask, max_new_tokens=new, cache=cache)
+        tokens = []
+        for i in range(new):
+            logits[:, eos] = -math.inf  # min_new_tokens = new, as in the other rows
+            tokens.append(logits.argmax(dim=-1))
+            if i + 1 < new:
+                logits = step(model, tokens[-1][:, None], memory, cache, position).clone()
+                position += 1
+        return torch.stack(tokens, dim=1)
+
+    with torch.inference_mode():
+        for _ in range(3):  # compile, warm up, record
+            got = run()
+        expected = t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new).tokens
+    if not torch.equal(got, expected):
+        raise ValueError("its tokens differ from t5.generate's")
+    return run
+
+
 def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespace) -> list[str]:
     new = args.new_tokens
     ids = torch.randint(3, models.config.vocab_size, (batch, args.input_tokens), device=args.device)
@@ -351,6 +387,12 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
             t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
             fns[f"{label} compiled step"] = (lambda m=model: t5.generate(m, ids, mask, max_new_tokens=new,
                                                                          min_new_tokens=new, compile=True))
+        if not args.no_compile and args.device == "cuda":
+            log(f"  compiling the decode step with CUDA graphs ({label}) ...")
+            try:
+                fns[f"{label} CUDA graphs (experiment)"] = cuda_graph_greedy(model, ids, mask, new)
+            except Exception as error:  # an experiment: its failure is reported, not fatal
+                log(f"  {label} CUDA graphs (experiment) left out: {type(error).__name__}: {error}")
     for impl, hf in models.hf.items():
         fns[f"HF {impl}"] = (lambda hf=hf: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                                        max_new_tokens=new, min_new_tokens=new))
