@@ -447,12 +447,14 @@ def int8_quality() -> list[str]:
             real = label_mask.bool()
             decoder_ids = train.shift_right(labels.masked_fill(~real, -100), model.config)
             logprobs = {}
-            for name, m in ours.items():
-                t5.Int8Linear.quantize_inputs = t5.FBGEMM and "weight-only" not in name
-                with torch.no_grad():
-                    logprobs[name] = m(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits.float() \
-                        .log_softmax(-1).gather(-1, labels[..., None])[..., 0][real]
-            t5.Int8Linear.quantize_inputs = t5.FBGEMM
+            try:
+                for name, m in ours.items():
+                    t5.Int8Linear.quantize_inputs = t5.FBGEMM and "weight-only" not in name
+                    with torch.no_grad():
+                        logprobs[name] = m(ids, decoder_ids, input_mask=mask, decoder_mask=label_mask).logits \
+                            .float().log_softmax(-1).gather(-1, labels[..., None])[..., 0][real]
+            finally:  # the class default back, also when a row fails
+                t5.Int8Linear.quantize_inputs = t5.FBGEMM
             source = [[vocab[i] for i in row[keep].tolist()] for row, keep in zip(ids, mask.bool())]
             target = [[vocab[i] for i in row[keep].tolist()][:-1] for row, keep in zip(labels, real)]  # CT2 adds EOS
             ct2 = {ct: torch.tensor([p for r in t.score_batch(source, target) for p in r.log_probs])
