@@ -359,7 +359,7 @@ def cuda_graph_greedy(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, new: 
         tokens = []
         for i in range(new):
             logits[:, eos] = -math.inf  # min_new_tokens = new, as in the other rows
-            tokens.append(logits.argmax(dim=-1))
+            tokens.append(t5.next_token(logits))  # greedy, as t5.generate picks
             if i + 1 < new:
                 logits = step(model, tokens[-1][:, None], memory, cache, position).clone()
                 position += 1
