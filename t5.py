@@ -79,17 +79,15 @@ class T5Config:
     tokenizer: Literal["sentencepiece", "bytes"] = "sentencepiece"  # ByT5: UTF-8 bytes offset by 3
     extra_ids: int = 100  # sentinels <extra_id_0>.. counted down from the end of the vocabulary (ByT5: 125)
     dropout: float = 0.0  # training only: embeddings, attention weights, FFN hidden, block outputs
-    # float16 safety: block -> power-of-two scale s < 1 ("encoder.3.ffn", "decoder.0.cross_attn", ...).
-    # The block's value rows (attention V, FFN up-projection) are stored multiplied by s, so its output
-    # comes out s times smaller, and is multiplied by 1/s in float32 when added to the residual.
-    # Set by convert_hf.py's `calibrate_float16` + `apply_out_scales` (or convert_hf.py --calibrate).
+    # float16 safety (convert_hf.py --calibrate): block ("encoder.3.ffn", "decoder.0.cross_attn", ...) ->
+    # power-of-two scale s < 1. The block's value rows (attention V, FFN up-projection) are stored times s,
+    # so its output comes out s times smaller; it is multiplied by 1/s in float32 as it joins the residual.
     out_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
                      "num_decoder_layers", "num_buckets", "max_distance"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if type(value := getattr(self, name)) is not int or value <= 0:  # bool is no size
                 raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
         rules = [(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}"),
                  (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
@@ -270,7 +268,8 @@ def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
             warnings.simplefilter("ignore")
             quantized = torch._make_per_tensor_quantized_tensor(weight.detach(), 1.0, 0)
         _packed[id(weight)] = stamp, torch.ops.quantized.linear_prepack(quantized, None)
-    return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)
+    with torch._C.DisableTorchFunctionSubclass():  # else each call looks up __torch_function__ on the
+        return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)  # packed weight: 10+ us
 
 
 compiled_fbgemm_linear = torch.library.custom_op("t5::fbgemm_linear", fbgemm_linear, mutates_args=())
