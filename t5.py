@@ -87,7 +87,8 @@ class T5Config:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
                      "num_decoder_layers", "num_buckets", "max_distance"):
-            if type(value := getattr(self, name)) is not int or value <= 0:  # bool is no size
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
         rules = [(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}"),
                  (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
