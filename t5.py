@@ -314,8 +314,10 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float,
               dropout: float) -> Tensor:
-    """q (b, h, q, e), k and v (b, h, k, e) -> (b, h, q, e), through SDPA with an additive mask,
-    or FlexAttention when the stack runs with attention="flex"."""
+    """q (b, h, q, e), k and v (b, h, k, e) -> (b, h, q, e), through SDPA with an additive mask (b|1,
+    h|1, q, k), or FlexAttention when the stack runs with attention="flex". Under torch.compile in float32
+    on CPU with at most e queries (decoding; the scores are then no larger than k) the product is written
+    out instead, for inductor to fuse: the compiled decode step ran 7-10% faster than with SDPA (README)."""
     if isinstance(bias, FlexBias):
         if dropout:
             raise ValueError("FlexAttention has no attention dropout: train with attention='sdpa'")
@@ -326,6 +328,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
         else:
             flex = compiled_flex_attention()
         return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)
+    if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" \
+            and q.shape[-2] <= q.shape[-1] and not dropout:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        return torch.matmul((scores if bias is None else scores + bias).softmax(dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout)
 
 
@@ -503,8 +509,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.q(x), "(b n) t (h e) -> b h (n t) e", b=batch, h=self.num_heads)
         if mask is not None and mask.shape[-2] != 1:  # a per-query mask repeats for each of the n rows
             mask = mask.repeat(1, 1, x.shape[0] // batch, 1)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, kv[0], kv[1], mask, self.scale, self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h (n t) e -> (b n) t (h e)", n=x.shape[0] // batch))
 
 

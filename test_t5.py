@@ -3324,8 +3324,8 @@ def test_t5_py_acceptance_numbers() -> None:
     issue asks for 1,300; this ratchet holds what was reached, 1,440, plus issue 17's oneDNN linear:
     the function, its layer and the op torch.compile keeps, 12 lines, and its fbgemm int8 product:
     the packed-weight cache, the op and Int8Linear's choice, 37 lines, the float32-CPU-inference
-    test both kernels share, 5 lines, and the compiled step's memory of shapes refused past torch's
-    recompile limit, 4 lines). The README's map of sections
+    test both kernels share, 5 lines, the compiled step's memory of shapes refused past torch's
+    recompile limit, 4 lines, and its attention written out for inductor, 5 lines). The README's map of sections
     gives their current line ranges."""
     import ast
 
@@ -3349,7 +3349,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1498, len(lines)
+    assert len(lines) <= 1503, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
