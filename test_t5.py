@@ -3325,8 +3325,8 @@ def test_t5_py_acceptance_numbers() -> None:
     the function, its layer and the op torch.compile keeps, 12 lines, and its fbgemm int8 product:
     the packed-weight cache, the op and Int8Linear's choice, 37 lines, the float32-CPU-inference
     test both kernels share, 5 lines, the compiled step's memory of shapes refused past torch's
-    recompile limit, 4 lines, and its attention written out for inductor, 5 lines). The README's map of sections
-    gives their current line ranges."""
+    recompile limit, 4 lines, and its attention written out for inductor, 5 lines). The README's map
+    of sections gives their current line ranges."""
     import ast
 
     source = (HERE / "t5.py").read_text()
