@@ -1774,7 +1774,7 @@ def test_flop_formulas_at_real_shapes() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
     """torch.compile(fullgraph=True) of the encoder and of the cached decode step: no graph
-    breaks anywhere in the layers, and the same numbers as eager."""
+    breaks anywhere in the layers, and the same numbers as eager, with masks and at batch 1 without."""
     config = tiny_config("umt5")
     torch.manual_seed(0)
     model = t5.T5(config).eval().to(device)
@@ -1794,6 +1794,15 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
             token = expected.argmax(-1, keepdim=True)
             position += 1
         torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, atol=1e-5, rtol=1e-5)
+        # batch 1 without a mask: no cross mask in the step (on CPU its attention is written out)
+        memory = model.decoder.memory(model.encoder(ids[:1]))
+        eager_cache, compiled_cache = t5.make_cache(config, 1, 8, device=device), t5.make_cache(config, 1, 8, device=device)
+        token, position = token[:1], torch.zeros(1, dtype=torch.long, device=device)
+        for _ in range(2):
+            expected = t5.decode_step(model, token, memory, eager_cache, position)
+            torch.testing.assert_close(step(model, token, memory, compiled_cache, position), expected, atol=1e-5, rtol=1e-5)
+            token = expected.argmax(-1, keepdim=True)
+            position += 1
 
 
 def test_compiled_generate_survives_many_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
