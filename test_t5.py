@@ -1783,26 +1783,25 @@ def test_compiled_encoder_and_decode_step_fullgraph(device: str) -> None:
     with torch.inference_mode():
         encoder = torch.compile(model.encoder, fullgraph=True, dynamic=False)
         torch.testing.assert_close(encoder(ids, mask), model.encoder(ids, mask), atol=1e-5, rtol=1e-5)
-        memory = model.decoder.memory(model.encoder(ids, mask), mask)
-        eager_cache, compiled_cache = t5.make_cache(config, 2, 8, device=device), t5.make_cache(config, 2, 8, device=device)
         step = torch.compile(t5.decode_step, fullgraph=True, dynamic=False)
-        token = torch.zeros(2, 1, dtype=torch.long, device=device)
-        position = torch.zeros(1, dtype=torch.long, device=device)
-        for _ in range(3):  # the position tensor advances in place: no recompilation
-            expected = t5.decode_step(model, token, memory, eager_cache, position)
-            torch.testing.assert_close(step(model, token, memory, compiled_cache, position), expected, atol=1e-5, rtol=1e-5)
-            token = expected.argmax(-1, keepdim=True)
-            position += 1
-        torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, atol=1e-5, rtol=1e-5)
+
+        def steps_match(memory: t5.Memory, count: int) -> None:
+            """`count` cached steps from the decoder start, compiled and eager: same logits, same cache."""
+            batch = memory.encoded.shape[0]
+            eager_cache, compiled_cache = (t5.make_cache(config, batch, 8, device=device) for _ in range(2))
+            token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            position = torch.zeros(1, dtype=torch.long, device=device)
+            for _ in range(count):  # the position tensor advances in place: no recompilation
+                expected = t5.decode_step(model, token, memory, eager_cache, position)
+                torch.testing.assert_close(step(model, token, memory, compiled_cache, position), expected,
+                                           atol=1e-5, rtol=1e-5)
+                token = expected.argmax(-1, keepdim=True)
+                position += 1
+            torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, atol=1e-5, rtol=1e-5)
+
+        steps_match(model.decoder.memory(model.encoder(ids, mask), mask), 3)
         # batch 1 without a mask: no cross mask in the step (on CPU its attention is written out)
-        memory = model.decoder.memory(model.encoder(ids[:1]))
-        eager_cache, compiled_cache = t5.make_cache(config, 1, 8, device=device), t5.make_cache(config, 1, 8, device=device)
-        token, position = token[:1], torch.zeros(1, dtype=torch.long, device=device)
-        for _ in range(2):
-            expected = t5.decode_step(model, token, memory, eager_cache, position)
-            torch.testing.assert_close(step(model, token, memory, compiled_cache, position), expected, atol=1e-5, rtol=1e-5)
-            token = expected.argmax(-1, keepdim=True)
-            position += 1
+        steps_match(model.decoder.memory(model.encoder(ids[:1])), 2)
 
 
 def test_compiled_generate_survives_many_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
