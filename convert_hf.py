@@ -35,6 +35,7 @@ import shutil
 import struct
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -67,6 +68,7 @@ HF_DEFAULTS = {
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 OUR_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)  # all this tool writes, all --force replaces
+WRITER = {"writer": "convert_hf.py"}  # in the metadata of every model.safetensors this tool writes
 CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a file: varied, T5-style prompts
     "translate English to German: The house is wonderful, and the garden is even better.",
     "summarize: The city council met on Tuesday to discuss the new budget, which includes funding for "
@@ -167,8 +169,9 @@ def config_from_hf(hf: Mapping, tokenizer_config: Mapping | None = None) -> tupl
     eos = fields.get("eos_token_id", 1)
     pad = fields.get("pad_token_id", 0)
     tokenizer_config = tokenizer_config or {}
-    # ByT5 reads UTF-8 bytes; its folders say so in tokenizer_config.json (or have only its vocabulary size)
-    is_bytes = tokenizer_config.get("tokenizer_class") == "ByT5Tokenizer" or (
+    # ByT5 reads UTF-8 bytes; its folders say so in tokenizer_config.json or config.json (the hub's
+    # google/byt5-*), or have only its vocabulary size
+    is_bytes = "ByT5Tokenizer" in (tokenizer_config.get("tokenizer_class"), hf.get("tokenizer_class")) or (
         not tokenizer_config and fields["vocab_size"] == 384)
     config = T5Config(
         vocab_size=fields["vocab_size"], d_model=fields["d_model"], d_kv=fields["d_kv"], d_ff=fields["d_ff"],
@@ -415,14 +418,15 @@ class CheckpointTensors(Mapping):
     def __init__(self, path: Path, prefix: str = "", keep: re.Pattern | None = None) -> None:
         self._files: dict[str, object] = {}  # key -> an open safetensors file, or a loaded state dict
         self._prefix = prefix
-        shards = [path] if path.is_file() else [path / shard for shard in weight_files(path)]
-        for shard in shards:
+        self.paths = [path] if path.is_file() else [path / shard for shard in weight_files(path)]
+        for shard in self.paths:
             if shard.name.endswith(".safetensors"):
                 handle = open_safetensors(shard)
                 keys: Iterable[str] = handle.keys()
             else:  # weights_only: a pickle may hold tensors and nothing that runs code
-                try:
-                    handle = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+                try:  # mapped, unless saved in torch's format before 1.6 (not a zip), which cannot be
+                    mmap = zipfile.is_zipfile(shard)
+                    handle = torch.load(shard, map_location="cpu", weights_only=True, mmap=mmap)
                 except Exception as error:  # a truncated or foreign file: pickle, zip and torch errors
                     raise ConversionError(f"{shard}: not a readable PyTorch checkpoint ({error})") from None
                 keys = handle
@@ -808,7 +812,7 @@ def write_safetensors(path: Path, specs: Mapping[str, tuple[torch.Size, torch.dt
                       tensors: Iterable[tuple[str, Tensor]]) -> None:
     """Stream tensors into a safetensors file: the header (names, shapes, dtypes, offsets) is known
     from `specs` alone, so each tensor is written and freed before the next is made."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **WRITER}}
     offset = 0
     for name, (shape, dtype) in specs.items():
         nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
@@ -955,8 +959,9 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     default when the source's weights are fp8) or "int8" (weight-only int8, a bfloat16 scale per row).
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
-    check_out(out, force, Path(src))
+    check_out(out, force, [Path(src)])
     checkpoint = open_checkpoint(src, tokenizer=tokenizer, prefix=prefix, guess=guess)
+    check_out(out, force, [*checkpoint.tensors.paths, *filter(None, [checkpoint.tokenizer])])  # what is read
     tensors = checkpoint.tensors
     config, plan, encoder_only = plan_conversion(checkpoint.hf_config, tensors.keys(), encoder_only=encoder_only,
                                                  tokenizer_config=checkpoint.tokenizer_config)
@@ -996,22 +1001,43 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     return out
 
 
-def check_out(out: Path, force: bool, src: Path) -> None:
-    """OUT is a folder or absent, and never holds SRC. An existing OUT is replaced only with --force,
-    and only when it holds nothing but files this tool writes (OUR_FILES): nothing else is ever deleted."""
-    if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
-        where = "is OUT" if src.resolve() == out.resolve() else f"is inside OUT {out}"
-        raise ConversionError(f"{src} {where}: writing OUT would destroy the source; choose another OUT")
+def written_here(folder: Path) -> bool:
+    """Whether a folder's config.json and model.safetensors are what this tool writes: our config
+    (a conversion, or t5.save), or weights carrying WRITER (a --to-hf export)."""
+    try:
+        T5Config.load(folder / "config.json")
+        return True
+    except (OSError, ValueError):
+        pass
+    try:
+        with open_safetensors(folder / "model.safetensors") as f:
+            return (f.metadata() or {}).get("writer") == WRITER["writer"]
+    except (OSError, ConversionError):
+        return False
+
+
+def check_out(out: Path, force: bool, sources: Iterable[Path]) -> None:
+    """OUT is a folder or absent, not the current folder, and holds none of the sources (the paths
+    actually read). An existing OUT is replaced only with --force, and only when it holds nothing but
+    the files this tool writes (OUR_FILES), written by it (`written_here`): nothing else is ever deleted."""
+    for src in sources:
+        if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
+            where = "is OUT" if src.resolve() == out.resolve() else f"is inside OUT {out}"
+            raise ConversionError(f"{src} {where}: writing OUT would destroy the source; choose another OUT")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; OUT must be a folder (or absent), and this is "
                               "left untouched")
     if not out.exists():
         return
+    if out.resolve() == Path.cwd().resolve():
+        raise ConversionError(f"{out} is the current folder, which replacing would pull from under this shell: "
+                              "name OUT from its parent")
     ours = sorted(p.name for p in out.iterdir() if p.name in OUR_FILES and p.is_file())
     others = sorted(p.name for p in out.iterdir() if p.name not in ours)
-    if others:
-        raise FileExistsError(f"{out} exists and holds what this tool did not write ({', '.join(others[:5])}"
-                              f"{' ...' if len(others) > 5 else ''}); it is left untouched, even with --force (which "
+    if others or (ours and not written_here(out)):
+        what = f"what this tool did not write ({', '.join(others[:5])}{' ...' if len(others) > 5 else ''})" \
+            if others else f"{', '.join(ours)} that this tool did not write (a transformers or another tool's folder)"
+        raise FileExistsError(f"{out} exists and holds {what}; it is left untouched, even with --force (which "
                               "replaces only a converted folder): choose another OUT")
     if not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it (replaces its {', '.join(ours)})"
@@ -1023,6 +1049,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     """A temporary folder beside OUT to write into. When the block succeeds it becomes OUT (an
     existing OUT is moved aside first and deleted only once the new one is in place); when the
     block fails it is deleted: OUT is never half-written."""
+    out = out.resolve()  # a link to a folder: its target is replaced, beside itself; "a/b/.." is "a"
     tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1100,7 +1127,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
     refused, naming the tensor (export it with dtype float32 or bfloat16). dtype: of the written
     tensors (default: the embeddings')."""
     src, out = Path(src), Path(out)
-    check_out(out, force, src)
+    check_out(out, force, [src])
     config = T5Config.load(src / "config.json")
     if not (src / "model.safetensors").is_file():
         raise FileNotFoundError(f"{src / 'model.safetensors'} not found (is {src} a folder written by convert_hf.py?)")
@@ -1208,7 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion "
                         "models) (default: everything the source has)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists and holds only what this tool "
-                        "writes: config.json, model.safetensors, tokenizer files (default: refuse)")
+                        "wrote: config.json, model.safetensors, tokenizer files (default: refuse)")
     parser.add_argument("--tokenizer", help="where the tokenizer is: a folder (diffusers' tokenizer_2/, a transformers "
                         "tokenizer folder) or a spiece.model (default: the source folder; for diffusers, tokenizer_N/ "
                         "beside text_encoder_N/)")

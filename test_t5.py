@@ -654,11 +654,12 @@ def test_convert_v10_folds_output_scale(tmp_path: Path) -> None:
 
 
 def test_convert_sharded_and_bin(family: Family, tmp_path: Path) -> None:
-    """A sharded safetensors checkpoint and a pytorch_model.bin convert to the same tensors."""
+    """A sharded safetensors checkpoint and a pytorch_model.bin (also in torch's pre-1.6 format)
+    convert to the same tensors."""
     full = load_file(family.hf_dir / "model.safetensors")
     reference = load_file(family.ours_dir / "model.safetensors")
     keys = sorted(full)
-    for kind in ("sharded", "bin"):
+    for kind in ("sharded", "bin", "legacy-bin"):  # legacy: torch's format before 1.6, not a zip
         src = tmp_path / kind
         src.mkdir()
         (src / "config.json").write_text((family.hf_dir / "config.json").read_text())
@@ -669,7 +670,7 @@ def test_convert_sharded_and_bin(family: Family, tmp_path: Path) -> None:
             index = {"metadata": {}, "weight_map": {k: n for n, part in halves.items() for k in part}}
             (src / "model.safetensors.index.json").write_text(json.dumps(index))
         else:
-            torch.save(full, src / "pytorch_model.bin")
+            torch.save(full, src / "pytorch_model.bin", _use_new_zipfile_serialization=kind == "bin")
         (src / "tokenizer_config.json").write_text('{"tokenizer_class": "%s"}' % (
             "ByT5Tokenizer" if family.name == "byt5" else "T5Tokenizer"))
         out = tmp_path / f"{kind}-out"
@@ -773,6 +774,17 @@ def test_convert_byt5_folder_saved_by_transformers_5_keeps_its_sentinels(tmp_pat
     assert config.tokenizer == "bytes" and config.extra_ids == 125
     tokenizer = t5.load_tokenizer(tmp_path / "ours")
     assert tokenizer.encode("a<extra_id_0>b<extra_id_124>") == [100, 383, 101, 259, 1]
+    # the hub's google/byt5-* name the tokenizer class in config.json, not in tokenizer_config.json
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps(dict(hf_config, tokenizer_class="ByT5Tokenizer")))
+    (hub / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 125, "eos_token": "</s>"}))
+    assert transformers.AutoTokenizer.from_pretrained(hub).__class__.__name__ == "ByT5Tokenizer"
+    assert convert_hf.main([str(hub), str(tmp_path / "ours-hub")]) == 0
+    assert t5.T5Config.load(tmp_path / "ours-hub" / "config.json") == config
+    assert t5.load_tokenizer(tmp_path / "ours-hub").encode("a<extra_id_0>b") == [100, 383, 101, 1]
 
 
 def saved_tiny_t5(folder: Path, spiece_folder: Path, model_cls: type = transformers.T5ForConditionalGeneration,
@@ -1215,11 +1227,25 @@ def test_convert_missing_and_unexpected_tensors(family: Family) -> None:
         convert_hf.convert_state_dict(hf_config, wrong)
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder (relative name -> bytes): what "left as it was" compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_convert_refuses_overwrite_and_fails_atomically(family: Family, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "config.json").write_text("precious")  # a name this tool writes, but not its content
+    for force in ([], ["--force"]):
+        assert convert_hf.main([str(family.hf_dir), str(precious), *force]) == 2
+        assert "config.json that this tool did not write" in capsys.readouterr().err
+    assert (precious / "config.json").read_text() == "precious"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.json").write_text("precious")
+    shutil.copytree(family.ours_dir, out)  # an earlier conversion
+    before = files_of(out)
     assert convert_hf.main([str(family.hf_dir), str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     # a checkpoint that fails half-way through writing leaves OUT as it was, and no temp folder
@@ -1232,10 +1258,11 @@ def test_convert_refuses_overwrite_and_fails_atomically(family: Family, tmp_path
     assert convert_hf.main([str(src), str(out), "--force"]) == 2
     assert "decoder.final_norm.weight: made a (3,) tensor" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    assert (out / "config.json").read_text() == "precious" and not (out / "model.safetensors").exists()
+    assert files_of(out) == before
     # with --force a good conversion replaces it
-    assert convert_hf.main([str(family.hf_dir), str(out), "--force"]) == 0
-    assert (out / "config.json").read_text() != "precious" and (out / "model.safetensors").exists()
+    assert convert_hf.main([str(family.hf_dir), str(out), "--force", "--dtype", "bfloat16"]) == 0
+    assert t5.T5Config.load(out / "config.json") == t5.T5Config.load(family.ours_dir / "config.json")
+    assert files_of(out) != before
 
 
 def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -1248,9 +1275,11 @@ def test_convert_refuses_a_file_as_out(family: Family, tmp_path: Path, capsys: p
 
 def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Each bad source is one line naming what is wrong, and an existing OUT is never touched."""
+    import shutil
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.json").write_text("precious")
+    shutil.copytree(family.ours_dir, out)  # an earlier conversion, replaceable with --force
+    before = files_of(out)
     state = load_file(family.hf_dir / "model.safetensors")
     no_bias = tmp_path / "no_bias.safetensors"
     save_file({k: v for k, v in state.items() if "relative_attention_bias" not in k}, no_bias)
@@ -1270,7 +1299,7 @@ def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest
         assert convert_hf.main([*args, str(out), "--force"]) == 2, args
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (message, err)
-        assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "precious"
+        assert files_of(out) == before
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -1304,10 +1333,12 @@ def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path,
                 yield item
         write(path, specs, some())
 
+    import shutil
+
     monkeypatch.setattr(convert_hf, "write_safetensors", interrupted)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "config.json").write_text("precious")
+    shutil.copytree(family.ours_dir, out)  # an earlier conversion, replaceable with --force
+    before = files_of(out)
     src = family.ours_dir if to_hf else family.hf_dir
     try:
         code = convert_hf.main([str(src), str(out), "--force", *(["--to-hf"] if to_hf else [])])
@@ -1316,13 +1347,15 @@ def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path,
     assert code == 130
     err = capsys.readouterr().err  # (after the no-tokenizer warning, for a convert)
     assert err.splitlines()[-1] == "convert_hf.py: interrupted" and "Traceback" not in err, err
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["config.json"]
-    assert (out / "config.json").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and files_of(out) == before
 
 
-def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """--force never deletes what the tool did not write: a parent folder of checkpoints, a converted
-    folder with the user's notes, the source itself (SRC == OUT or inside OUT, convert and --to-hf)."""
+    folder with the user's notes, the source itself (SRC == OUT or inside OUT, convert and --to-hf;
+    for a pipeline, the folder it is read from), a transformers folder whose file names are ours, the
+    current folder. It replaces a conversion, a --to-hf export, and a link's target."""
     import shutil
 
     checkpoints = tmp_path / "checkpoints"
@@ -1338,8 +1371,20 @@ def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path
     single_file(family, inside / "t5.safetensors")
     ours = tmp_path / "ours"
     shutil.copytree(family.ours_dir, ours)
+    pipeline = tmp_path / "pipeline"  # a diffusers pipeline, whose T5 (an export of ours) is read from text_encoder_2/
+    assert convert_hf.main([str(family.ours_dir), str(pipeline / "text_encoder_2"), "--to-hf"]) == 0
+    (pipeline / "model_index.json").write_text(json.dumps({"text_encoder_2": ["transformers", "T5EncoderModel"]}))
+    hf_named = tmp_path / "hf-named"  # a transformers folder holding only file names this tool writes
+    hf_named.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(family.hf_dir / name, hf_named / name)
+    shutil.copytree(family.ours_dir, tmp_path / "here")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    cases = [([str(family.hf_dir), str(checkpoints), "--force"], "holds what this tool did not write (notes.txt, sibling)"),
+    cases = [([str(pipeline), str(pipeline / "text_encoder_2"), "--force"], "model.safetensors is inside OUT"),
+             ([str(family.hf_dir), str(hf_named), "--force"], "config.json, model.safetensors that this tool did not "
+                                                              "write"),
+             ([str(ours), str(hf_named), "--force", "--to-hf"], "that this tool did not write"),
+             ([str(family.hf_dir), ".", "--force"], "is the current folder"),([str(family.hf_dir), str(checkpoints), "--force"], "holds what this tool did not write (notes.txt, sibling)"),
              ([str(family.hf_dir), str(mine), "--force"], "holds what this tool did not write (notes.txt)"),
              ([str(hf_copy), str(hf_copy), "--force"], "is OUT: writing OUT would destroy the source"),
              ([str(inside / "t5.safetensors"), str(inside), "--force"], "is inside OUT"),
@@ -1347,12 +1392,21 @@ def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path
              ([str(ours), str(tmp_path), "--force", "--to-hf"], "is inside OUT"),
              ([str(family.hf_dir), str(ours)], "exists; pass --force to overwrite it (replaces its config.json, "
                                                 "model.safetensors)")]
+    monkeypatch.chdir(tmp_path / "here")  # a converted folder, but the current one
     for args, message in cases:
         assert convert_hf.main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, (args, err)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    monkeypatch.chdir(tmp_path)
     assert convert_hf.main([str(family.hf_dir), str(ours), "--force"]) == 0  # a converted folder is replaced
+    for _ in range(2):  # a --to-hf export is replaced by the next one
+        assert convert_hf.main([str(ours), str(tmp_path / "exported"), "--force", "--to-hf"]) == 0
+    # through a link: the folder it points to is replaced, the link stays, nothing else is left
+    (tmp_path / "link").symlink_to(ours)
+    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "link"), "--force", "--dtype", "bfloat16"]) == 0
+    assert (tmp_path / "link").is_symlink() and t5.load(ours).lm_head.weight.dtype == torch.bfloat16
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 class CountingSafetensors:
@@ -1658,6 +1712,11 @@ def test_left_padded_decoder_prompts_and_chunked_prefill(gen_family: Family, dev
                             decoder_input_ids=torch.cat([torch.tensor([start]), p])[None].to(device))
         assert torch.equal(together.tokens[row], alone.tokens[0])
         torch.testing.assert_close(together.scores[row], alone.scores[0], atol=1e-4, rtol=0)
+    # right-padded (or empty) prompts would continue from a pad slot: refused, for beams too
+    for flipped in (batch_mask.flip(1), torch.zeros_like(batch_mask)):
+        with pytest.raises(ValueError, match="decoder prompts are left-padded"):
+            t5.generate(model, ids, mask, max_new_tokens=2, num_beams=2, decoder_input_ids=batch.to(device),
+                        decoder_mask=flipped.to(device))
 
 
 def peak_bytes(fn: object) -> int:
