@@ -85,11 +85,15 @@ class T5Config:
     out_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # of its default's type (an int does for a float)
+            value = getattr(self, field.name)
+            kind = dict if field.name == "out_scales" else type(field.default)
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise ValueError(f"T5Config.{field.name} must be of type {kind.__name__}, got {value!r}")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
                      "num_decoder_layers", "num_buckets", "max_distance"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"T5Config.{name} must be a positive int, got {getattr(self, name)!r}")
         rules = [(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}"),
                  (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
                  (self.tokenizer in ("sentencepiece", "bytes"),
@@ -105,7 +109,7 @@ class T5Config:
             rules += [(key in scalable_blocks(self), f"out_scales: no block {key!r} (blocks look like "
                        "'encoder.0.attn', 'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', "
                        "'decoder.0.ffn')"),
-                      (0 < scale <= 1 and math.frexp(scale)[0] == 0.5,
+                      (isinstance(scale, (int, float)) and 0 < scale <= 1 and math.frexp(scale)[0] == 0.5,
                        f"out_scales[{key!r}] must be a power of two in (0, 1], got {scale}")]
         for ok, message in rules:
             if not ok:
@@ -725,6 +729,8 @@ class T5Decoder(Stack):
             if input_mask is not None:
                 attend = attend & bool_mask(input_mask, batch, length, length, "decoder_mask")
         else:
+            if cache.kv.shape[2] != batch:
+                raise ValueError(f"input_ids has {batch} rows but the cache has {cache.kv.shape[2]}")
             positions = check_positions(positions, length, cache)
             keys = torch.arange(cache.kv.shape[-2], device=input_ids.device)
             if input_mask is not None and input_mask.dim() != 2:
@@ -875,6 +881,10 @@ class GenerationOptions(NamedTuple):
 
     def check(self) -> GenerationOptions:
         """These options, or a ValueError naming the first rule they break."""
+        for name in ("max_new_tokens", "min_new_tokens", "num_beams", "num_return_sequences", "top_k"):
+            value = getattr(self, name)
+            if type(value) is not int and not (value is None and name == "top_k"):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         beams, n = self.num_beams, self.num_return_sequences
         rules = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
                  (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, "
@@ -973,8 +983,13 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     rows of each input), and run the decoder prefix (start token, or a left-padded prompt with
     decoder_mask) into a cache of prefix + max_new_tokens slots (or into `cache`, reused).
     Then `decode_step(model, tokens, out.memory, out.cache, out.position)` per token."""
+    if not isinstance(model, T5):
+        raise ValueError(f"generation needs a T5 (encoder and decoder), got {type(model).__name__}")
+    check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
     batch = input_ids.shape[0]
     if decoder_input_ids is None:
         if decoder_mask is not None:
@@ -984,16 +999,24 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch:
         raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, "
                          f"got {tuple(decoder_input_ids.shape)}")
+    if decoder_mask is not None and decoder_mask.shape == decoder_input_ids.shape \
+            and not decoder_mask[:, -1].all():
+        raise ValueError("decoder prompts are left-padded: decoder_mask's last column must be 1 in every row")
     memory = model.decoder.memory(model.encoder(input_ids, input_mask), input_mask)
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
     length = prompt.shape[1]
+    config = model.config
     if cache is None:
-        cache = make_cache(model.config, batch * n, length + max_new_tokens, device=input_ids.device,
+        cache = make_cache(config, batch * n, length + max_new_tokens, device=input_ids.device,
                            dtype=memory.encoded.dtype)
     elif cache.kv.shape[2] != batch * n or cache.kv.shape[-2] < length + max_new_tokens:
         raise ValueError(f"the cache holds {cache.kv.shape[2]} rows of {cache.kv.shape[-2]} slots; "
                          f"this decode needs {batch * n} rows of {length + max_new_tokens}")
+    elif (cache.kv.dtype, cache.kv.shape[:2], cache.kv.shape[3], cache.kv.shape[-1]) != (
+            memory.encoded.dtype, (config.num_decoder_layers, 2), config.num_heads, config.d_kv):
+        raise ValueError(f"the cache ({cache.kv.dtype}, shape {tuple(cache.kv.shape)}) was not made for this "
+                         f"model ({memory.encoded.dtype}; make_cache(model.config, ..., dtype=...))")
     positions = torch.arange(length, device=prompt.device)
     hidden = model.decoder(prompt, memory, prompt_mask, cache=cache, positions=positions)
     return Prefill(memory, cache, model.lm_head(hidden[:, -1]).float(), positions[-1:] + 1, length)
@@ -1321,6 +1344,12 @@ class ByteTokenizer(Tokenizer):
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
         return data.decode("utf-8", errors="ignore")
 
+    def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
+        """Skipped special tokens go before decoding, as in transformers: bytes they split join again."""
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        kept = [i for i in ids if not skip_special_tokens or self._special_text(i) is None]
+        return super().decode(kept, skip_special_tokens=skip_special_tokens)
+
 
 def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
     """The tokenizer of a converted checkpoint folder: spiece.model (or tokenizer.model), or bytes
@@ -1471,6 +1500,9 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
                                  f"{tuple(expected.shape)}")
             keep = expected.dtype in (torch.float8_e4m3fn, torch.int8) or key.endswith(".weight_scale")
             state[key[len(prefix):]] = tensor if dtype is None or keep else tensor.to(dtype)
+            if not keep and state[key[len(prefix):]].dtype != next(iter(state.values())).dtype:  # embedding's
+                raise ValueError(f"{path}: tensor {key} is {tensor.dtype}, the embeddings "
+                                 f"{next(iter(state.values())).dtype}: load it with a dtype= for all")
     model.load_state_dict(state, assign=True, strict=True)  # assign keeps Float8Linear's requires_grad=False
     return set_attention(model, attention).eval()
 
@@ -1480,17 +1512,26 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     tokenizer's spiece.model); files are staged beside their place and renamed once all are written."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    folder, model = Path(folder), getattr(model, "_orig_mod", model)  # torch.compile(model): the model itself
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
+    if (folder / "config.json").is_file():  # replaced only when it is ours, never a transformers folder's
+        try:
+            T5Config.load(folder / "config.json")
+        except ValueError:
+            raise FileExistsError(f"{folder / 'config.json'} is not ours (left as it is): save elsewhere") from None
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     names = ["model.safetensors", "config.json"] + (["spiece.model"] if isinstance(tokenizer, SentencePieceTokenizer)
                                                      else [])
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
     try:
-        prefix = "encoder." if isinstance(model, T5Encoder) else ""
-        save_file({prefix + key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()},
-                  staged["model.safetensors"], metadata={"format": "pt"})
+        prefix, state, stored = "encoder." if isinstance(model, T5Encoder) else "", {}, set()
+        for key, tensor in model.state_dict().items():  # a tensor tied to one stored already: its own copy
+            tensor = tensor.detach().contiguous()
+            state[prefix + key] = tensor.clone() if tensor.untyped_storage().data_ptr() in stored else tensor
+            stored.add(tensor.untyped_storage().data_ptr())
+        save_file(state, staged["model.safetensors"], metadata={"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
         os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
         if "spiece.model" in staged:
@@ -1500,4 +1541,6 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):  # a failed save leaves no folder it made
+            folder.rmdir()
     return folder
