@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ def _device(name: str | None) -> torch.device:
     except RuntimeError:
         raise CommandLineError(f"--device {name}: unknown device (cpu, cuda, cuda:N)") from None
     if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise CommandLineError(f"--device {name}: a CPU has no index but 0")
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -76,6 +79,8 @@ def _prompt_batches(prompts: list[str], batch_size: int) -> Iterator[list[str]]:
 
 
 def _stdin_lines() -> Iterator[str]:
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise CommandLineError("no prompt: give prompts as arguments (stdin is closed)")
     seen = False
     for number, raw in enumerate(sys.stdin.buffer, start=1):
         seen = True
@@ -133,8 +138,10 @@ def _sampling(args: argparse.Namespace) -> tuple[t5.GenerationOptions, torch.Gen
     """Check the generation flags (before the model is loaded) and turn them into `generate`'s
     options. The rules of the flags themselves are here (--temperature 0 is greedy, sampling is
     on when a sampling flag is given, --seed needs sampling); `GenerationOptions.check` does the rest."""
-    if args.temperature is not None and args.temperature < 0:
+    if args.temperature is not None and not args.temperature >= 0:  # nan too
         raise CommandLineError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise CommandLineError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise CommandLineError(f"--top-k must be at least 1, got {args.top_k}")
     filters = args.top_k is not None or args.top_p is not None
@@ -177,7 +184,15 @@ def _check_batching(batch_size: int, max_input_tokens: int | None, max_length: i
         raise CommandLineError("--max-length already truncates: it does not combine with --max-input-tokens")
 
 
+def _one_line(text: str) -> str:
+    """Generated text as one output line: line breaks (\\r, \\n, U+2028, ...) and other control
+    characters (a byte-level model can make any) become spaces; tabs stay."""
+    return re.sub(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]", " ", text)
+
+
 def cli_generate(args: argparse.Namespace) -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`): print would drop every answer
+        raise CommandLineError("stdout is closed: nowhere to write the answers")
     options, generator = _sampling(args)
     _check_batching(args.batch_size, args.max_input_tokens)
     model, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, args.weights)
@@ -190,10 +205,11 @@ def cli_generate(args: argparse.Namespace) -> None:
             shown = ""
             for token in t5.stream(model, ids, mask, options, generator=generator):
                 tokens.append(int(token[0]))
-                text = tokenizer.decode(tokens).replace("\n", " ")
+                # a character whose bytes are not all there yet decodes as one U+FFFD per byte: held back
+                text = _one_line(tokenizer.decode(tokens)).rstrip("\ufffd")
                 print(text[len(shown):], end="", flush=True)
                 shown = text
-            print()
+            print(_one_line(tokenizer.decode(tokens))[len(shown):])
             count += len(tokens)
         else:
             real = [i for i, text in enumerate(texts) if text.strip()]  # blank lines answer blank lines
@@ -201,7 +217,7 @@ def cli_generate(args: argparse.Namespace) -> None:
             if real:
                 out = t5.generate(model, ids[real], mask[real], options, generator=generator)
                 for i, row in zip(real, out.tokens):
-                    lines[i] = tokenizer.decode(row).replace("\n", " ")
+                    lines[i] = _one_line(tokenizer.decode(row))
                 count += int(out.lengths.sum())
             print("\n".join(lines), flush=True)
         done += len(texts)
@@ -209,20 +225,32 @@ def cli_generate(args: argparse.Namespace) -> None:
     print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """The --out of `encode`, checked before any work is done."""
+def _check_out(out: Path, force: bool, ckpt: Path) -> Path:
+    """The --out of `encode`, checked before any work is done -> the path to write (a link's target)."""
     if out.is_dir():
         raise CommandLineError(f"--out {out} is a folder; name a .safetensors file")
     if not out.parent.is_dir():
         raise CommandLineError(f"--out {out}: folder {out.parent} does not exist")
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:  # a dangling link too
         raise CommandLineError(f"--out {out} exists; pass --force to overwrite it")
+    target = Path(os.path.realpath(out))
+    if target.exists() and not target.is_file():
+        raise CommandLineError(f"--out {out} is not a regular file (a device, a pipe?); name a .safetensors file")
+    if target in {(ckpt / name).resolve() for name in ("config.json", "model.safetensors", "spiece.model",
+                                                        "tokenizer.model")}:
+        raise CommandLineError(f"--out {out} is a file of --ckpt {ckpt}, which this command reads")
+    try:  # a file can be made there (os.access would say yes to root anywhere)
+        (target.parent / f".t5-encode-{os.getpid()}.tmp").touch()
+        (target.parent / f".t5-encode-{os.getpid()}.tmp").unlink()
+    except OSError as error:
+        raise CommandLineError(f"--out {out}: cannot write in folder {target.parent} ({error.strerror})") from None
+    return target
 
 
 def cli_encode(args: argparse.Namespace) -> None:
     from safetensors.torch import save
 
-    _check_out(args.out, args.force)
+    out = _check_out(args.out, args.force, Path(args.ckpt))
     _check_batching(args.batch_size, args.max_input_tokens, args.max_length, args.no_mask)
     encoder, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, args.weights, encoder_only=True)
     device = encoder.embedding.weight.device
@@ -242,10 +270,10 @@ def cli_encode(args: argparse.Namespace) -> None:
     hidden = torch.cat([widen(h, 0.0) for _, _, h in batches]).contiguous()
     mask = torch.cat([widen(m, 0) for _, m, _ in batches])
     data = save({"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])})
-    tmp = args.out.parent / f".{args.out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".t5-encode-{os.getpid()}.tmp"
     try:  # written beside --out and renamed into place: never half a file
         tmp.write_bytes(data)
-        tmp.replace(args.out)
+        tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {args.out}: hidden {tuple(hidden.shape)} {hidden.dtype}, mask {tuple(mask.shape)}", file=sys.stderr)
@@ -260,7 +288,7 @@ def cli_flops(args: argparse.Namespace) -> None:
     b, s, t = args.batch, args.src, args.tgt
     rows = [(f"encoder forward ({b} x {s})", t5.encoder_flops(config, b, s)),
             (f"decoder forward, {t} tokens over {s} (prefill)", t5.decoder_flops(config, b, t, s)),
-            (f"one cached decode step (cache of {s + t}, over {s})", t5.decode_step_flops(config, b, s, s + t))]
+            (f"one cached decode step (cache of {1 + t}, over {s})", t5.decode_step_flops(config, b, s, 1 + t))]
     if path.is_dir() and (path / "model.safetensors").is_file() and not _has_decoder(path):
         rows = rows[:1]  # an encoder-only checkpoint
     print(f"{'':50} {'attn proj':>12} {'attn scores':>12} {'ffn':>12} {'lm_head':>12} {'total':>12}  GFLOP")

@@ -2209,6 +2209,40 @@ def test_cli_generate_stream_batch_and_stdin() -> None:
     assert sampled[0] == sampled[1] and sampled[0].strip()
 
 
+def test_cli_streams_what_it_prints_in_a_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A streamed answer (one prompt) equals the batched one (stdin) with a byte-fallback vocabulary
+    (UMT5's kind), whose characters arrive one byte piece at a time; control characters a model
+    makes print as spaces; closed stdin or stdout is an error, not silence."""
+    import random
+
+    import sentencepiece
+
+    words = ["".join(random.Random(i).choices(["ka", "to", "ri", "mo", "ne"], k=1 + i % 3)) for i in range(60)]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(words[(7 * i + j) % 60] for j in range(8)) for i in range(500)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spiece"), vocab_size=300, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    config = t5.T5Config(vocab_size=400, d_model=32, d_kv=8, d_ff=48, num_heads=2, num_encoder_layers=1,
+                         num_decoder_layers=1, ffn="gated-gelu")
+    tokenizer = t5.load_tokenizer(tmp_path, config)
+    torch.manual_seed(0)
+    t5.save(t5.T5(config), tmp_path / "ckpt", tokenizer)
+    answers = []
+    for seed in range(6):
+        flags = ["--ckpt", str(tmp_path / "ckpt"), "--temperature", "3", "--seed", str(seed), "--max-new-tokens", "24"]
+        streamed, batched = run_cli("generate", "kato ne", *flags), run_cli("generate", *flags, stdin="kato ne\n")
+        assert streamed.stdout == batched.stdout and streamed.stdout.count("\n") == 1, (seed, streamed, batched)
+        answers.append(streamed.stdout)
+    assert any(ord(ch) > 127 and ch != "\ufffd" for ch in "".join(answers))  # characters made of byte pieces
+    assert cli._one_line("a\rb\x00c\x1bd\u2028e\x85f\tg") == "a b c d e f\tg"
+    for closed, args in (("stdin", ["generate"]), ("stdout", ["generate", "spell: 7"])):
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, closed, None)
+            assert cli.main(args) == 2
+        assert f"{closed} is closed" in capsys.readouterr().err
+
+
 def test_cli_encode_and_flops(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -2223,6 +2257,9 @@ def test_cli_encode_and_flops(tmp_path: Path) -> None:
     assert flops.returncode == 0 and "encoder forward (2 x 32)" in flops.stdout
     config = t5.T5Config.load(HERE / "demo" / "config.json")
     assert f"{t5.encoder_flops(config, 2, 32).total / 1e9:12.4f}" in flops.stdout
+    # a decode step of `generate`: the start token and 8 new ones in the cache (the source is not in it)
+    step = t5.decode_step_flops(config, 2, 32, 9).total
+    assert "one cached decode step (cache of 9, over 32)" in flops.stdout and f"{step / 1e9:12.4f}" in flops.stdout
 
 
 def test_cli_stdin_lines_stay_aligned() -> None:
@@ -2341,6 +2378,10 @@ def test_cli_every_option_has_help_with_its_default() -> None:
     (["generate", "x", "--temperature", "0", "--top-k", "3"], "--temperature 0 is greedy decoding"),
     (["generate", "x", "--temperature", "0", "--top-p", "0.5"], "--temperature 0 is greedy decoding"),
     (["generate", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+    (["generate", "x", "--temperature", "nan"], "--temperature must be 0 (greedy) or positive, got nan"),
+    (["generate", "x", "--temperature", "1", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
+    (["generate", "x", "--device", "cpu:1"], "--device cpu:1: a CPU has no index but 0"),
+    (["encode", "x", "--out", "/proc/hidden.safetensors"], "--out /proc/hidden.safetensors: cannot write in folder"),
     (["generate", "x", "--top-k", "0"], "--top-k must be at least 1"),
     (["generate", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["generate", "x", "--seed", "3"], "--seed only matters when sampling"),
@@ -2369,6 +2410,8 @@ def test_cli_argparse_errors_have_one_error_line() -> None:
 def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> None:
     """--out problems are reported before the model loads (here --ckpt is bad too, and it is the
     --out error that comes); an existing file needs --force; the file gets ordinary permissions."""
+    import shutil
+
     for out, message in [(tmp_path / "missing" / "x.safetensors", "does not exist"), (tmp_path, "is a folder")]:
         assert_one_line_error(run_cli("encode", "x", "--out", str(out), "--ckpt", "no/such/dir"), message)
     out = tmp_path / "hidden.safetensors"
@@ -2382,6 +2425,20 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden.safetensors"]
+    # a link: a dangling one "exists" too; with --force the file it points to is written, the link stays
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere.safetensors")
+    assert_one_line_error(run_cli("encode", "spell: 7", "--out", str(tmp_path / "dangling")), "exists; pass --force")
+    (tmp_path / "link").symlink_to(out)
+    assert run_cli("encode", "spell: 7", "spell: 8", "--out", str(tmp_path / "link"), "--force").returncode == 0
+    assert (tmp_path / "link").is_symlink() and load_file(out)["hidden"].shape[0] == 2
+    shutil.copytree(HERE / "demo", tmp_path / "demo")  # a file of the checkpoint read: never replaced
+    assert_one_line_error(run_cli("encode", "x", "--ckpt", str(tmp_path / "demo"), "--force", "--out",
+                                  str(tmp_path / "demo" / "model.safetensors")), "is a file of --ckpt")
+    assert files_of(tmp_path / "demo") == files_of(HERE / "demo")
+    shutil.rmtree(tmp_path / "demo")
+    os.mkfifo(tmp_path / "fifo")  # not a file to replace, even with --force
+    assert_one_line_error(run_cli("encode", "x", "--out", str(tmp_path / "fifo"), "--force"), "not a regular file")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_cli_non_utf8_prompts() -> None:
