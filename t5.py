@@ -300,7 +300,7 @@ class FlexBias(NamedTuple):
     and causality as a block mask (which also skips fully masked blocks)."""
 
     score_mod: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-    block_mask: object | None  # torch.nn.attention.flex_attention.BlockMask; None: every key
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
 
 
 FLEX_UNDER_COMPILE = ("attention='flex' cannot run inside torch.compile on CPU (inductor fails to lower its "
@@ -325,6 +325,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
     if isinstance(bias, FlexBias):
         if dropout:
             raise ValueError("FlexAttention has no attention dropout: train with attention='sdpa'")
+        if q.requires_grad and q.device.type == "cpu":
+            raise ValueError("FlexAttention has no backward on CPU (torch 2.13): train with attention='sdpa'")
         if torch.compiler.is_compiling():
             if q.device.type == "cpu":
                 raise ValueError(FLEX_UNDER_COMPILE)
@@ -633,14 +635,17 @@ class Stack(nn.Module):
         UMT5 (one alive at a time). Flex: a `FlexBias`, its block mask built once for the stack."""
         table = self.position_bias
         if self.attention == "flex":
-            block_mask = None
-            if attend is not None:
-                from torch.nn.attention.flex_attention import create_block_mask
+            from torch.nn.attention.flex_attention import create_block_mask
 
-                queries, keys = len(query_positions), len(key_positions)
-                full = attend.expand(batch, queries, keys)  # the kernel reads the mask at every row's index
-                block_mask = create_block_mask(lambda b, h, q, k: full[b, q, k], batch, None, queries, keys,
-                                               device=attend.device)
+            queries, keys = len(query_positions), len(key_positions)
+            full = None if attend is None else attend.expand(batch, queries, keys)  # read at each row's index
+
+            def may_attend(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+                """Without a mask every key, still as a block mask (torch 2.13's CPU kernel can be wrong
+                without one)."""
+                return q >= 0 if full is None else full[b, q, k]
+            block_mask = create_block_mask(may_attend, batch, None, queries, keys,
+                                           device=query_positions.device)
             for layer in range(len(self.layers)):
                 yield FlexBias(table.score_mod(layer, query_positions if cached else None), block_mask)
             return
@@ -1427,7 +1432,8 @@ class Int8Linear(Float8Linear):
             peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             product = compiled_fbgemm_linear if torch.compiler.is_compiling() else fbgemm_linear
             y = product(rows / peak, self.weight) * (peak * self.weight_scale.float())  # rows quantized alone
-        elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 8 == 0:
+        elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 8 == 0 \
+                and not torch.is_grad_enabled():  # (the kernel has no backward)
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
         else:
             return super().forward(x)
@@ -1519,7 +1525,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         try:
             T5Config.load(folder / "config.json")
         except ValueError:
-            raise FileExistsError(f"{folder / 'config.json'} is not ours (left as it is): save elsewhere") from None
+            raise FileExistsError(f"{folder / 'config.json'} is not ours (kept): save elsewhere") from None
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     names = ["model.safetensors", "config.json"] + (["spiece.model"] if isinstance(tokenizer, SentencePieceTokenizer)

@@ -13,6 +13,7 @@ fixtures sit before their first user; those that several sections share come fir
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import io
@@ -253,6 +254,21 @@ def test_flex_attention_matches_sdpa_and_hf(family: Family, device: str) -> None
                        t5.generate(sdpa, ids, mask, max_new_tokens=6).tokens)
 
 
+def test_flex_encoder_without_a_mask_past_one_block() -> None:
+    """No input mask (the diffusion pipelines' call) at lengths that end inside a 128-key block:
+    torch 2.13's CPU flex kernel without a block mask gave wrong values or NaN there (200 and 360
+    in a scan), so t5.py always passes one. Against SDPA, float32."""
+    config = t5.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_heads=2, num_encoder_layers=1,
+                         num_decoder_layers=1, ffn="gated-gelu", extra_ids=0, num_buckets=8, max_distance=16)
+    sdpa = t5.T5Encoder(config).eval()
+    train.init_weights(sdpa, torch.Generator().manual_seed(0))
+    flex = t5.set_attention(copy.deepcopy(sdpa), "flex")
+    for length in (200, 360):
+        ids = torch.randint(2, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            torch.testing.assert_close(flex(ids), sdpa(ids), atol=1e-5, rtol=0)
+
+
 def test_flex_under_torch_compile_on_cpu() -> None:
     """Inductor cannot lower flex's score_mod inside a larger compiled graph on CPU (torch 2.13):
     generate(compile=True) refuses with a clear message before any work, and torch.compile of a
@@ -291,6 +307,9 @@ def test_attention_choice_errors(family: Family) -> None:
     model.encoder.layers[0].attn.dropout = 0.1
     ids, mask = padded_batch(family.vocab, [5, 3])
     with pytest.raises(ValueError, match="FlexAttention has no attention dropout"):
+        model.encoder(ids, mask)
+    model.encoder.layers[0].attn.dropout = 0.0
+    with pytest.raises(ValueError, match="FlexAttention has no backward on CPU"):  # torch 2.13's, said plainly
         model.encoder(ids, mask)
 
 
@@ -2986,6 +3005,10 @@ def test_int8_equals_its_dequantized_twin_and_round_trips(family: Family, device
         assert torch.equal(dynamic, logits) != quantized_inputs
         assert (dynamic - reference).abs().max() <= 12 * bf16_error
         monkeypatch.undo()
+    # with autograd on (fine-tuning around frozen int8 weights) the weights are dequantized: backward runs
+    trained = bf16(ids, decoder_ids, input_mask=mask).logits.float()
+    trained.sum().backward()
+    assert bf16.encoder.embedding.weight.grad is not None and (trained - bf16_logits).abs().max() <= 3 * bf16_error
     t5.save(int8, tmp_path / "saved")
     again = t5.load(tmp_path / "saved", device=device)
     assert type(again.lm_head) is t5.Int8Linear
@@ -3509,7 +3532,9 @@ def test_t5_py_acceptance_numbers() -> None:
     of a review of the paths beside the tested ones (config field types 5, generation counts 4,
     prefill's and the cached decoder's checks 14, ByT5 decoding across special tokens 6, `save` of
     a compiled or tied model, into a transformers folder, and its failures 11, `load` of mixed
-    dtypes 3: 43 lines). The README's map of sections gives their current line ranges."""
+    dtypes 3, flex's block mask without a mask 3, flex's CPU-backward error 2, int8's bfloat16
+    kernel kept out of autograd 1: 49 lines). The README's map of sections gives their current
+    line ranges."""
     import ast
 
     source = (HERE / "t5.py").read_text()
@@ -3532,7 +3557,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1546, len(lines)
+    assert len(lines) <= 1552, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
