@@ -266,16 +266,19 @@ _packed: dict[int, tuple[tuple[int, int], object]] = {}  # id(int8 weight) -> (i
 
 
 def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (m, i) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm, which quantizes x on the fly
+    """x (m, i + extra) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm (x's extra columns meet
+    zeros: Int8Linear's two that fix the range of x), which quantizes x on the fly
     (per tensor, asymmetric, 7 bits: 8 can overflow without VNNI). The weight's packed copy is made on
-    first use, again after a write to the weight, and is dropped with it."""
+    first use, again after a write to the weight (not seen in a weight made under inference_mode,
+    which keeps no version count), and is dropped with it."""
     stamp = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     if id(weight) not in _packed:
         weakref.finalize(weight, _packed.pop, id(weight), None)
     if _packed.get(id(weight), (None,))[0] != stamp:
         with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's packing takes one
             warnings.simplefilter("ignore")
-            quantized = torch._make_per_tensor_quantized_tensor(weight.detach(), 1.0, 0)
+            padded = F.pad(weight.detach(), (0, x.shape[1] - weight.shape[1]))
+            quantized = torch._make_per_tensor_quantized_tensor(padded, 1.0, 0)
         _packed[id(weight)] = stamp, torch.ops.quantized.linear_prepack(quantized, None)
     with torch._C.DisableTorchFunctionSubclass():  # else each call looks up __torch_function__ on the
         return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)  # packed weight: 10+ us
@@ -1400,6 +1403,14 @@ class Float8Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        """What .to(), .cuda(), .half() do to the weight and its scale: they move, but keep their dtypes
+        (a model's .half() or .to(torch.bfloat16) would have made fp8 weights 16-bit, rounded the scales)."""
+        def keep_dtype(t: Tensor) -> Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+        return super()._apply(keep_dtype, recurse)
+
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.dense_weight(x.dtype))
 
@@ -1431,7 +1442,10 @@ class Int8Linear(Float8Linear):
         if self.quantize_inputs and cpu_float32_inference(x):
             peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             product = compiled_fbgemm_linear if torch.compiler.is_compiling() else fbgemm_linear
-            y = product(rows / peak, self.weight) * (peak * self.weight_scale.float())  # rows quantized alone
+            # two more columns, -1 and 1, fix fbgemm's range for x (min to max of all rows) at [-1, 1]:
+            # each row is quantized as it would be alone, whatever rows run with it
+            scaled = torch.cat([rows / peak, torch.tensor([-1.0, 1.0], device=x.device).expand(len(rows), 2)], 1)
+            y = product(scaled, self.weight) * (peak * self.weight_scale.float())
         elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 8 == 0 \
                 and not torch.is_grad_enabled():  # (the kernel has no backward)
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
