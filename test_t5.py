@@ -1443,7 +1443,7 @@ def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path
     for name in ("config.json", "model.safetensors"):
         shutil.copy(family.hf_dir / name, hf_named / name)
     shutil.copytree(family.ours_dir, tmp_path / "here")
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = files_of(tmp_path)
     cases = [([str(pipeline), str(pipeline / "text_encoder_2"), "--force"], "model.safetensors is inside OUT"),
              ([str(family.hf_dir), str(hf_named), "--force"], "config.json, model.safetensors that this tool did not "
                                                               "write"),
@@ -1461,7 +1461,7 @@ def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path
         assert convert_hf.main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, (args, err)
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert files_of(tmp_path) == before
     monkeypatch.chdir(tmp_path)
     assert convert_hf.main([str(family.hf_dir), str(ours), "--force"]) == 0  # a converted folder is replaced
     for _ in range(2):  # a --to-hf export is replaced by the next one
