@@ -47,7 +47,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from t5 import (DTYPES, SENTINEL, T5, Float8Linear, Int8Linear, Linear, T5Config, T5Encoder, dequantize_weight,
-                quantize_int8, scalable_blocks)
+                is_our_config, quantize_int8, scalable_blocks)
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -1003,12 +1003,9 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
 
 def written_here(folder: Path) -> bool:
     """Whether a folder's config.json and model.safetensors are what this tool writes: our config
-    (a conversion, or t5.save), or weights carrying WRITER (a --to-hf export)."""
-    try:
-        T5Config.load(folder / "config.json")
+    (a conversion, or t5.save, of any version), or weights carrying WRITER (a --to-hf export)."""
+    if is_our_config(folder / "config.json"):
         return True
-    except (OSError, ValueError):
-        pass
     try:
         with open_safetensors(folder / "model.safetensors") as f:
             return (f.metadata() or {}).get("writer") == WRITER["writer"]

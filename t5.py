@@ -1527,6 +1527,16 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     return set_attention(model, attention).eval()
 
 
+def is_our_config(path: str | Path) -> bool:
+    """Whether a config.json is one `save` or convert_hf.py wrote, of this or an earlier version: a JSON
+    object with our field names and none of transformers'. What either may replace."""
+    try:
+        fields = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(fields, dict) and "num_encoder_layers" in fields and "model_type" not in fields
+
+
 def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` as `load` reads it (config.json, model.safetensors, and a sentencepiece
     tokenizer's spiece.model); files are staged beside their place and renamed once all are written."""
@@ -1535,11 +1545,8 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     folder, model = Path(folder), getattr(model, "_orig_mod", model)  # torch.compile(model): the model itself
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
-    if (folder / "config.json").is_file():  # replaced only when it is ours, never a transformers folder's
-        try:
-            T5Config.load(folder / "config.json")
-        except ValueError:
-            raise FileExistsError(f"{folder / 'config.json'} is not ours (kept): save elsewhere") from None
+    if (folder / "config.json").exists() and not is_our_config(folder / "config.json"):  # a transformers one?
+        raise FileExistsError(f"{folder / 'config.json'} is not ours (kept): save elsewhere")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     names = ["model.safetensors", "config.json"] + (["spiece.model"] if isinstance(tokenizer, SentencePieceTokenizer)

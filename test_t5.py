@@ -454,6 +454,11 @@ def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> Non
     assert isinstance(t5.load(tmp_path / "enc", encoder_only=True), t5.T5Encoder)
     with pytest.raises(FileExistsError, match="not a folder"):
         t5.save(model, folder / "notes.txt")
+    older = json.loads((folder / "config.json").read_text())
+    del older["dropout"]  # a folder saved by an earlier version (a field fewer) is still ours to replace
+    (folder / "config.json").write_text(json.dumps(older))
+    t5.save(model, folder, tokenizer)
+    assert t5.T5Config.load(folder / "config.json") == model.config
     hf_folder = tmp_path / "hf"  # a transformers folder: its config.json and weights stay
     transformers.T5Config(vocab_size=100).save_pretrained(hf_folder)
     with pytest.raises(FileExistsError, match="config.json is not ours"):
@@ -1464,6 +1469,10 @@ def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path
     assert files_of(tmp_path) == before
     monkeypatch.chdir(tmp_path)
     assert convert_hf.main([str(family.hf_dir), str(ours), "--force"]) == 0  # a converted folder is replaced
+    older = json.loads((ours / "config.json").read_text())
+    del older["dropout"]  # as an earlier version of this tool wrote it: still ours to replace
+    (ours / "config.json").write_text(json.dumps(older))
+    assert convert_hf.main([str(family.hf_dir), str(ours), "--force"]) == 0
     for _ in range(2):  # a --to-hf export is replaced by the next one
         assert convert_hf.main([str(ours), str(tmp_path / "exported"), "--force", "--to-hf"]) == 0
     # through a link: the folder it points to is replaced, the link stays, nothing else is left
@@ -3545,8 +3554,9 @@ def test_t5_py_acceptance_numbers() -> None:
     a compiled or tied model, into a transformers folder, and its failures 11, `load` of mixed
     dtypes 3, flex's block mask without a mask 3, flex's CPU-backward error 2, int8's bfloat16
     kernel kept out of autograd 1, quantized weights kept by `.to(dtype)` 8, int8 rows quantized
-    over a fixed range, independent of each other 6: 63 lines). The README's map of sections gives
-    their current line ranges."""
+    over a fixed range, independent of each other 6, `is_our_config` (what save and convert_hf.py
+    may replace, of any version; net of what it replaced) 7: 70 lines). The README's map of sections gives their current
+    line ranges."""
     import ast
 
     source = (HERE / "t5.py").read_text()
@@ -3569,7 +3579,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1566, len(lines)
+    assert len(lines) <= 1573, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
