@@ -3555,8 +3555,8 @@ def test_t5_py_acceptance_numbers() -> None:
     dtypes 3, flex's block mask without a mask 3, flex's CPU-backward error 2, int8's bfloat16
     kernel kept out of autograd 1, quantized weights kept by `.to(dtype)` 8, int8 rows quantized
     over a fixed range, independent of each other 6, `is_our_config` (what save and convert_hf.py
-    may replace, of any version; net of what it replaced) 7: 70 lines). The README's map of sections gives their current
-    line ranges."""
+    may replace, of any version; net of the check it replaced) 7: 70 lines). The README's map of
+    sections gives their current line ranges."""
     import ast
 
     source = (HERE / "t5.py").read_text()
