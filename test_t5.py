@@ -2229,6 +2229,9 @@ def test_demo_spells_small_numbers_and_train_keeps_demo(tmp_path: Path) -> None:
     out.mkdir()
     assert train.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
     assert list(out.iterdir()) == []
+    transformers.T5Config(vocab_size=100).save_pretrained(out)  # a transformers folder: refused before, too
+    assert train.main(["--out", str(out), "--steps", "1", "--force"]) == 2
+    assert [p.name for p in out.iterdir()] == ["config.json"]
     default = next(a for a in train.parser()._actions if a.dest == "out").default
     assert default.resolve() != (HERE / "demo").resolve()
 

@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.force:
         print(f"train.py: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
+    if (args.out / "config.json").exists() and not t5.is_our_config(args.out / "config.json"):
+        print(f"train.py: error: {args.out / 'config.json'} is not ours (t5.save would refuse it after training): "
+              "choose another --out", file=sys.stderr)
+        return 2
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the reference run: 2 CPU cores
     train(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     return 0
