@@ -959,9 +959,9 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     default when the source's weights are fp8) or "int8" (weight-only int8, a bfloat16 scale per row).
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
-    check_out(out, force, [Path(src)])
+    check_out(out, force, Path(src))
     checkpoint = open_checkpoint(src, tokenizer=tokenizer, prefix=prefix, guess=guess)
-    check_out(out, force, [*checkpoint.tensors.paths, *filter(None, [checkpoint.tokenizer])])  # what is read
+    check_sources(out, [*checkpoint.tensors.paths, *filter(None, [checkpoint.tokenizer])])  # what is read
     tensors = checkpoint.tensors
     config, plan, encoder_only = plan_conversion(checkpoint.hf_config, tensors.keys(), encoder_only=encoder_only,
                                                  tokenizer_config=checkpoint.tokenizer_config)
@@ -1013,14 +1013,19 @@ def written_here(folder: Path) -> bool:
         return False
 
 
-def check_out(out: Path, force: bool, sources: Iterable[Path]) -> None:
-    """OUT is a folder or absent, not the current folder, and holds none of the sources (the paths
-    actually read). An existing OUT is replaced only with --force, and only when it holds nothing but
-    the files this tool writes (OUR_FILES), written by it (`written_here`): nothing else is ever deleted."""
+def check_sources(out: Path, sources: Iterable[Path]) -> None:
+    """None of the sources (paths read) is OUT or inside it."""
     for src in sources:
         if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
             where = "is OUT" if src.resolve() == out.resolve() else f"is inside OUT {out}"
             raise ConversionError(f"{src} {where}: writing OUT would destroy the source; choose another OUT")
+
+
+def check_out(out: Path, force: bool, src: Path) -> None:
+    """OUT is a folder or absent, not the current folder, and does not hold SRC (`check_sources`). An
+    existing OUT is replaced only with --force, and only when it holds nothing but the files this tool
+    writes (OUR_FILES), written by it (`written_here`): nothing else is ever deleted."""
+    check_sources(out, [src])
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; OUT must be a folder (or absent), and this is "
                               "left untouched")
@@ -1124,7 +1129,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
     refused, naming the tensor (export it with dtype float32 or bfloat16). dtype: of the written
     tensors (default: the embeddings')."""
     src, out = Path(src), Path(out)
-    check_out(out, force, [src])
+    check_out(out, force, src)
     config = T5Config.load(src / "config.json")
     if not (src / "model.safetensors").is_file():
         raise FileNotFoundError(f"{src / 'model.safetensors'} not found (is {src} a folder written by convert_hf.py?)")
