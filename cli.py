@@ -202,14 +202,15 @@ def cli_generate(args: argparse.Namespace) -> None:
         ids, mask = _encode_prompts(tokenizer, texts, done, device, max_input_tokens=args.max_input_tokens)
         if len(args.prompts) == 1 and options.num_beams == 1 and texts[0].strip():  # stream one prompt
             tokens: list[int] = []
-            shown = ""
+            shown = text = ""
             for token in t5.stream(model, ids, mask, options, generator=generator):
                 tokens.append(int(token[0]))
+                text = _one_line(tokenizer.decode(tokens))
                 # a character whose bytes are not all there yet decodes as one U+FFFD per byte: held back
-                text = _one_line(tokenizer.decode(tokens)).rstrip("\ufffd")
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-            print(_one_line(tokenizer.decode(tokens))[len(shown):])
+                ready = text.rstrip("\ufffd")
+                print(ready[len(shown):], end="", flush=True)
+                shown = ready
+            print(text[len(shown):])
             count += len(tokens)
         else:
             real = [i for i, text in enumerate(texts) if text.strip()]  # blank lines answer blank lines
@@ -240,8 +241,9 @@ def _check_out(out: Path, force: bool, ckpt: Path) -> Path:
                                                         "tokenizer.model")}:
         raise CommandLineError(f"--out {out} is a file of --ckpt {ckpt}, which this command reads")
     try:  # a file can be made there (os.access would say yes to root anywhere)
-        (target.parent / f".t5-encode-{os.getpid()}.tmp").touch()
-        (target.parent / f".t5-encode-{os.getpid()}.tmp").unlink()
+        probe = target.parent / f".t5-encode-{os.getpid()}.tmp"
+        probe.touch()
+        probe.unlink()
     except OSError as error:
         raise CommandLineError(f"--out {out}: cannot write in folder {target.parent} ({error.strerror})") from None
     return target
