@@ -961,7 +961,7 @@ def next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 
     (argmax of p / Exp(1) noise draws from p) so it needs no device sync."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # 0 at the top: never inf
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)

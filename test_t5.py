@@ -1719,6 +1719,7 @@ def test_sampling_reproducible_and_top_k_1_is_greedy(gen_family: Family, device:
     greedy = t5.generate(model, ids, mask, max_new_tokens=16)
     assert torch.equal(sample(3, top_k=1).tokens, greedy.tokens)
     assert torch.equal(sample(4, top_p=1e-6).tokens, greedy.tokens)  # only the most likely token survives
+    assert torch.equal(sample(6, temperature=1e-39).tokens, greedy.tokens)  # logits / temperature: no inf, NaN
     many = sample(5, num_return_sequences=3, top_k=20, top_p=0.9)
     assert many.tokens.shape[0] == 12 and many.lengths.shape == (12,)
     assert len({tuple(row.tolist()) for row in many.tokens[:3]}) > 1  # three samples of one input differ
