@@ -226,10 +226,11 @@ def cli_generate(args: argparse.Namespace) -> None:
     print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
 
 
-def _check_out(out: Path, force: bool, ckpt: Path) -> Path:
+def _check_out(name: str, force: bool, ckpt: Path) -> Path:
     """The --out of `encode`, checked before any work is done -> the path to write (a link's target)."""
-    if out.is_dir():
-        raise CommandLineError(f"--out {out} is a folder; name a .safetensors file")
+    out = Path(name)  # which drops a trailing slash: "name/" means a folder
+    if out.is_dir() or name.endswith(("/", os.sep)):
+        raise CommandLineError(f"--out {name} is a folder; name a .safetensors file")
     if not out.parent.is_dir():
         raise CommandLineError(f"--out {out}: folder {out.parent} does not exist")
     if os.path.lexists(out) and not force:  # a dangling link too
@@ -331,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     g.set_defaults(run=cli_generate)
     e = commands.add_parser("encode", help="write encoder hidden states (and mask) of prompts to a safetensors file")
     common(e)
-    e.add_argument("--out", required=True, type=Path, help="output .safetensors file (required): hidden (b, s, d), "
+    e.add_argument("--out", required=True, help="output .safetensors file (required): hidden (b, s, d), "
                    "mask and input_ids (b, s)")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists (default: refuse)")
     e.add_argument("--no-mask", action="store_true", help="run the encoder without the padding mask, as Flux / SD3 "

@@ -2451,7 +2451,8 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
     --out error that comes); an existing file needs --force; the file gets ordinary permissions."""
     import shutil
 
-    for out, message in [(tmp_path / "missing" / "x.safetensors", "does not exist"), (tmp_path, "is a folder")]:
+    for out, message in [(tmp_path / "missing" / "x.safetensors", "does not exist"), (tmp_path, "is a folder"),
+                         (f"{tmp_path / 'new'}/", "is a folder")]:  # a folder by its slash: no file "new" is made
         assert_one_line_error(run_cli("encode", "x", "--out", str(out), "--ckpt", "no/such/dir"), message)
     out = tmp_path / "hidden.safetensors"
     out.write_bytes(b"keep me")
