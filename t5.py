@@ -90,18 +90,17 @@ class T5Config:
             kind = dict if field.name == "out_scales" else type(field.default)
             if type(value) is not kind and not (kind is float and type(value) is int):
                 raise ValueError(f"T5Config.{field.name} must be of type {kind.__name__}, got {value!r}")
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
-                     "num_decoder_layers", "num_buckets", "max_distance"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"T5Config.{name} must be a positive int, got {getattr(self, name)!r}")
-        rules = [(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}"),
-                 (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
-                 (self.tokenizer in ("sentencepiece", "bytes"),
-                  f"tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}"),
-                 (0 <= self.extra_ids <= self.vocab_size,
-                  f"extra_ids must be in [0, vocab_size], got {self.extra_ids}"),
-                 (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-                 (self.eps > 0, f"eps must be positive, got {self.eps!r}")]
+        rules = [(getattr(self, name) > 0, f"{name} must be a positive int, got {getattr(self, name)!r}")
+                 for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
+                              "num_decoder_layers", "num_buckets", "max_distance")]
+        rules += [(self.ffn in FFN_KINDS, f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}"),
+                  (self.num_buckets >= 4, f"num_buckets must be at least 4, got {self.num_buckets}"),
+                  (self.tokenizer in ("sentencepiece", "bytes"),
+                   f"tokenizer must be 'sentencepiece' or 'bytes', got {self.tokenizer!r}"),
+                  (0 <= self.extra_ids <= self.vocab_size,
+                   f"extra_ids must be in [0, vocab_size], got {self.extra_ids}"),
+                  (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+                  (self.eps > 0, f"eps must be positive, got {self.eps!r}")]
         rules += [(0 <= getattr(self, name) < self.vocab_size,
                    f"{name}={getattr(self, name)} is outside [0, {self.vocab_size})")
                   for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id")]
@@ -140,12 +139,9 @@ class T5Config:
             raise ValueError(f"{path} is a Hugging Face config (model_type {fields.get('model_type')!r}): "
                              "convert its folder first with convert_hf.py")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown T5Config fields {unknown} (is this a converted checkpoint?)")
-        missing = sorted(known - set(fields))
-        if missing:
-            raise ValueError(f"{path}: missing T5Config fields {missing}")
+        for kind, names in (("unknown", set(fields) - known), ("missing", known - set(fields))):
+            if names:
+                raise ValueError(f"{path}: {kind} T5Config fields {sorted(names)} (a converted checkpoint?)")
         return cls(**fields)
 
 
@@ -186,8 +182,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
     if ids.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds token id {bad}, outside [0, {vocab_size})")
+            raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside [0, {vocab_size})")
 
 
 def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> Tensor:
@@ -229,7 +224,7 @@ ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mk
 
 def compiled_op(name: str, product: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """product(x (..., i), weight (o, i)) -> (..., o), a CPU function, as the op t5::name that
-    torch.compile calls as it is (defined directly: torch.library.custom_op wraps each call in Python)."""
+    torch.compile calls as it is."""
     torch.library.define(f"t5::{name}", "(Tensor x, Tensor weight) -> Tensor")
     torch.library.impl(f"t5::{name}", "cpu", product)
     torch.library.register_fake(f"t5::{name}", lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
@@ -246,15 +241,14 @@ compiled_onednn_linear = compiled_op("onednn_linear", onednn_linear)
 
 def cpu_float32_inference(x: Tensor) -> bool:
     """Whether x is float32 on CPU with autograd and CPU autocast off (generation, no_grad): where
-    t5.py's CPU kernels replace F.linear (under autocast F.linear stays: autocast casts its inputs)."""
+    t5.py's CPU kernels replace F.linear."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
         and not torch.is_autocast_enabled("cpu")
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., i) @ weight (o, i).T -> (..., o); in float32 on an x86 CPU with autograd and autocast off
-    (generation, no_grad) through oneDNN's matmul, not the default BLAS: GEMVs 1.3-2x faster on the AMD
-    CPU of the README's tables, unmeasured on Intel; `torch.backends.mkldnn.flags(enabled=False)`: off."""
+    """x (..., i) @ weight (o, i).T -> (..., o), through oneDNN in float32 CPU inference on x86 (README:
+    "float32 linear layers through oneDNN"; `torch.backends.mkldnn.flags(enabled=False)`: off)."""
     if ONEDNN and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled \
             and cpu_float32_inference(x):
         return (compiled_onednn_linear if torch.compiler.is_compiling() else onednn_linear)(x, weight)
@@ -266,11 +260,10 @@ _packed: dict[int, tuple[tuple[int, int], object]] = {}  # id(int8 weight) -> (i
 
 
 def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (m, i + extra) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm (x's extra columns meet
-    zeros: Int8Linear's two that fix the range of x), which quantizes x on the fly
-    (per tensor, asymmetric, 7 bits: 8 can overflow without VNNI). The weight's packed copy is made on
-    first use, again after a write to the weight (not seen in a weight made under inference_mode,
-    which keeps no version count), and is dropped with it."""
+    """x (m, i + extra) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm, which quantizes x on
+    the fly (per tensor, 7 bits); x's extra columns meet zeros. The weight's packed copy is made on first
+    use, again after a write to the weight (not seen in a weight made under inference_mode, which keeps
+    no version count), and is dropped with it."""
     stamp = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     if id(weight) not in _packed:
         weakref.finalize(weight, _packed.pop, id(weight), None)
@@ -280,8 +273,8 @@ def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
             padded = F.pad(weight.detach(), (0, x.shape[1] - weight.shape[1]))
             quantized = torch._make_per_tensor_quantized_tensor(padded, 1.0, 0)
         _packed[id(weight)] = stamp, torch.ops.quantized.linear_prepack(quantized, None)
-    with torch._C.DisableTorchFunctionSubclass():  # else each call looks up __torch_function__ on the
-        return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)  # packed weight: 10+ us
+    with torch._C.DisableTorchFunctionSubclass():  # skips a __torch_function__ lookup on the packed weight
+        return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)
 
 
 compiled_fbgemm_linear = compiled_op("fbgemm_linear", fbgemm_linear)
@@ -299,8 +292,7 @@ class Linear(nn.Linear):
 
 class FlexBias(NamedTuple):
     """What FlexAttention takes instead of an additive (b, h, q, k) mask: the position bias as a
-    `score_mod` that computes each score's bucket and reads the bias table, and padding, packing
-    and causality as a block mask (which also skips fully masked blocks)."""
+    `score_mod`, padding, packing and causality as a block mask."""
 
     score_mod: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
@@ -322,9 +314,8 @@ def compiled_flex_attention() -> Callable[..., Tensor]:
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, scale: float,
               dropout: float) -> Tensor:
     """q (b, h, q, e), k and v (b, h, k, e) -> (b, h, q, e), through SDPA with an additive mask (b|1,
-    h|1, q, k), or FlexAttention when the stack runs with attention="flex". Under torch.compile in float32
-    on CPU with at most e queries (decoding; the scores are then no larger than k) the product is written
-    out instead, for inductor to fuse: the compiled decode step ran 7-10% faster than with SDPA (README)."""
+    h|1, q, k), or FlexAttention given a FlexBias. Compiled decoding in float32 on CPU (at most e
+    queries) writes the product out for inductor to fuse, faster there than SDPA (README)."""
     if isinstance(bias, FlexBias):
         if dropout:
             raise ValueError("FlexAttention has no attention dropout: train with attention='sdpa'")
