@@ -2714,6 +2714,17 @@ def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -
         assert torch.equal(reloaded, logits)
 
 
+def test_sum_embedding_grads_refuses_a_frozen_table() -> None:
+    """A frozen decoder table has no gradient for another reason than a missing backward: said so."""
+    model = t5.T5(t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_encoder_layers=1,
+                              num_decoder_layers=1, extra_ids=0))
+    model.decoder.embedding.weight.requires_grad_(False)
+    ids = torch.randint(0, 64, (2, 5))
+    model(ids, ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match="both embeddings must be trained"):
+        train.sum_embedding_grads(model)
+
+
 def test_training_reduces_loss() -> None:
     """A tiny model (one layer each side) learns to reverse 8 random tokens given with the EOS that
     ends every T5 input (the anchor that makes the task quick to learn: output i is the input token

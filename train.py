@@ -94,13 +94,18 @@ def init_weights(model: t5.T5 | t5.T5Encoder | t5.T5Decoder, generator: torch.Ge
 def sum_embedding_grads(model: t5.T5) -> None:
     """Call after `backward()`, before the optimizer step: each of the two input tables gets the sum
     of both gradients, which is T5's shared table's gradient, so tables that start equal stay equal
-    and the result exports (`--to-hf`). Gradient clipping after it counts the table twice."""
+    and the result exports (`--to-hf`). Gradient clipping after it counts the table twice. With
+    gradient accumulation, call it once, after the last micro-batch's backward: each call adds the
+    other table's gradient again."""
     encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
+    if not (encoder.requires_grad and decoder.requires_grad):
+        raise ValueError("sum_embedding_grads: both embeddings must be trained (one has requires_grad=False)")
     if encoder.grad is None or decoder.grad is None:
         raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
     total = encoder.grad + decoder.grad
     encoder.grad.copy_(total)
     decoder.grad.copy_(total)
+
 
 LIMIT = 100_000
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
