@@ -919,7 +919,9 @@ def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
         if stack not in model_stacks or key not in scalable_blocks(config):
             raise ValueError(f"no block {key!r} in this model")
         name, rows = value_rows(config, key)
-        model_stacks[stack].get_parameter(name.removeprefix(f"{stack}."))[rows].mul_(scale)
+        layer = model_stacks[stack].get_submodule(name.removeprefix(f"{stack}.").removesuffix(".weight"))
+        # an fp8 or int8 layer's rows are scaled through their per-row scales (exact too)
+        (layer.weight_scale if isinstance(layer, Float8Linear) else layer.weight)[rows].mul_(scale)
         config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
         model_stacks[stack].layers[int(index)].unscale[block] = config.unscale(key)
     T5Config(**dataclasses.asdict(config))  # still a valid config

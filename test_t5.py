@@ -1226,6 +1226,21 @@ def test_to_hf_of_a_calibrated_checkpoint_computes_what_ours_does(tmp_path: Path
     assert_close_where(logits, ref, dec_mask, 1e-5 * float(ref.abs().max()))
 
 
+def test_out_scales_fold_into_quantized_layers_exactly(tmp_path: Path) -> None:
+    """`apply_out_scales` on fp8 and int8 layers scales their per-row scales (the stored int8 / fp8
+    values cannot take a multiply): the model computes what it did, bit for bit in float32 (powers of two)."""
+    hf = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    for out, options in (("fp8", ["--weights", "float8_e4m3fn"]), ("plain", [])):
+        assert convert_hf.main([str(hf), str(tmp_path / out), "--dtype", "float32", *options]) == 0
+    ids, mask = padded_batch(FAMILIES["t5-v1.1"][1]["vocab_size"], [7, 4], seed=3)
+    for model in (t5.load(tmp_path / "fp8"), t5.quantize(t5.load(tmp_path / "plain"))):
+        with torch.no_grad():
+            before = model(ids, ids, input_mask=mask).logits
+            convert_hf.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
+            assert torch.equal(model(ids, ids, input_mask=mask).logits, before)
+        assert model.config.out_scales["decoder.0.cross_attn"] == 0.25
+
+
 @pytest.mark.parametrize("name", ["t5-v1.0", "t5-v1.1"])
 def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Scales on every block (attention V, cross-attention V, FFN up rows: gated and ReLU) export to
