@@ -2244,6 +2244,9 @@ def test_demo_spells_small_numbers_and_train_keeps_demo(tmp_path: Path) -> None:
     out = tmp_path / "kept"
     out.mkdir()
     assert train.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
+    assert train.main(["--out", str(tmp_path / "new"), "--steps", "0"]) == 2
+    assert not (tmp_path / "new").exists()
+    assert all(0 < train.lr_factor(step, steps) <= 1 for steps in (1, 19, 20, 1500) for step in range(steps))
     assert list(out.iterdir()) == []
     transformers.T5Config(vocab_size=100).save_pretrained(out)  # a transformers folder: refused before, too
     assert train.main(["--out", str(out), "--steps", "1", "--force"]) == 2
@@ -2729,8 +2732,9 @@ def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -
         assert torch.equal(reloaded, logits)
 
 
-def test_sum_embedding_grads_refuses_a_frozen_table() -> None:
-    """A frozen decoder table has no gradient for another reason than a missing backward: said so."""
+def test_sum_embedding_grads_frozen_or_tied_tables() -> None:
+    """A frozen decoder table has no gradient for another reason than a missing backward: said so.
+    Tables the user tied are one parameter, whose gradient autograd has summed already: left as it is."""
     model = t5.T5(t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_encoder_layers=1,
                               num_decoder_layers=1, extra_ids=0))
     model.decoder.embedding.weight.requires_grad_(False)
@@ -2738,6 +2742,12 @@ def test_sum_embedding_grads_refuses_a_frozen_table() -> None:
     model(ids, ids, labels=ids).loss.backward()
     with pytest.raises(ValueError, match="both embeddings must be trained"):
         train.sum_embedding_grads(model)
+    model.decoder.embedding = model.encoder.embedding  # tied by the user: its gradient is already the sum
+    model.zero_grad()
+    model(ids, ids, labels=ids).loss.backward()
+    grad = model.encoder.embedding.weight.grad.clone()
+    train.sum_embedding_grads(model)
+    assert torch.equal(model.encoder.embedding.weight.grad, grad)
 
 
 def test_training_reduces_loss() -> None:

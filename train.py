@@ -98,6 +98,8 @@ def sum_embedding_grads(model: t5.T5) -> None:
     gradient accumulation, call it once, after the last micro-batch's backward: each call adds the
     other table's gradient again."""
     encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
+    if encoder is decoder:  # one table already (tied by the user): autograd summed both uses
+        return
     if not (encoder.requires_grad and decoder.requires_grad):
         raise ValueError("sum_embedding_grads: both embeddings must be trained (one has requires_grad=False)")
     if encoder.grad is None or decoder.grad is None:
@@ -178,9 +180,7 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
         model = t5.T5(config)
         init_weights(model, torch.Generator().manual_seed(seed))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-        warmup = steps // 20
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
         start = time.time()
         model.train()
         for step in range(steps):
@@ -206,6 +206,13 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
     return accuracy
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """The learning rate's multiplier at `step`: a linear warmup over the first 5% of the steps (at
+    least one), then a cosine decay to 0 at `steps`."""
+    warmup = max(1, steps // 20)
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoints" / "demo",
@@ -220,6 +227,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for flag in ("steps", "batch"):
+        if getattr(args, flag) < 1:
+            print(f"train.py: error: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
     if args.out.exists() and not args.force:
         print(f"train.py: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
