@@ -1221,7 +1221,22 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
                 (tmp / "tokenizer_config.json").write_text(json.dumps(
                     {"tokenizer_class": kind, "extra_ids": config.extra_ids, "eos_token": "</s>", "unk_token": "<unk>",
                      "pad_token": "<pad>"}, indent=2) + "\n")
+            if hf_config["model_type"] == "umt5" and (tmp / "spiece.model").is_file() \
+                    and not (tmp / "tokenizer.json").is_file():
+                write_tokenizer_json(tmp)
     return out
+
+
+def write_tokenizer_json(folder: Path) -> None:
+    """transformers 5 reads a UMT5 tokenizer from tokenizer.json only (T5's and mT5's spiece.model it
+    converts itself): make one from the folder's spiece.model with transformers' converter, when installed."""
+    try:
+        from transformers import T5Tokenizer
+    except ImportError:
+        print("convert_hf.py: note: no tokenizer.json written (transformers is not installed here); "
+              "transformers' AutoTokenizer needs one for UMT5", file=sys.stderr)
+        return
+    T5Tokenizer.from_pretrained(folder).save_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -892,6 +892,19 @@ def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path)
         convert_hf.sentencepiece_from_tokenizer_json(other)
 
 
+def test_to_hf_writes_the_tokenizer_json_a_umt5_needs(spiece_folder: Path, tmp_path: Path) -> None:
+    """A UMT5 saved by `t5.save` (spiece.model only, as after fine-tuning) exports with a tokenizer.json:
+    transformers 5's AutoTokenizer reads UMT5's from one only (T5's spiece.model it converts itself).
+    Its ids equal the source's on every test text."""
+    saved_tiny_t5(tmp_path / "hf", spiece_folder, transformers.UMT5ForConditionalGeneration, transformers.UMT5Config)
+    assert convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    t5.save(t5.load(tmp_path / "ours"), tmp_path / "saved", t5.load_tokenizer(tmp_path / "ours"))
+    assert not (tmp_path / "saved" / "tokenizer.json").exists()
+    assert convert_hf.main([str(tmp_path / "saved"), str(tmp_path / "back"), "--to-hf"]) == 0
+    hf, back = (transformers.AutoTokenizer.from_pretrained(tmp_path / name) for name in ("hf", "back"))
+    assert all(back(text).input_ids == hf(text).input_ids for text in TOKENIZER_TEXTS)
+
+
 def test_convert_refuses_tokens_added_to_the_tokenizer(spiece_folder: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     """Tokens added with add_tokens are not in the sentencepiece model t5.py reads: refused by name
