@@ -327,7 +327,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
             from torch.nn.attention.flex_attention import flex_attention as flex
         else:
             flex = compiled_flex_attention()
-        return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)
+        width = q.shape[-1]
+        if q.device.type == "cpu" and width < 32:  # torch 2.13's CPU kernel errs at 8, 16; zeros add nothing
+            q, k, v = (F.pad(t, (0, 32 - width)) for t in (q, k, v))
+        return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)[..., :width]
     if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" \
             and q.shape[-2] <= q.shape[-1] and not dropout:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
