@@ -3612,8 +3612,10 @@ def test_t5_py_acceptance_numbers() -> None:
     dtypes 3, flex's block mask without a mask 3, flex's CPU-backward error 2, int8's bfloat16
     kernel kept out of autograd 1, quantized weights kept by `.to(dtype)` 8, int8 rows quantized
     over a fixed range, independent of each other 6, `is_our_config` (what save and convert_hf.py
-    may replace, of any version; net of the check it replaced) 7: 70 lines). The README's map of
-    sections gives their current line ranges."""
+    may replace, of any version; net of the check it replaced) 7: 70 lines), less 9 (the config's
+    checks as one list of rules; kernel docstrings that pointed to the README's measurements instead
+    of restating them), plus flex's zero-padded CPU heads 3. The README's map of sections gives
+    their current line ranges."""
     import ast
 
     source = (HERE / "t5.py").read_text()
@@ -3636,7 +3638,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert len(forward) <= 5, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1573, len(lines)
+    assert len(lines) <= 1567, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
