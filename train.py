@@ -163,6 +163,13 @@ def evaluate(model: t5.T5, tokenizer: t5.Tokenizer, numbers: list[int]) -> float
     return right / len(numbers)
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """The learning rate's multiplier at `step`: a linear warmup over the first 5% of the steps (at
+    least one), then a cosine decay to 0 at `steps`."""
+    warmup = max(1, steps // 20)
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -204,13 +211,6 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
         print(f"held-out exact match: {accuracy:.1%} of {len(test)}")
         t5.save(model, out, tokenizer)  # config.json, model.safetensors, spiece.model (--force: replaced)
     return accuracy
-
-
-def lr_factor(step: int, steps: int) -> float:
-    """The learning rate's multiplier at `step`: a linear warmup over the first 5% of the steps (at
-    least one), then a cosine decay to 0 at `steps`."""
-    warmup = max(1, steps // 20)
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def parser() -> argparse.ArgumentParser:
