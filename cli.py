@@ -274,9 +274,18 @@ def cli_encode(args: argparse.Namespace) -> None:
     mask = torch.cat([widen(m, 0) for _, m, _ in batches])
     data = save({"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])})
     tmp = out.parent / f".t5-encode-{os.getpid()}.tmp"
-    try:  # written beside --out and renamed into place: never half a file
+    try:  # written beside --out and moved into place: never half a file
         tmp.write_bytes(data)
-        tmp.replace(out)
+        if args.force:
+            tmp.replace(out)
+        else:
+            try:  # a hard link fails, replacing nothing, if --out appeared while encoding
+                os.link(tmp, out)
+            except FileExistsError:
+                raise CommandLineError(f"--out {args.out} appeared while encoding (kept); pass --force "
+                                       "to overwrite it") from None
+            except OSError:  # a filesystem without hard links
+                tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {args.out}: hidden {tuple(hidden.shape)} {hidden.dtype}, mask {tuple(mask.shape)}", file=sys.stderr)

@@ -2515,6 +2515,24 @@ def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> 
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_cli_encode_keeps_an_out_that_appears_while_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Without --force, --out is checked before the work and linked into place after it: a file that
+    appeared in between is kept, and the error says so (a rename replaced it)."""
+    import safetensors.torch
+
+    out, save = tmp_path / "hidden.safetensors", safetensors.torch.save
+
+    def save_as_another_writes_out(tensors: dict[str, torch.Tensor]) -> bytes:
+        out.write_bytes(b"theirs")
+        return save(tensors)
+
+    monkeypatch.setattr(safetensors.torch, "save", save_as_another_writes_out)
+    assert cli.main(["encode", "spell: 7", "--out", str(out)]) == 2
+    assert "appeared while encoding (kept)" in capsys.readouterr().err
+    assert out.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_cli_non_utf8_prompts() -> None:
     assert_one_line_error(run_cli("generate", b"spell: \xff12"), "prompt 1 is not valid UTF-8")
     assert_one_line_error(run_cli("generate", stdin=b"spell: 1\nspell: \xff\n"), "line 2 of stdin is not valid UTF-8")
