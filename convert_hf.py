@@ -87,6 +87,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 TORCH_DTYPES = {**{name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}, "F64": torch.float64,
                 "F8_E5M2": torch.float8_e5m2}  # a safetensors header's dtype names
 FP8 = torch.float8_e4m3fn
+FP8_KINDS = (FP8, torch.float8_e5m2)  # what fp8 files hold; e5m2 is read (dequantized), never kept
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # --weights: how linear weights are stored, as the layer `t5.load` makes of them (its weight_dtype and
 # scale_dtype); None: as --dtype says
@@ -283,13 +284,16 @@ def is_linear(name: str) -> bool:
 
 
 def read_part(tensors: Mapping[str, Tensor], key: str) -> tuple[Tensor, Tensor | None]:
-    """One Hugging Face tensor, with its per-row float32 scale when it is stored in fp8."""
+    """One Hugging Face tensor, with its per-row float32 scale when it is a float8_e4m3fn matrix; other
+    fp8 tensors (a norm's weight, an e5m2 file's weights) come back in float32, their scales applied."""
     tensor = tensors[key]
-    if tensor.dtype != FP8:
+    if tensor.dtype not in FP8_KINDS:
         return tensor, None
     scale = tensors[scale_key(key)].float().reshape(-1) if scale_key(key) in tensors else torch.ones(1)
     if scale.numel() not in (1, tensor.shape[0]):
         raise ConversionError(f"{scale_key(key)}: {scale.numel()} scales for a weight of {tensor.shape[0]} rows")
+    if tensor.dtype != FP8 or tensor.dim() == 1:
+        return tensor.float() * (scale if tensor.dim() == 1 else rearrange(scale, "o -> o 1")), None
     return tensor, scale.expand(tensor.shape[0]).clone()
 
 
@@ -978,7 +982,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
         dtype = torch.bfloat16
         print(f"convert_hf.py: note: {src} is float16; storing bfloat16, which cannot overflow (keep float16 with "
               "--dtype float16 --calibrate)", file=sys.stderr)
-    dtype = dtype or (torch.bfloat16 if stored == FP8 or source_fp8 else stored)
+    dtype = dtype or (torch.bfloat16 if stored in FP8_KINDS or source_fp8 else stored)
     if dtype not in DTYPES.values():
         raise ConversionError(f"cannot compute in {dtype}; use --dtype float32, bfloat16 or float16")
     if calibrate_texts is not None and weights != "dense":

@@ -994,37 +994,46 @@ def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> N
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
-def fp8_encoder_file(family: Family, path: Path, *, scaled: bool) -> tuple[Path, dict[str, torch.Tensor]]:
-    """An encoder file as diffusion tools ship fp8 T5s: every linear weight in float8_e4m3fn,
-    cast as it is, or (scaled=True) divided by a per-tensor `scale_weight` with a `scaled_fp8`
-    marker; norms, embeddings and position bias left as they were. Also returns the dequantized
+def fp8_encoder_file(family: Family, path: Path, *, kind: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An encoder file as diffusion tools ship fp8 T5s: every linear weight in float8_e4m3fn, cast as it
+    is ("plain"), or divided by a per-tensor `scale_weight`, with a `scaled_fp8` marker ("scaled"); "norms
+    too": scaled, and the norms' weights cast to float8_e4m3fn, as some all-in-one files ship them; "e5m2":
+    scaled, in float8_e5m2. Embeddings and position bias left as they were. Also returns the dequantized
     transformers state dict: the exact model that file stands for."""
+    fp8 = torch.float8_e5m2 if kind == "e5m2" else torch.float8_e4m3fn
     state = {k: v for k, v in load_file(family.hf_dir / "model.safetensors").items()
              if not k.startswith(("decoder.", "lm_head."))}
     stored, dequantized = {}, {}
     for key, value in state.items():
         if value.dim() == 2 and "DenseReluDense" in key or any(f".{p}.weight" in key for p in "qkvo"):
-            scale = value.abs().max() / 448 if scaled else torch.tensor(1.0)
-            stored[key] = (value / scale).to(torch.float8_e4m3fn)
-            if scaled:
+            scale = value.abs().max() / torch.finfo(fp8).max if kind != "plain" else torch.tensor(1.0)
+            stored[key] = (value / scale).to(fp8)
+            if kind != "plain":
                 stored[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
             dequantized[key] = stored[key].float() * scale
+        elif kind == "norms too" and "layer_norm" in key:
+            stored[key] = value.to(torch.float8_e4m3fn)
+            dequantized[key] = stored[key].float()
         else:
             stored[key] = dequantized[key] = value
-    if scaled:
+    if kind != "plain":
         stored["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file(stored, path)
     return path, dequantized
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, scaled: bool, tmp_path: Path) -> None:
-    src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", scaled=scaled)
+@pytest.mark.parametrize("kind", ["plain", "scaled", "norms too", "e5m2"])
+def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, kind: str, tmp_path: Path) -> None:
+    """Linear weights stay float8_e4m3fn (an e5m2 file's are stored dense: bfloat16 holds e5m2 exactly), and
+    the model is the file's: transformers with the dequantized weights (before, an e5m2 file's scales were
+    dropped and fp8 norms refused)."""
+    src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", kind=kind)
     flags = SHAPE_FLAGS.get(family.name, [])
     assert convert_hf.main([str(src), str(tmp_path / "ours"), "--dtype", "float32", *flags]) == 0
     encoder = t5.load(tmp_path / "ours", encoder_only=True)
     linears = [m for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
-    assert linears and all(isinstance(m, t5.Float8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert linears and all(isinstance(m, t5.Float8Linear) == (kind != "e5m2") for m in linears)
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears if isinstance(m, t5.Float8Linear))
     upcast = convert_hf.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
     assert not any(isinstance(m, t5.Float8Linear) for m in upcast.modules())
     ids, mask = padded_batch(family.vocab, [19, 6])
@@ -1101,7 +1110,7 @@ def test_convert_single_file_beside_other_models_and_input_scales(family: Family
     flags = SHAPE_FLAGS.get(family.name, [])
     assert convert_hf.main([str(src), str(tmp_path / "ours"), *flags]) == 0
     assert_same_checkpoint(tmp_path / "ours", family.ours_dir)
-    path, _ = fp8_encoder_file(family, tmp_path / "fp8.safetensors", scaled=True)
+    path, _ = fp8_encoder_file(family, tmp_path / "fp8.safetensors", kind="scaled")
     assert convert_hf.main([str(path), str(tmp_path / "fp8"), *flags]) == 0
     state = load_file(path)
     inputs = {k.replace("scale_weight", "scale_input"): torch.tensor(0.5) for k in state if k.endswith("scale_weight")}
