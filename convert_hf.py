@@ -492,7 +492,10 @@ def weight_files(folder: Path) -> list[str]:
         if (folder / weights).is_file():
             return [weights]
         if (folder / index_name).is_file():
-            return sorted(set(read_json(folder / index_name).get("weight_map", {}).values()))
+            shards = read_json(folder / index_name).get("weight_map", {})
+            if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
+                raise ConversionError(f"{folder / index_name}: its weight_map is not an object of tensor -> file name")
+            return sorted(set(shards.values()))
     raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors.index.json or pytorch_model.bin")
 
 

@@ -744,6 +744,10 @@ def test_convert_sharded_and_bin(family: Family, tmp_path: Path) -> None:
         assert state.keys() == reference.keys()
         assert all(torch.equal(state[k], reference[k]) for k in state)
         assert (out / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    for weight_map in ([], {keys[0]: None}):  # a malformed index: one line (exit 2), not a traceback
+        (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        assert convert_hf.main([str(tmp_path / "sharded"), str(tmp_path / "bad")]) == 2
+        assert not (tmp_path / "bad").exists()
 
 
 def test_convert_encoder_only(family: Family, tmp_path: Path) -> None:
