@@ -1282,6 +1282,15 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--model-type", choices=sorted(HF_ARCHITECTURES), help="with --to-hf (default: umt5 for per-layer "
                       "position bias, mt5 for a 250112 vocabulary, t5 otherwise)")
     args = parser.parse_args(argv)
+    converting = ("encoder_only", "weights", "calibrate", "tokenizer", "prefix", "max_distance", "eps",
+                  "scale_decoder_output")  # options of the import only
+    given = [f"--{name.replace('_', '-')}" for name in converting if getattr(args, name) != parser.get_default(name)]
+    if args.to_hf and given:
+        print(f"convert_hf.py: error: {', '.join(given)}: not for --to-hf, which exports SRC as it is", file=sys.stderr)
+        return 2
+    if args.model_type and not args.to_hf:
+        print("convert_hf.py: error: --model-type is for --to-hf", file=sys.stderr)
+        return 2
     try:
         if args.to_hf:
             out = export_hf(args.src, args.out, force=args.force, model_type=args.model_type,

@@ -1206,6 +1206,12 @@ def test_to_hf_encoder_only_and_refusals(family: Family, tmp_path: Path,
     assert "is not a folder" in capsys.readouterr().err
     assert convert_hf.main([str(family.hf_dir), str(tmp_path / "x"), "--to-hf"]) == 2
     assert "Hugging Face config" in capsys.readouterr().err
+    # options of the import are refused with --to-hf, --model-type without it (they were ignored)
+    assert convert_hf.main([str(tmp_path / "back"), str(tmp_path / "x"), "--to-hf", "--encoder-only", "--eps", "1e-5"]) == 2
+    assert "--encoder-only, --eps: not for --to-hf" in capsys.readouterr().err
+    assert convert_hf.main([str(family.hf_dir), str(tmp_path / "x"), "--model-type", "umt5"]) == 2
+    assert "--model-type is for --to-hf" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_demo_exports_to_transformers(tmp_path: Path) -> None:
