@@ -797,12 +797,12 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
     if source is None:
         return
     if source.is_file():
-        shutil.copy2(source, out / "spiece.model")
+        shutil.copyfile(source, out / "spiece.model")
         return
     folder = source
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
-            shutil.copy2(folder / name, out / name)
+            shutil.copyfile(folder / name, out / name)
     if config.tokenizer == "sentencepiece" and not any((out / n).is_file() for n in ("spiece.model", "tokenizer.model")) \
             and (out / "tokenizer.json").is_file():
         model = sentencepiece_from_tokenizer_json(read_json(folder / "tokenizer.json"),
@@ -1222,7 +1222,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
-                    shutil.copy2(src / name, tmp / name)
+                    shutil.copyfile(src / name, tmp / name)
             if not (tmp / "tokenizer_config.json").exists():
                 kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
                 (tmp / "tokenizer_config.json").write_text(json.dumps(

@@ -907,7 +907,10 @@ def test_to_hf_writes_the_tokenizer_json_a_umt5_needs(spiece_folder: Path, tmp_p
     assert convert_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
     t5.save(t5.load(tmp_path / "ours"), tmp_path / "saved", t5.load_tokenizer(tmp_path / "ours"))
     assert not (tmp_path / "saved" / "tokenizer.json").exists()
+    for path in (tmp_path / "saved").iterdir():  # read-only files: the copies are written as any new file
+        path.chmod(0o444)
     assert convert_hf.main([str(tmp_path / "saved"), str(tmp_path / "back"), "--to-hf"]) == 0
+    assert all(path.stat().st_mode & 0o200 for path in (tmp_path / "back").iterdir())
     hf, back = (transformers.AutoTokenizer.from_pretrained(tmp_path / name) for name in ("hf", "back"))
     assert all(back(text).input_ids == hf(text).input_ids for text in TOKENIZER_TEXTS)
 
