@@ -622,10 +622,12 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
         raise FileNotFoundError(f"{config_path} not found")
     hf_config = read_json(config_path)
     config_from_hf(hf_config)  # unsupported architectures fail before any tensor is read
+    named = Path(os.path.abspath(folder))  # "." or "text_encoder_2/..": the folder's own name
+    beside = named.parent / named.name.replace("text_encoder", "tokenizer")  # where diffusers keeps it
     if tokenizer:
         tokenizer_path: Path | None = Path(tokenizer)
-    elif folder.name.startswith("text_encoder") and (folder.parent / folder.name.replace("text_encoder", "tokenizer")).is_dir():
-        tokenizer_path = folder.parent / folder.name.replace("text_encoder", "tokenizer")  # diffusers keeps it beside
+    elif named.name.startswith("text_encoder") and beside.is_dir():
+        tokenizer_path = beside
     else:
         tokenizer_path = folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
     return Checkpoint(hf_config, CheckpointTensors(folder), *find_tokenizer(tokenizer_path))

@@ -1127,9 +1127,9 @@ def test_convert_single_file_beside_other_models_and_input_scales(family: Family
     assert_same_checkpoint(tmp_path / "fp8", tmp_path / "fp8-inputs")
 
 
-def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path) -> None:
+def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A diffusers pipeline folder: the T5 encoder in text_encoder_2/, its tokenizer in
-    tokenizer_2/, a CLIP beside them; the root, the encoder folder and --tokenizer all work."""
+    tokenizer_2/, a CLIP beside them; the root, the encoder folder (also as ".") and --tokenizer all work."""
     root = tmp_path / "flux"
     (root / "text_encoder").mkdir(parents=True)
     (root / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model"}))
@@ -1142,9 +1142,10 @@ def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path) -> None:
     hf.save_pretrained(root / "text_encoder_2")
     transformers.T5TokenizerFast.from_pretrained(spiece_folder, legacy=False).save_pretrained(root / "tokenizer_2")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2")
-    for src, flags in [(root, []), (root / "text_encoder_2", []),
+    monkeypatch.chdir(root / "text_encoder_2")
+    for src, flags in [(root, []), (root / "text_encoder_2", []), (Path("."), []),
                        (root / "text_encoder_2", ["--tokenizer", str(spiece_folder / "spiece.model")])]:
-        out = tmp_path / f"ours-{len(flags)}-{src.name}"
+        out = tmp_path / f"ours-{len(flags)}-{src.name or 'dot'}"
         assert convert_hf.main([str(src), str(out), *flags]) == 0
         encoder, tokenizer = t5.load(out, encoder_only=True), t5.load_tokenizer(out)
         texts = ["hello world", "kato rimo <extra_id_0> ne fox"]
