@@ -10,6 +10,7 @@ Every mistake in how it is called is reported in one line, without a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -138,8 +139,8 @@ def _sampling(args: argparse.Namespace) -> tuple[t5.GenerationOptions, torch.Gen
     """Check the generation flags (before the model is loaded) and turn them into `generate`'s
     options. The rules of the flags themselves are here (--temperature 0 is greedy, sampling is
     on when a sampling flag is given, --seed needs sampling); `GenerationOptions.check` does the rest."""
-    if args.temperature is not None and not args.temperature >= 0:  # nan too
-        raise CommandLineError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan too
+        raise CommandLineError(f"--temperature must be 0 (greedy) or positive and finite, got {args.temperature}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise CommandLineError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
@@ -336,7 +337,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with this much probability "
                    "(default: 1, no limit)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1, none)")
-    g.add_argument("--seed", type=int, help="seed of the sampling generator, same seed same text (default: random)")
+    g.add_argument("--seed", type=int, help="seed of the sampling generator: same seed, same prompts and --batch-size, "
+                   "same text (default: random)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
     g.set_defaults(run=cli_generate)
     e = commands.add_parser("encode", help="write encoder hidden states (and mask) of prompts to a safetensors file")

@@ -891,8 +891,8 @@ class GenerationOptions(NamedTuple):
         rules = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
                  (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, "
                   f"max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
-                 (self.temperature > 0,
-                  f"temperature must be positive, got {self.temperature} (use do_sample=False for greedy)"),
+                 (0 < self.temperature < math.inf, f"temperature must be positive and finite, got "
+                  f"{self.temperature} (use do_sample=False for greedy)"),
                  (self.top_k is None or self.top_k >= 0,
                   f"top_k must be positive (or 0 / None for no limit), got {self.top_k}"),
                  (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),

@@ -1913,6 +1913,8 @@ def test_cache_errors(family: Family) -> None:
         t5.generate(model, ids, mask, max_new_tokens=3, do_sample=True, top_p=0.0)
     with pytest.raises(ValueError, match="early_stopping must be"):
         t5.generate(model, ids, mask, max_new_tokens=3, num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="temperature must be positive and finite, got inf"):  # NaN rows past EOS bans
+        t5.generate(model, ids, mask, max_new_tokens=3, min_new_tokens=2, do_sample=True, temperature=math.inf)
     # a step of fewer rows than the cache's would write its rows into every row of the cache
     with pytest.raises(ValueError, match="input_ids has 1 rows but the cache has 2"):
         t5.decode_step(model, token[:1], model.decoder.memory(memory.encoded[:1]), cache, torch.tensor([0]))
@@ -2474,7 +2476,8 @@ def test_cli_every_option_has_help_with_its_default() -> None:
     (["generate", "x", "--temperature", "0", "--top-k", "3"], "--temperature 0 is greedy decoding"),
     (["generate", "x", "--temperature", "0", "--top-p", "0.5"], "--temperature 0 is greedy decoding"),
     (["generate", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
-    (["generate", "x", "--temperature", "nan"], "--temperature must be 0 (greedy) or positive, got nan"),
+    (["generate", "x", "--temperature", "nan"], "--temperature must be 0 (greedy) or positive and finite, got nan"),
+    (["generate", "x", "--temperature", "inf"], "--temperature must be 0 (greedy) or positive and finite, got inf"),
     (["generate", "x", "--temperature", "1", "--seed", str(2**64)], "--seed must be in [0, 2**63)"),
     (["generate", "x", "--device", "cpu:1"], "--device cpu:1: a CPU has no index but 0"),
     (["encode", "x", "--out", "/proc/hidden.safetensors"], "--out /proc/hidden.safetensors: cannot write in folder"),
