@@ -1031,7 +1031,7 @@ def fp8_encoder_file(family: Family, path: Path, *, kind: str) -> tuple[Path, di
 
 @pytest.mark.parametrize("kind", ["plain", "scaled", "norms too", "e5m2"])
 def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, kind: str, tmp_path: Path) -> None:
-    """Linear weights stay float8_e4m3fn (an e5m2 file's are stored dense: bfloat16 holds e5m2 exactly), and
+    """Linear weights stay float8_e4m3fn (an e5m2 file's are stored dense, scales applied), and
     the model is the file's: transformers with the dequantized weights (before, an e5m2 file's scales were
     dropped and fp8 norms refused)."""
     src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", kind=kind)
