@@ -965,9 +965,10 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
             tokenizer: str | None = None, prefix: str | None = None, guess: Guess = Guess()) -> Path:
     """Convert SRC (see `open_checkpoint`) into OUT. Everything is written into a temporary folder
     beside OUT and renamed into place at the end: a failure leaves OUT as it was.
-    dtype: of everything but fp8 weights (default: the embedding's; bfloat16 for an fp8 source).
-    weights: "dense", "float8_e4m3fn" (linear weights in fp8 with a float32 scale per row; the
-    default when the source's weights are fp8) or "int8" (weight-only int8, a bfloat16 scale per row).
+    dtype: of everything but fp8 weights (default: the embedding's; bfloat16 for an fp8 source, and
+    for a float16 one unless calibrating). weights: "dense", "float8_e4m3fn" (linear weights in fp8
+    with a float32 scale per row; the default when the source's weights are fp8) or "int8" (int8
+    weights, a bfloat16 scale per row).
     calibrate_texts (a list, possibly empty for the built-in prompts) runs `calibrate` before that."""
     out = Path(out)
     check_out(out, force, Path(src))
@@ -1090,7 +1091,8 @@ def staged_folder(out: Path) -> Iterator[Path]:
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every t5.Float8Linear and t5.Int8Linear by a t5.Linear holding its dequantized
     weight, in the dtype of the model's embeddings (the dtype it computes in): the model computes
-    what it did. In place; returns the model."""
+    what it did, except where Int8Linear quantizes its inputs too (float32 on x86 CPUs): there it
+    computes the weight-only result. In place; returns the model."""
     dtype = next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight.dtype
     for name, module in list(model.named_modules()):
         if isinstance(module, Float8Linear):
@@ -1128,7 +1130,8 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
     """Our folder -> a transformers folder: config.json, model.safetensors with transformers' key
     names (each fused tensor split back into its parts), the tokenizer files. The inverse of
     `convert`, through the same tables: transformers -> ours -> transformers is bit-exact. Streamed:
-    each tensor is read once and written before the next is read.
+    each tensor is read once and written before the next is read, but for the shared embedding,
+    held while the decoder's and lm_head are read to compare with it.
 
     model_type: "t5", "mt5" or "umt5" (default: umt5 for per-layer position bias, mt5 for mT5's
     vocabulary of 250112, t5 otherwise; the tensors are the same for t5 and mt5). T5 v1.0's
@@ -1256,9 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer files)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="store weights (fp8 checkpoints: all but the fp8 "
                         "weights; with --to-hf: all) in this dtype (default: as the checkpoint; bfloat16 for an fp8 "
-                        "source)")
+                        "source, and for a float16 one unless --calibrate)")
     parser.add_argument("--weights", choices=tuple(WEIGHTS), help="float8_e4m3fn: linear weights in fp8 with a float32 "
-                        "scale per row; int8: weight-only int8 with a bfloat16 scale per row (symmetric); embeddings "
+                        "scale per row; int8: int8 weights with a bfloat16 scale per row (symmetric); embeddings "
                         "and norms in --dtype (default: fp8 when the source's are, else dense)")
     parser.add_argument("--encoder-only", action="store_true", help="keep only the encoder (text encoders of diffusion "
                         "models) (default: everything the source has)")

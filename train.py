@@ -10,7 +10,8 @@ input tables as T5's one shared table). t5.py runs models; this file is only nee
 The demo: "spell: 4071" -> "four thousand seventy-one", for every number below 100,000. The 200
 numbers of `held_out()` are never trained on: they measure how well the model generalizes
 (test_t5.py asks for at least 95% exact matches). Everything is seeded, so a rerun on the same
-machine and versions reproduces demo/. Its tokenizer is a sentencepiece model trained here.
+machine and versions should reproduce demo/ (not tested: a run takes minutes). Its tokenizer is a
+sentencepiece model trained here.
 """
 
 from __future__ import annotations
