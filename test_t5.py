@@ -259,8 +259,9 @@ def test_flex_encoder_where_torchs_cpu_kernel_erred() -> None:
     flex kernel gave wrong values or NaN at head widths 8 and 16 (in a scan, at lengths 8 past a multiple
     of 16: 8 here) and, without a block mask, at lengths ending inside a 128-key block (200 and 360 in a
     scan, 360 here): t5.py pads CPU heads narrower than 32 with zeros and always passes a block mask.
-    One compile per length: two lengths."""
-    for d_kv, lengths in ((8, (8,)), (16, (360,))):
+    Width 64 (released T5s' heads, not padded; the other flex tests' heads are padded) at length 24.
+    One compile per length: three lengths."""
+    for d_kv, lengths in ((8, (8,)), (16, (360,)), (64, (24,))):
         config = t5.T5Config(vocab_size=64, d_model=32, d_kv=d_kv, d_ff=48, num_heads=2, num_encoder_layers=1,
                              num_decoder_layers=1, ffn="gated-gelu", extra_ids=0, num_buckets=8, max_distance=16)
         sdpa = t5.T5Encoder(config).eval()
@@ -1046,7 +1047,7 @@ def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, 
     ids, mask = padded_batch(family.vocab, [19, 6])
     with torch.no_grad():
         out = encoder(ids, mask)
-        torch.testing.assert_close(out, upcast(ids, mask), rtol=1e-6, atol=0)
+        assert torch.equal(out, upcast(ids, mask))  # README: 'tested to be equal'
         # and it is the model the file stands for: transformers with the dequantized weights
         enc_cls = {"mt5": transformers.MT5EncoderModel, "umt5": transformers.UMT5EncoderModel}.get(
             family.name, transformers.T5EncoderModel)
@@ -1094,7 +1095,7 @@ def test_convert_weights_float8_from_a_dense_source(family: Family, tmp_path: Pa
     with torch.no_grad():
         torch.testing.assert_close(model(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
                                    convert_hf.dequantize(t5.load(out))(ids, dec, input_mask=mask, decoder_mask=dec_mask).logits,
-                                   rtol=1e-6, atol=0)
+                                   rtol=0, atol=0)
     assert t5.generate(model, ids, mask, max_new_tokens=3).tokens.shape[0] == 2
     # t5.quantize of an fp8 model: int8 of the float32 dequantized weights, every layer; again: unchanged
     int8 = t5.quantize(t5.load(out))
@@ -3310,7 +3311,7 @@ def test_readme_pipeline_recipes_equal_transformers(spiece_folder: Path, tmp_pat
 
 # Mixed case, spaces around, a tab, an HTML entity, and one prompt longer than every max_length:
 # what PixArt (lowercase, strip) and Wan (unescape, collapse whitespace) change before tokenizing.
-PIPELINE_PROMPTS = ["  A Photo of THE Fox  ", "Hello\t World &amp; KATO rimo ", "Kato RIMO " * 200]
+PIPELINE_PROMPTS = ["  A Photo of THE Fox  ", "Hello\t World &amp; KATO rimo kaÃ¶n ", "Kato RIMO " * 200]
 # float32 rounding: at 512 tokens each encoder is ~1.3e-5 from a float64 run of transformers' (the
 # softmax sums 512 terms), and the two differ by up to ~6e-6 here
 EMBED_ATOL = 3e-5
@@ -3403,9 +3404,13 @@ def test_readme_recipes_equal_the_pipelines_own_prompt_encoding(tiny_pipelines: 
     """Each recipe block of the README, run as written on mixed-case, space-padded prompts, gives
     what the real diffusers pipeline computes itself from the same prompts (its encode_prompt with
     transformers' encoder): Flux and SD3 take the text as it is, PixArt lowercases and strips it,
-    Wan unescapes HTML and collapses whitespace. For PixArt and Wan the cleaning changes these
-    prompts' ids, so a recipe without it fails here."""
+    Wan unescapes HTML, fixes mojibake with ftfy (installed by requirements-dev.txt, as users of Wan
+    have it: "kaÃ¶n" -> "kaön") and collapses whitespace. For PixArt and Wan the cleaning changes
+    these prompts' ids, so a recipe without it (ftfy's part included) fails here."""
+    import html
+
     import diffusers
+    import ftfy
 
     p = tiny_pipelines
     flux_block, pixart_block, wan_block = python_blocks("### Text encoders of diffusion pipelines")
@@ -3435,6 +3440,8 @@ def test_readme_recipes_equal_the_pipelines_own_prompt_encoding(tiny_pipelines: 
         # Wan: the whole (b, 512, d) tensor, zeros past each prompt's tokens included
         wan = run_block(wan_block, **scope(p.umt5_encoder))
         assert not torch.equal(wan["ids"], raw_ids[512])
+        unescaped = html.unescape(PIPELINE_PROMPTS[1])
+        assert p.tokenizer.encode(ftfy.fix_text(unescaped)) != p.tokenizer.encode(unescaped)
         ref, _ = diffusers.WanPipeline(tokenizer=p.hf_tokenizer, text_encoder=p.hf_umt5, vae=None, scheduler=None
                                        ).encode_prompt(PIPELINE_PROMPTS, do_classifier_free_guidance=False,
                                                        max_sequence_length=512)
@@ -3606,6 +3613,13 @@ def test_every_readme_python_block_is_run() -> None:
     assert (HERE / "README.md").read_text().count("```python\n") == sum(tested.values())
 
 
+def test_readme_tables_render() -> None:
+    """Markdown renders a table only when a |---| row follows its header: every table of the README has one."""
+    lines = (HERE / "README.md").read_text().splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("|") and not lines[i - 1].startswith("|")]
+    assert headers and not [lines[i] for i in headers if not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1])]
+
+
 def test_readme_states_install_and_suite_time() -> None:
     text = (HERE / "README.md").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu" in text  # the CPU-only install
@@ -3641,9 +3655,9 @@ def t5_sections() -> list[tuple[str, int, int]]:
 
 
 def test_t5_py_acceptance_numbers() -> None:
-    """Issue 16's acceptance numbers for t5.py, so that they cannot regress: no argparse, at most 5
-    forward references between top-level definitions (uses inside annotations excluded: they are
-    lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
+    """Issue 16's acceptance numbers for t5.py, so that they cannot regress: no argparse, no forward
+    reference between top-level definitions (as the README says; the issue allows 5; uses inside
+    annotations excluded: they are lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
     with at most 8 parameters written in its signature, and a line count held where it is (the
     issue asks for 1,300; this ratchet holds what was reached, 1,440, plus issue 17's oneDNN linear:
     the function, its layer and the op torch.compile keeps, 12 lines, and its fbgemm int8 product:
@@ -3679,7 +3693,7 @@ def test_t5_py_acceptance_numbers() -> None:
         forward += [(getattr(node, "name", "="), name.id) for name in ast.walk(node)
                     if isinstance(name, ast.Name) and id(name) not in in_annotations
                     and defined.get(name.id, -1) > index]
-    assert len(forward) <= 5, forward
+    assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
     assert len(lines) <= 1567, len(lines)
