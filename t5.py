@@ -262,8 +262,8 @@ _packed: dict[int, tuple[tuple[int, int], object]] = {}  # id(int8 weight) -> (i
 def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x (m, i + extra) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm, which quantizes x on
     the fly (per tensor, 7 bits); x's extra columns meet zeros. The weight's packed copy is made on first
-    use, again after a write to the weight (not seen in a weight made under inference_mode, which keeps
-    no version count), and is dropped with it."""
+    use, again after `load_state_dict` or a write through the parameter (not seen: a write through
+    `.data`, or to a weight made under inference_mode, which keeps no version count), dropped with it."""
     stamp = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     if id(weight) not in _packed:
         weakref.finalize(weight, _packed.pop, id(weight), None)
@@ -1397,6 +1397,18 @@ class Float8Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, metadata: dict, strict: bool,
+                              missing: list[str], unexpected: list[str], errors: list[str]) -> None:
+        """load_state_dict: a weight of another dtype is refused (cast, floats would become small ints);
+        int8's packed copy is made again (a write under inference_mode would not show)."""
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != self.weight.dtype:
+            errors.append(f"{prefix}weight is {weight.dtype}, the layer's {self.weight.dtype}: not loaded "
+                          "(load dense weights into a dense model)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
+        _packed.pop(id(self.weight), None)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         """What .to(), .cuda(), .half() do to the weight and its scale: they move, but keep their dtypes
         (a model's .half() or .to(torch.bfloat16) would have made fp8 weights 16-bit, rounded the scales)."""
@@ -1406,6 +1418,8 @@ class Float8Linear(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.requires_grad:  # an fp8 gradient: mostly zeros, and no optimizer takes it
+            raise ValueError("fp8 weights cannot be trained (requires_grad=False): train a dense model")
         return linear(x, self.dense_weight(x.dtype))
 
 
@@ -1452,6 +1466,8 @@ def quantize(model: nn.Module) -> nn.Module:
     """Every Linear (lm_head included) and fp8 layer -> an Int8Linear of its float32 weight; int8 layers,
     embeddings and norms stay as they are (the model computes in their dtype). In place; returns it."""
     for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            raise ValueError(f"{name}: a Linear with a bias; quantize takes T5's layers, which have none")
         if isinstance(module, nn.Linear) or type(module) is Float8Linear:
             with torch.device("meta"):
                 layer = Int8Linear(module.in_features, module.out_features)

@@ -3234,6 +3234,30 @@ def test_int8_quantized_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert key not in t5._packed
 
 
+def test_quantized_layers_load_state_dict_and_refusals() -> None:
+    """load_state_dict into int8 layers under inference_mode (which keeps no version count) is seen:
+    the packed copy is made again; a dense state dict is refused before any int8 weight is cast (it
+    was truncated to small ints); quantize refuses a Linear with a bias (it was dropped); an fp8
+    layer asked to train says it cannot (its gradients were fp8: mostly zeros)."""
+    torch.manual_seed(0)
+    dense, other = torch.nn.Linear(48, 40, bias=False), torch.nn.Linear(48, 40, bias=False)
+    x = torch.randn(3, 48)
+    with torch.inference_mode():
+        layer = t5.quantize(torch.nn.Sequential(copy.deepcopy(dense)))
+        before = layer(x)
+        layer.load_state_dict(t5.quantize(torch.nn.Sequential(other)).state_dict())
+        assert torch.equal(layer(x), t5.quantize(torch.nn.Sequential(other))(x)) and not torch.equal(layer(x), before)
+    kept = layer.state_dict()
+    with pytest.raises(RuntimeError, match=r"0.weight is torch.float32, the layer's torch.int8: not loaded"):
+        layer.load_state_dict(torch.nn.Sequential(dense).state_dict(), strict=False)
+    assert all(torch.equal(kept[k], v) for k, v in layer.state_dict().items())
+    with pytest.raises(ValueError, match="0: a Linear with a bias"):
+        t5.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    fp8 = t5.Float8Linear(48, 40).requires_grad_(True)
+    with pytest.raises(ValueError, match="fp8 weights cannot be trained"):
+        fp8(x)
+
+
 def test_int8_compiled_decode_step() -> None:
     """The CPU int8 kernels inside the compiled decode step: fbgemm's in float32 (an op of its own to
     inductor, `t5::fbgemm_linear`), int8pack's in bfloat16 (widths that are multiples of 8, so the kernel
@@ -3672,8 +3696,9 @@ def test_t5_py_acceptance_numbers() -> None:
     over a fixed range, independent of each other 6, `is_our_config` (what save and convert_hf.py
     may replace, of any version; net of the check it replaced) 7: 70 lines), less 9 (the config's
     checks as one list of rules; kernel docstrings that pointed to the README's measurements instead
-    of restating them), plus flex's zero-padded CPU heads 3. The README's map of sections gives
-    their current line ranges."""
+    of restating them), plus flex's zero-padded CPU heads 3, plus quantized layers' load_state_dict
+    (dtype refused, int8 repacked) 12, fp8's refusal to train 2, quantize's of a biased Linear 2.
+    The README's map of sections gives their current line ranges."""
     import ast
 
     source = (HERE / "t5.py").read_text()
@@ -3696,7 +3721,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1567, len(lines)
+    assert len(lines) <= 1583, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
