@@ -1266,6 +1266,33 @@ def test_to_hf_of_a_calibrated_checkpoint_computes_what_ours_does(tmp_path: Path
     assert_close_where(logits, ref, dec_mask, 1e-5 * float(ref.abs().max()))
 
 
+def test_a_calibrated_block_trains_faster_by_its_scale() -> None:
+    """README (Half precision): a calibrated checkpoint computes what the uncalibrated one does but
+    does not train like it. A step on a block's scaled-down value rows (scale s = 1/4) moves the
+    weights the block computes with 1/s times as far with Adam, 1/s^2 with SGD, and the encoder output
+    about 1/s as far with Adam (first order)."""
+    model = random_model("t5-v1.0").eval()  # ReLU: all of wi are value rows
+    ids, mask = padded_batch(model.config.vocab_size, [7, 4], seed=1)
+    for optimizer, lr, ratio in ((torch.optim.Adam, 1e-5, 4.0), (torch.optim.SGD, 1e-2, 16.0)):
+        moved = []
+        for scale in (1.0, 0.25):
+            m = copy.deepcopy(model).requires_grad_(False)
+            if scale != 1.0:
+                convert_hf.apply_out_scales(m, {"encoder.0.ffn": scale})
+            weight = m.encoder.layers[0].ffn.wi.weight.requires_grad_(True)
+            start, step = weight.detach() / scale, optimizer([weight], lr=lr)
+            with torch.no_grad():
+                before = m.encoder(ids, mask)
+            m.encoder(ids, mask).square().sum().backward()
+            step.step()
+            with torch.no_grad():
+                moved.append(((weight / scale - start).norm(), (m.encoder(ids, mask) - before).norm()))
+        # (Adam: a little over 1/s, as its eps damps the smaller gradients of the uncalibrated rows more)
+        torch.testing.assert_close(moved[1][0] / moved[0][0], torch.tensor(ratio), rtol=0.02, atol=0)
+        if optimizer is torch.optim.Adam:
+            torch.testing.assert_close(moved[1][1] / moved[0][1], torch.tensor(ratio), rtol=0.05, atol=0)
+
+
 def test_out_scales_fold_into_quantized_layers_exactly(tmp_path: Path) -> None:
     """`apply_out_scales` on fp8 and int8 layers scales their per-row scales (the stored int8 / fp8
     values cannot take a multiply): the model computes what it did, bit for bit in float32 (powers of two)."""
