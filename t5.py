@@ -1559,9 +1559,16 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         raise FileExistsError(f"{folder / 'config.json'} is not ours (kept): save elsewhere")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    names = ["model.safetensors", "config.json"] + (["spiece.model"] if isinstance(tokenizer, SentencePieceTokenizer)
-                                                     else [])
+    spiece = tokenizer.sp.serialized_model_proto() if isinstance(tokenizer, SentencePieceTokenizer) else None
+    names = ["model.safetensors", "config.json"] + (["spiece.model"] if spiece else [])
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
+    # another tokenizer than the folder's: the files that described the old one go (transformers reads them)
+    old = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
+    same = tokenizer is None or (old.read_bytes() == spiece if old and spiece else not old and not spiece)
+    stale = [] if same else [folder / name for name in ("spiece.model", "tokenizer.model", "tokenizer.json",
+                                                       "tokenizer_config.json", "special_tokens_map.json",
+                                                       "added_tokens.json")
+                             if name not in staged and (folder / name).is_file()]
     try:
         prefix, state, stored = "encoder." if isinstance(model, T5Encoder) else "", {}, set()
         for key, tensor in model.state_dict().items():  # a tensor tied to one stored already: its own copy
@@ -1571,10 +1578,12 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         save_file(state, staged["model.safetensors"], metadata={"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
         os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
-        if "spiece.model" in staged:
-            staged["spiece.model"].write_bytes(tokenizer.sp.serialized_model_proto())
+        if spiece:
+            staged["spiece.model"].write_bytes(spiece)
         for name, path in staged.items():
             path.replace(folder / name)
+        for path in stale:
+            path.unlink()
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
