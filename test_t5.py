@@ -2339,6 +2339,9 @@ def test_demo_spells_small_numbers_and_train_keeps_demo(tmp_path: Path) -> None:
     transformers.T5Config(vocab_size=100).save_pretrained(out)  # a transformers folder: refused before, too
     assert train.main(["--out", str(out), "--steps", "1", "--force"]) == 2
     assert [p.name for p in out.iterdir()] == ["config.json"]
+    (tmp_path / "file").write_text("mine")  # a file: refused before training (t5.save refused it after)
+    assert train.main(["--out", str(tmp_path / "file"), "--steps", "1", "--force"]) == 2
+    assert (tmp_path / "file").read_text() == "mine"
     default = next(a for a in train.parser()._actions if a.dest == "out").default
     assert default.resolve() != (HERE / "demo").resolve()
 

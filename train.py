@@ -211,13 +211,14 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
         accuracy = evaluate(model, tokenizer, sorted(test))
         print(f"held-out exact match: {accuracy:.1%} of {len(test)}")
         t5.save(model, out, tokenizer)  # config.json, model.safetensors, spiece.model (--force: replaced)
+        print(f"wrote {out}")
     return accuracy
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoints" / "demo",
-                        help="output folder (default: checkpoints/demo; the shipped model is demo/)")
+                        help="output folder (default: checkpoints/demo beside train.py; the shipped model is demo/)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: 1500)")
     parser.add_argument("--batch", type=int, default=128, help="examples per step (default: 128)")
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             print(f"train.py: error: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
             return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"train.py: error: {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
     if args.out.exists() and not args.force:
         print(f"train.py: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
@@ -240,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
               "choose another --out", file=sys.stderr)
         return 2
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the reference run: 2 CPU cores
-    train(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    try:
+        train(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    except KeyboardInterrupt:
+        print(f"train.py: interrupted ({args.out} unchanged)", file=sys.stderr)
+        return 130
     return 0
 
 
