@@ -614,12 +614,17 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
         tensors = CheckpointTensors(path, find_prefix(path, tensors, prefix), keep=T5_KEY)  # other models' ignored
         return Checkpoint(config_from_shapes(tensors, guess), tensors, *find_tokenizer(
             Path(tokenizer) if tokenizer else None))
+    if prefix is not None or guess != Guess():  # a folder's config.json says what these guess
+        raise ConversionError("--prefix, --max-distance, --eps and --scale-decoder-output are for single "
+                              f".safetensors files; {src} is not one")
     folder = fetch(src)
     if (folder / "model_index.json").is_file():  # a diffusers pipeline: its T5 text encoder
         folder = diffusers_encoder(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found")
+    if is_our_config(config_path):
+        raise ConversionError(f"{src} is converted already (t5.load reads it; --to-hf exports it)")
     hf_config = read_json(config_path)
     config_from_hf(hf_config)  # unsupported architectures fail before any tensor is read
     named = Path(os.path.abspath(folder))  # "." or "text_encoder_2/..": the folder's own name

@@ -1464,7 +1464,10 @@ def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest
              ([str(plain), "--prefix", "text_encoders.t5xxl."], "no T5 tensors under prefix 'text_encoders.t5xxl.'"),
              ([str(plain), "--tokenizer", str(tmp_path / "nowhere")], "--tokenizer"),
              ([str(plain), "--tokenizer", str(tmp_path)], "no spiece.model, tokenizer.json or tokenizer_config.json"),
-             ([str(family.hf_dir / "config.json")], "must be a .safetensors file")]
+             ([str(family.hf_dir / "config.json")], "must be a .safetensors file"),
+             ([str(family.ours_dir)], "is converted already (t5.load reads it; --to-hf exports it)"),
+             ([str(family.hf_dir), "--eps", "0.5"], "--scale-decoder-output are for single .safetensors files"),
+             ([str(family.hf_dir), "--prefix", "a."], "are for single .safetensors files")]
     for args, message in cases:
         assert convert_hf.main([*args, str(out), "--force"]) == 2, args
         err = capsys.readouterr().err
