@@ -13,12 +13,23 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import t5  # before torch: t5 imports torch quietly when numpy is absent
+
+def _interrupted_while_loading(*_: object) -> None:
+    """Nothing is written yet: exit at once (an exception could be caught by the code being imported)."""
+    print("cli.py: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ends as quietly as later; main() restores Python's
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import t5  # noqa: E402 (after the handler above); before torch: t5 imports torch quietly when numpy is absent
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,6 +80,8 @@ def _prompt_batches(prompts: list[str], batch_size: int) -> Iterator[list[str]]:
         lines: Iterator[str] = (_check_text(p, f"prompt {i + 1}") for i, p in enumerate(prompts))
     else:
         lines = _stdin_lines()
+        if sys.stdin is not None and sys.stdin.isatty():  # typed at a terminal: each line is answered when it is entered
+            batch_size = 1
     batch: list[str] = []
     for line in lines:
         batch.append(line)
@@ -198,8 +211,9 @@ def cli_generate(args: argparse.Namespace) -> None:
     _check_batching(args.batch_size, args.max_input_tokens)
     model, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, args.weights)
     device = model.lm_head.weight.device
-    start, count, done = time.perf_counter(), 0, 0
+    busy, count, done = 0.0, 0, 0  # busy: time spent on the prompts, not waiting for them
     for texts in _prompt_batches(args.prompts, args.batch_size):
+        start = time.perf_counter()
         ids, mask = _encode_prompts(tokenizer, texts, done, device, max_input_tokens=args.max_input_tokens)
         if len(args.prompts) == 1 and options.num_beams == 1 and texts[0].strip():  # stream one prompt
             tokens: list[int] = []
@@ -223,8 +237,8 @@ def cli_generate(args: argparse.Namespace) -> None:
                 count += int(out.lengths.sum())
             print("\n".join(lines), flush=True)
         done += len(texts)
-    elapsed = time.perf_counter() - start
-    print(f"{count} tokens in {elapsed:.2f} s: {count / elapsed:.1f} tokens/s", file=sys.stderr)
+        busy += time.perf_counter() - start
+    print(f"{count} tokens in {busy:.2f} s: {count / max(busy, 1e-9):.1f} tokens/s", file=sys.stderr)
 
 
 def _check_out(name: str, force: bool, ckpt: Path) -> Path:
@@ -297,6 +311,8 @@ def cli_flops(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise CommandLineError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     path = Path(args.ckpt)
+    if not (path / "config.json" if path.is_dir() else path).is_file():
+        raise CommandLineError(f"--ckpt {args.ckpt}: no checkpoint folder or config.json there")
     config = t5.T5Config.load(path / "config.json" if path.is_dir() else path)
     b, s, t = args.batch, args.src, args.tgt
     rows = [(f"encoder forward ({b} x {s})", t5.encoder_flops(config, b, s)),
@@ -360,8 +376,19 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its options and prompts in any order (`generate "a" --num-beams 2 "b"`); a
+    mistake after the command is reported by the command's parser (`cli.py generate: error: ...`)."""
+    top, argv = parser(), sys.argv[1:] if argv is None else argv
+    command = top.parse_known_args(argv)[0].command  # exits on --help, or on a mistake in the command's name
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return sub.parse_intermixed_args(argv[1:], argparse.Namespace(command=command))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, caught below
+    args = parse(argv)
     try:
         args.run(args)
     except BrokenPipeError:  # `cli.py ... | head -2`: the reader left, nothing is wrong

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import warnings
@@ -39,6 +40,16 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
+
+
+def _interrupted_while_loading(*_: object) -> None:
+    """Nothing is written yet: exit at once (an exception could be caught by the code being imported)."""
+    print("convert_hf.py: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ends as quietly as later; main() restores Python's
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unused here) is absent
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -1291,6 +1302,8 @@ def main(argv: list[str] | None = None) -> int:
                       "(default: off)")
     back.add_argument("--model-type", choices=sorted(HF_ARCHITECTURES), help="with --to-hf (default: umt5 for per-layer "
                       "position bias, mt5 for a 250112 vocabulary, t5 otherwise)")
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, caught below
     args = parser.parse_args(argv)
     converting = ("encoder_only", "weights", "calibrate", "tokenizer", "prefix", "max_distance", "eps",
                   "scale_decoder_output")  # options of the import only

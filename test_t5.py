@@ -2545,6 +2545,7 @@ def test_cli_every_option_has_help_with_its_default() -> None:
     (["flops", "--batch", "0"], "--batch must be at least 1"),
     (["flops", "--src", "-5"], "--src must be at least 1"),
     (["flops", "--ckpt", "README.md"], "README.md: not a JSON config"),
+    (["flops", "--ckpt", "no/such/dir"], "--ckpt no/such/dir: no checkpoint folder or config.json there"),
     (["flops", "--ckpt", "demo/model.safetensors"], "demo/model.safetensors: not a JSON config"),
 ])
 def test_cli_mistakes_are_one_line(args: list[str], message: str) -> None:
@@ -2557,6 +2558,11 @@ def test_cli_argparse_errors_have_one_error_line() -> None:
     assert result.returncode != 0
     assert "invalid choice: 'float8'" in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+    typo = run_cli("generate", "--num-beans", "4", "x")  # the command's parser says it, not the top one's
+    assert typo.returncode == 2 and "cli.py generate: error: unrecognized arguments: --num-beans" in typo.stderr
+    # options between prompts, as argparse takes them elsewhere
+    mixed = run_cli("generate", "spell: 4071", "--max-new-tokens", "20", "spell: 12")
+    assert mixed.returncode == 0 and mixed.stdout == "four thousand seventy-one\ntwelve\n", mixed.stderr
 
 
 def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> None:
@@ -2653,19 +2659,28 @@ def test_cli_truncated_sentencepiece_model_is_one_line(tmp_path: Path, capsys: p
 
 
 def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
-    """With --batch-size 1, the answer to a stdin line comes before the next line is written; a
-    reader that goes away (| head) and Ctrl-C end it quietly, without a traceback. Two real
-    `python cli.py generate` processes (signals, pipes, the exit status a shell sees), started
-    together so that their imports of torch overlap."""
+    """Typed at a terminal (stdin a pty), each line is answered when it is entered (before, a batch of
+    --batch-size lines was awaited); a reader that goes away (| head) and Ctrl-C end it quietly, without
+    a traceback, Ctrl-C also while torch is still being imported (cli.py and convert_hf.py). Real
+    processes (signals, pipes, the exit status a shell sees), started together so that their imports of
+    torch overlap."""
+    import pty
+    import select
     import signal
+    import time
 
-    def start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "cli.py", "generate", "--batch-size", "1"], cwd=HERE, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def start(*args: str, stdin: int = subprocess.PIPE) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, *args], cwd=HERE, text=True, stdin=stdin,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    interrupted, left = start(), start()
-    interrupted.stdin.write("spell: 12\r\n")
-    interrupted.stdin.flush()
+    terminal, typed = pty.openpty()
+    early = [start("cli.py", "generate", "spell: 1"), start("convert_hf.py", "demo", "unused-out")]
+    interrupted, left = start("cli.py", "generate", stdin=typed), start("cli.py", "generate", "--batch-size", "1")
+    os.close(typed)
+    time.sleep(1.0)  # the first two are importing torch (seconds)
+    for process in early:
+        process.send_signal(signal.SIGINT)
+    os.write(terminal, b"spell: 12\n")
     lines = "".join(f"spell: {n}\n" for n in range(1, 200))
     left.stdin.write(lines)
     left.stdin.close()
@@ -2674,10 +2689,16 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     err = left.stderr.read()
     left.wait(timeout=60)
     assert left.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
-    assert interrupted.stdout.readline() == "twelve\n"  # stdin is still open: this batch was answered alone
+    assert select.select([interrupted.stdout], [], [], 60)[0], "no answer while the terminal is open"
+    assert interrupted.stdout.readline() == "twelve\n"  # the line was answered alone
     interrupted.send_signal(signal.SIGINT)
     _, err = interrupted.communicate(timeout=60)
     assert interrupted.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    os.close(terminal)
+    for process in early:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 130 and err.endswith("interrupted\n") and not out, err
+    assert not (HERE / "unused-out").exists()
 
 
 def test_cli_is_quiet_without_numpy() -> None:
