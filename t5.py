@@ -1488,6 +1488,10 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    if torch.device(device or "cpu").type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine")
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found (convert_hf.py writes it)")
@@ -1590,3 +1594,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         if created and not any(folder.iterdir()):  # a failed save leaves no folder it made
             folder.rmdir()
     return folder
+
+
+if __name__ == "__main__":  # the command line moved out (README, Renames)
+    raise SystemExit("t5.py is the library; the command line is cli.py: python cli.py generate \"spell: 4071\"")

@@ -539,6 +539,11 @@ def test_python_api_mistakes() -> None:
     with pytest.raises(ValueError, match="num_return_sequences"):
         hf.generate(ids[:, :5] % 40, max_new_tokens=4, num_return_sequences=2)
     assert t5.generate(model, ids, mask, max_new_tokens=4, num_return_sequences=2, do_sample=True).tokens.shape[0] == 2
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype such as torch.bfloat16, got 'bfloat16'"):
+        t5.load(HERE / "demo", dtype="bfloat16")  # was torch's "Invalid device string: 'bfloat16'"
+    if not torch.cuda.is_available():  # was torch's "pin_memory=True requires a CUDA or other accelerator"
+        with pytest.raises(ValueError, match="device cuda:0: CUDA is not available on this machine"):
+            t5.load(HERE / "demo", device="cuda:0")
 
 
 ########################################################################################
@@ -2676,6 +2681,7 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     terminal, typed = pty.openpty()
     early = [start("cli.py", "generate", "spell: 1"), start("convert_hf.py", "demo", "unused-out")]
     interrupted, left = start("cli.py", "generate", stdin=typed), start("cli.py", "generate", "--batch-size", "1")
+    old = start("t5.py", "generate", "spell: 1")  # the command line's old place says where it went
     os.close(typed)
     time.sleep(1.0)  # the first two are importing torch (seconds)
     for process in early:
@@ -2699,6 +2705,8 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
         out, err = process.communicate(timeout=60)
         assert process.returncode == 130 and err.endswith("interrupted\n") and not out, err
     assert not (HERE / "unused-out").exists()
+    out, err = old.communicate(timeout=60)
+    assert old.returncode == 1 and not out and "the command line is cli.py" in err, err
 
 
 def test_cli_is_quiet_without_numpy() -> None:
@@ -3771,7 +3779,8 @@ def test_t5_py_acceptance_numbers() -> None:
     checks as one list of rules; kernel docstrings that pointed to the README's measurements instead
     of restating them), plus flex's zero-padded CPU heads 3, plus quantized layers' load_state_dict
     (dtype refused, int8 repacked) 12, fp8's refusal to train 2, quantize's of a biased Linear 2,
-    save's removal of another tokenizer's files 9.
+    save's removal of another tokenizer's files 9, load's checks of dtype and CUDA 4, the pointer from
+    `python t5.py` to cli.py 4.
     The README's map of sections gives their current line ranges."""
     import ast
 
@@ -3795,7 +3804,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1592, len(lines)
+    assert len(lines) <= 1600, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
