@@ -681,7 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
     parser.add_argument("--no-int8", action="store_true", help="skip the rows of our int8 model (t5.quantize "
                         "of our model in --dtype)")
-    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small, encoder 8x128 and generation at batch 1 "
+    parser.add_argument("--quick", action="store_true", help="t5-v1_1-small (or --models), encoder 8x128 and "
+                        "generation at batch 1 "
                         "only, 3 repeats, no compile, no CTranslate2: about 45 s on 2 idle cores")
     parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 and int8 table: resident memory while encoding, "
                         "bfloat16 vs fp8 vs int8 weights, XXL width (~10 GB of disk in a temp folder, a few minutes)")
@@ -737,7 +738,7 @@ def main(argv: list[str] | None = None) -> None:
             job = json.loads(job_file.read_text())
             return worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
-        args.models, args.repeats, args.no_compile, args.no_ctranslate2 = "t5-v1_1-small", 3, True, True
+        args.models, args.repeats, args.no_compile, args.no_ctranslate2 = args.models or "t5-v1_1-small", 3, True, True
         args.no_int8 = True
         args.batches, encoder_shapes = "1", [(8, 128)]
     else:
@@ -748,6 +749,10 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models or ",".join(name for name in SHAPES if not name.startswith("tiny"))
     dtype = t5.DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     sections = args.sections.split(",")
+    for flag, given, known in (("--models", args.models.split(","), SHAPES), ("--sections", sections,
+                                                                              ("encoder", "generate", "precision"))):
+        if set(given) - set(known):  # before any work: a typo was a traceback, or an empty report
+            parser.error(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
     import transformers
 
     quiet_transformers()

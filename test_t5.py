@@ -3737,8 +3737,14 @@ def test_readme_states_install_and_suite_time() -> None:
     assert bench.count(f"{quick} on 2 idle cores") == 2, quick
 
 
-def test_bench_quiet_and_noisy_flag() -> None:
-    """The benchmark's table flags rows whose runs spread widely, and silences transformers."""
+def test_bench_quiet_and_noisy_flag(capsys: pytest.CaptureFixture) -> None:
+    """The benchmark's table flags rows whose runs spread widely, and silences transformers; an unknown
+    model or section is refused before any work (it was a traceback after a matmul timing, or an empty
+    report)."""
+    for flag, value in (("--models", "t5-smal"), ("--sections", "encodr"), ("--quick --models", "nope")):
+        with pytest.raises(SystemExit):
+            bench_t5.main([*flag.split(), value])
+        assert f"{flag.split()[-1]}: unknown ['{value}']" in capsys.readouterr().err
     assert bench_t5.Timing(1.0, 0.9, 1.1).flag() == "" and bench_t5.Timing(1.0, 0.9, 1.2).flag() == " noisy"
     import logging
 
