@@ -26,7 +26,8 @@ def _interrupted_while_loading(*_: object) -> None:
     os._exit(130)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ends as quietly as later; main() restores Python's
+_sigint = signal.getsignal(signal.SIGINT)  # what main() puts back: Python's, a host's (runpy), or "ignore"
+if __name__ == "__main__" and _sigint is not signal.SIG_IGN:  # Ctrl-C while torch loads (seconds): quiet too
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 import t5  # noqa: E402 (after the handler above); before torch: t5 imports torch quietly when numpy is absent
@@ -73,15 +74,16 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
-def _prompt_batches(prompts: list[str], batch_size: int) -> Iterator[list[str]]:
-    """The prompts in batches of `batch_size`: the arguments, or else stdin read lazily, one prompt
-    per line (CRLF or LF), blank lines included, so that outputs line up with inputs."""
+def _prompt_batches(prompts: list[str], batch_size: int | None) -> Iterator[list[str]]:
+    """The prompts in batches of `batch_size` (None: 16, or 1 for lines typed at a terminal, each answered
+    when it is entered): the arguments, or else stdin read lazily, one prompt per line (CRLF or LF),
+    blank lines included, so that outputs line up with inputs."""
     if prompts:
         lines: Iterator[str] = (_check_text(p, f"prompt {i + 1}") for i, p in enumerate(prompts))
     else:
         lines = _stdin_lines()
-        if sys.stdin is not None and sys.stdin.isatty():  # typed at a terminal: each line is answered when it is entered
-            batch_size = 1
+    if batch_size is None:
+        batch_size = 1 if not prompts and sys.stdin is not None and sys.stdin.isatty() else 16
     batch: list[str] = []
     for line in lines:
         batch.append(line)
@@ -184,9 +186,9 @@ def _flag_names(message: str) -> str:
     return message
 
 
-def _check_batching(batch_size: int, max_input_tokens: int | None, max_length: int | None = None,
+def _check_batching(batch_size: int | None, max_input_tokens: int | None, max_length: int | None = None,
                     no_mask: bool = False) -> None:
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CommandLineError(f"--batch-size must be at least 1, got {batch_size}")
     for flag, value in (("--max-input-tokens", max_input_tokens), ("--max-length", max_length)):
         if value is not None and value < 1:
@@ -340,7 +342,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", choices=["int8"], help="int8: make the linear weights int8 after loading "
                        "(t5.quantize; on a CPU in float32 fbgemm multiplies int8 by int8: README, 'Which dtype when') "
                        "(default: as stored in --ckpt)")
-        p.add_argument("--batch-size", type=int, default=16, help="prompts run together (default: 16)")
+        p.add_argument("--batch-size", type=int, help="prompts run together (default: 16; 1 for lines typed at a "
+                       "terminal, each answered when it is entered)")
         p.add_argument("--max-input-tokens", type=int, help="truncate prompts to this many tokens, EOS kept last "
                        f"(default: no limit; prompts over {LONG_INPUT} tokens get a warning)")
 
@@ -382,12 +385,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     top, argv = parser(), sys.argv[1:] if argv is None else argv
     command = top.parse_known_args(argv)[0].command  # exits on --help, or on a mistake in the command's name
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    return sub.parse_intermixed_args(argv[1:], argparse.Namespace(command=command))
+    parse = sub.parse_args if "--" in argv else sub.parse_intermixed_args  # the latter ignores "--" (Python 3.11)
+    return parse(argv[1:], argparse.Namespace(command=command))
 
 
 def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, caught below
+        signal.signal(signal.SIGINT, _sigint)  # Python's: Ctrl-C is a KeyboardInterrupt, caught below
     args = parse(argv)
     try:
         args.run(args)

@@ -48,7 +48,8 @@ def _interrupted_while_loading(*_: object) -> None:
     os._exit(130)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch loads (seconds) ends as quietly as later; main() restores Python's
+_sigint = signal.getsignal(signal.SIGINT)  # what main() puts back: Python's, a host's (runpy), or "ignore"
+if __name__ == "__main__" and _sigint is not signal.SIG_IGN:  # Ctrl-C while torch loads (seconds): quiet too
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unused here) is absent
@@ -625,10 +626,10 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
         tensors = CheckpointTensors(path, find_prefix(path, tensors, prefix), keep=T5_KEY)  # other models' ignored
         return Checkpoint(config_from_shapes(tensors, guess), tensors, *find_tokenizer(
             Path(tokenizer) if tokenizer else None))
+    folder = fetch(src)
     if prefix is not None or guess != Guess():  # a folder's config.json says what these guess
         raise ConversionError("--prefix, --max-distance, --eps and --scale-decoder-output are for single "
                               f".safetensors files; {src} is not one")
-    folder = fetch(src)
     if (folder / "model_index.json").is_file():  # a diffusers pipeline: its T5 text encoder
         folder = diffusers_encoder(folder)
     config_path = folder / "config.json"
@@ -1303,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--model-type", choices=sorted(HF_ARCHITECTURES), help="with --to-hf (default: umt5 for per-layer "
                       "position bias, mt5 for a 250112 vocabulary, t5 otherwise)")
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, caught below
+        signal.signal(signal.SIGINT, _sigint)  # Python's: Ctrl-C is a KeyboardInterrupt, caught below
     args = parser.parse_args(argv)
     converting = ("encoder_only", "weights", "calibrate", "tokenizer", "prefix", "max_distance", "eps",
                   "scale_decoder_output")  # options of the import only

@@ -1465,9 +1465,10 @@ class Int8Linear(Float8Linear):
 def quantize(model: nn.Module) -> nn.Module:
     """Every Linear (lm_head included) and fp8 layer -> an Int8Linear of its float32 weight; int8 layers,
     embeddings and norms stay as they are (the model computes in their dtype). In place; returns it."""
+    biased = [name for name, layer in model.named_modules() if isinstance(layer, nn.Linear) and layer.bias is not None]
+    if biased:  # before any layer is replaced
+        raise ValueError(f"{biased[0]}: a Linear with a bias; quantize takes T5's layers, which have none")
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            raise ValueError(f"{name}: a Linear with a bias; quantize takes T5's layers, which have none")
         if isinstance(module, nn.Linear) or type(module) is Float8Linear:
             with torch.device("meta"):
                 layer = Int8Linear(module.in_features, module.out_features)
@@ -1566,9 +1567,9 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     spiece = tokenizer.sp.serialized_model_proto() if isinstance(tokenizer, SentencePieceTokenizer) else None
     names = ["model.safetensors", "config.json"] + (["spiece.model"] if spiece else [])
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
-    # another tokenizer than the folder's: the files that described the old one go (transformers reads them)
+    # another tokenizer than the folder's spiece.model: the files describing that one go (transformers reads)
     old = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
-    same = tokenizer is None or (old.read_bytes() == spiece if old and spiece else not old and not spiece)
+    same = tokenizer is None or old is None or old.read_bytes() == spiece
     stale = [] if same else [folder / name for name in ("spiece.model", "tokenizer.model", "tokenizer.json",
                                                        "tokenizer_config.json", "special_tokens_map.json",
                                                        "added_tokens.json")
@@ -1597,4 +1598,4 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
 
 
 if __name__ == "__main__":  # the command line moved out (README, Renames)
-    raise SystemExit("t5.py is the library; the command line is cli.py: python cli.py generate \"spell: 4071\"")
+    raise SystemExit('t5.py is the library; the command line is cli.py: python cli.py generate "spell: 4071"')

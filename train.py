@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import sys
 import tempfile
@@ -233,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             print(f"train.py: error: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
             return 2
-    if args.out.exists() and not args.out.is_dir():
-        print(f"train.py: error: {args.out} is a file, not a folder", file=sys.stderr)
+    below = next(p for p in (args.out, *args.out.absolute().parents) if os.path.lexists(p))  # t5.save's folder
+    if not below.is_dir():  # a file, a dangling link, or a path under a file: t5.save would fail after training
+        print(f"train.py: error: --out {args.out}: {below} is not a folder", file=sys.stderr)
         return 2
     if args.out.exists() and not args.force:
         print(f"train.py: error: {args.out} exists; pass --force to replace it", file=sys.stderr)
