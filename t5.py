@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange, repeat
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 # ======== Config ================================================================================
@@ -243,7 +244,7 @@ def cpu_float32_inference(x: Tensor) -> bool:
     """Whether x is float32 on CPU with autograd and CPU autocast off (generation, no_grad): where
     t5.py's CPU kernels replace F.linear."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-        and not torch.is_autocast_enabled("cpu")
+        and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -331,8 +332,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
         if q.device.type == "cpu" and width < 32:  # torch 2.13's CPU kernel errs at 8, 16; zeros add nothing
             q, k, v = (F.pad(t, (0, 32 - width)) for t in (q, k, v))
         return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)[..., :width]
-    if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" \
-            and q.shape[-2] <= q.shape[-1] and not dropout:
+    if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" and not dropout \
+            and statically_known_true(q.shape[-2] <= q.shape[-1]):  # no guard on a dynamic length (export)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         return torch.matmul((scores if bias is None else scores + bias).softmax(dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout)
@@ -986,7 +987,9 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     decoder_mask) into a cache of prefix + max_new_tokens slots (or into `cache`, reused).
     Then `decode_step(model, tokens, out.memory, out.cache, out.position)` per token."""
     if not isinstance(model, T5):
-        raise ValueError(f"generation needs a T5 (encoder and decoder), got {type(model).__name__}")
+        raise ValueError(f"generation needs a T5 (encoder and decoder), got {type(model).__name__}" + (
+            ": pass the model itself, and compile=True to compile the decode step" if hasattr(model, "_orig_mod")
+            else ""))
     check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
@@ -1452,7 +1455,7 @@ class Int8Linear(Float8Linear):
             product = compiled_fbgemm_linear if torch.compiler.is_compiling() else fbgemm_linear
             # two more columns, -1 and 1, fix fbgemm's range for x (min to max of all rows) at [-1, 1]:
             # each row is quantized as it would be alone, whatever rows run with it
-            scaled = torch.cat([rows / peak, torch.tensor([-1.0, 1.0], device=x.device).expand(len(rows), 2)], 1)
+            scaled = torch.cat([rows / peak, x.new_tensor([-1.0, 1.0]).expand(len(rows), 2)], 1)
             y = product(scaled, self.weight) * (peak * self.weight_scale.float())
         elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 8 == 0 \
                 and not torch.is_grad_enabled():  # (the kernel has no backward)
@@ -1489,8 +1492,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    if dtype not in (None, *DTYPES.values()):  # float64 would compute at float32's precision (the stream's)
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     if torch.device(device or "cpu").type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available on this machine")
     for name in ("config.json", "model.safetensors"):
