@@ -385,13 +385,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     top, argv = parser(), sys.argv[1:] if argv is None else argv
     command = top.parse_known_args(argv)[0].command  # exits on --help, or on a mistake in the command's name
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    parse = sub.parse_args if "--" in argv else sub.parse_intermixed_args  # the latter ignores "--" (Python 3.11)
-    return parse(argv[1:], argparse.Namespace(command=command))
+    parse_rest = sub.parse_args if "--" in argv else sub.parse_intermixed_args  # the latter ignores "--" (3.11)
+    return parse_rest(argv[1:], argparse.Namespace(command=command))
 
 
 def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
-        signal.signal(signal.SIGINT, _sigint)  # Python's: Ctrl-C is a KeyboardInterrupt, caught below
+        signal.signal(signal.SIGINT, _sigint)  # the one before (Python's: a KeyboardInterrupt, caught below)
     args = parse(argv)
     try:
         args.run(args)

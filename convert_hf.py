@@ -1304,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--model-type", choices=sorted(HF_ARCHITECTURES), help="with --to-hf (default: umt5 for per-layer "
                       "position bias, mt5 for a 250112 vocabulary, t5 otherwise)")
     if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
-        signal.signal(signal.SIGINT, _sigint)  # Python's: Ctrl-C is a KeyboardInterrupt, caught below
+        signal.signal(signal.SIGINT, _sigint)  # the one before (Python's: a KeyboardInterrupt, caught below)
     args = parser.parse_args(argv)
     converting = ("encoder_only", "weights", "calibrate", "tokenizer", "prefix", "max_distance", "eps",
                   "scale_decoder_output")  # options of the import only
