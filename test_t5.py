@@ -2728,8 +2728,11 @@ def test_cli_broken_pipe_ctrl_c_and_batches_as_lines_arrive() -> None:
     interrupted, left = start("cli.py", "generate", stdin=typed), start("cli.py", "generate", "--batch-size", "1")
     old = start("t5.py", "generate", "spell: 1")  # the command line's old place says where it went
     os.close(typed)
-    time.sleep(0.7)  # the first three are importing torch (seconds)
-    for process in [*early, ignoring]:
+    for process in [*early, ignoring]:  # once torch's library is loaded: importing torch, after the handler
+        deadline = time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline \
+                and "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():
+            time.sleep(0.01)
         process.send_signal(signal.SIGINT)
     os.write(terminal, b"spell: 12\n")
     lines = "".join(f"spell: {n}\n" for n in range(1, 200))
