@@ -1268,6 +1268,16 @@ def write_tokenizer_json(folder: Path) -> None:
     T5Tokenizer.from_pretrained(folder).save_pretrained(folder)
 
 
+def summary(out: Path) -> str:
+    """What a converted folder holds, in one line: its stacks, width and feed-forward."""
+    config = T5Config.load(out / "config.json")
+    with open_safetensors(out / "model.safetensors") as f:
+        decoder = any(key.startswith("decoder.") for key in f.keys())
+    layers = f"{config.num_encoder_layers} encoder" + (f" + {config.num_decoder_layers} decoder" if decoder else "")
+    return f"{layers} layers, d_model {config.d_model}, ffn {config.ffn}" + \
+        (", per-layer bias" if config.bias_per_layer else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -1335,12 +1345,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the temporary folder is gone already (staged_folder); OUT is as it was
         print("convert_hf.py: interrupted", file=sys.stderr)
         return 130
-    config = T5Config.load(out / "config.json")
-    with open_safetensors(out / "model.safetensors") as f:
-        decoder = any(key.startswith("decoder.") for key in f.keys())
-    layers = f"{config.num_encoder_layers} encoder" + (f" + {config.num_decoder_layers} decoder" if decoder else "")
-    print(f"wrote {out} ({layers} layers, d_model {config.d_model}, ffn {config.ffn}"
-          f"{', per-layer bias' if config.bias_per_layer else ''})")
+    try:
+        print(f"wrote {out} ({summary(out)})")
+    except KeyboardInterrupt:  # OUT is written already: only its summary is missing
+        print(f"convert_hf.py: interrupted (after writing {out})", file=sys.stderr)
+        return 130
     return 0
 
 

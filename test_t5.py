@@ -1565,6 +1565,15 @@ def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path,
     err = capsys.readouterr().err  # (after the no-tokenizer warning, for a convert)
     assert err.splitlines()[-1] == "convert_hf.py: interrupted" and "Traceback" not in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and files_of(out) == before
+    if not to_hf:  # Ctrl-C once OUT is in place, while its summary is read (was a traceback)
+        def interrupted_summary(out: Path) -> str:
+            raise KeyboardInterrupt
+
+        monkeypatch.undo()
+        monkeypatch.setattr(convert_hf, "summary", interrupted_summary)
+        assert convert_hf.main([str(src), str(out), "--force"]) == 130
+        assert f"interrupted (after writing {out})" in capsys.readouterr().err
+        assert t5.load(out) is not None
 
 
 def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture,
