@@ -1491,10 +1491,10 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     `T5Encoder`. fp8 and int8 weights stay so (`Float8Linear`, `Int8Linear`); `dtype` applies to the rest."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path, where = Path(path), torch.device(device or "cpu")
     if dtype not in (None, *DTYPES.values()):  # float64 would compute at float32's precision (the stream's)
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    if torch.device(device or "cpu").type == "cuda" and not torch.cuda.is_available():
+    if where.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available on this machine")
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
@@ -1505,7 +1505,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
     prefix = "encoder." if encoder_only else ""
     try:
         weights = safe_open(str(path / "model.safetensors"), framework="pt",
-                            device=str(torch.device(device or "cpu")))
+                            device="cpu" if where.type == "cpu" else str(where))  # it refuses "cpu:0"
     except SafetensorError as error:  # a truncated or foreign file
         raise ValueError(f"{path / 'model.safetensors'}: not a readable safetensors file ({error})") from None
     state = {}

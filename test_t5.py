@@ -279,7 +279,8 @@ def test_deployment_paths() -> None:
     encoder exported from a short prompt refused longer ones); torch.jit.trace under no_grad (oneDNN's
     op could not be traced) gives eager's output; int8 inference ignores torch's default dtype (float64
     made fbgemm fail); generate on torch.compile(model) says what to do; a float64 load is refused (the
-    residual stream is float32: it would not compute in float64)."""
+    residual stream is float32: it would not compute in float64). A trace of an int8 model records the
+    dequantized product, as the README says."""
     model = random_model("t5-v1.1").eval()  # d_kv 16
     encoder = model.encoder
     ids, mask = padded_batch(model.config.vocab_size, [5, 3], seed=4)
@@ -292,6 +293,10 @@ def test_deployment_paths() -> None:
         traced = torch.jit.trace(encoder, (ids, mask))
         assert torch.equal(traced(ids, mask), encoder(ids, mask))
     int8 = t5.quantize(copy.deepcopy(model))
+    with torch.no_grad():  # README: a trace of int8 records the dequantized product (fbgemm's cannot be traced)
+        traced = torch.jit.trace(int8.encoder, (ids, mask), check_trace=False)
+        twin = convert_hf.dequantize(copy.deepcopy(int8)).encoder
+        torch.testing.assert_close(traced(ids, mask), twin(ids, mask), atol=1e-5, rtol=0)
     expected = t5.generate(int8, ids, mask, max_new_tokens=4).tokens
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -576,6 +581,7 @@ def test_python_api_mistakes() -> None:
     if not torch.cuda.is_available():  # was torch's "pin_memory=True requires a CUDA or other accelerator"
         with pytest.raises(ValueError, match="device cuda:0: CUDA is not available on this machine"):
             t5.load(HERE / "demo", device="cuda:0")
+    assert t5.load(HERE / "demo", device="cpu:0").lm_head.weight.device.type == "cpu"  # safetensors refused "cpu:0"
 
 
 ########################################################################################
