@@ -58,8 +58,8 @@ with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unu
 from einops import rearrange
 from torch import Tensor, nn
 
-from t5 import (DTYPES, SENTINEL, T5, Float8Linear, Int8Linear, Linear, T5Config, T5Encoder, dequantize_weight,
-                is_our_config, quantize_int8, scalable_blocks)
+from t5 import (DTYPES, SENTINEL, T5, TOKENIZER_FILES, Float8Linear, Int8Linear, Linear, T5Config, T5Encoder,
+                dequantize_weight, is_our_config, quantize_int8, scalable_blocks)
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -77,8 +77,6 @@ HF_DEFAULTS = {
     "umt5": dict(vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
                  feed_forward_proj="gated-gelu"),
 }
-TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 OUR_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)  # all this tool writes, all --force replaces
 WRITER = {"writer": "convert_hf.py"}  # in the metadata of every model.safetensors this tool writes
 CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a file: varied, T5-style prompts

@@ -1373,6 +1373,8 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 # ======== Loading and saving (fp8 and int8 weights included) ====================================
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
+TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",  # ours and
+                   "special_tokens_map.json", "added_tokens.json")  # transformers': a folder's tokenizer
 
 
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -1573,9 +1575,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     # another tokenizer than the folder's spiece.model: the files describing that one go (transformers reads)
     old = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
     same = tokenizer is None or old is None or old.read_bytes() == spiece
-    stale = [] if same else [folder / name for name in ("spiece.model", "tokenizer.model", "tokenizer.json",
-                                                       "tokenizer_config.json", "special_tokens_map.json",
-                                                       "added_tokens.json")
+    stale = [] if same else [folder / name for name in TOKENIZER_FILES
                              if name not in staged and (folder / name).is_file()]
     try:
         prefix, state, stored = "encoder." if isinstance(model, T5Encoder) else "", {}, set()
