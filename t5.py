@@ -8,7 +8,8 @@ per layer). The design choices and their reasons are in README.md ("How t5.py re
 Sections, top to bottom: config; helpers (position buckets, input checks, masks); kernels (linear
 layers, SDPA or FlexAttention); norm and relative position bias; static KV cache; attention x3 and
 feed-forward x2; layers; stacks; model; FLOPs; sampler (greedy, sampling, beam search); tokenizers;
-loading and saving (fp8 and int8 weights included). Training helpers: train.py.
+loading and saving (fp8 and int8 weights included). Training helpers: train.py. Needs torch >= 2.9,
+einops, safetensors, sentencepiece.
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange, repeat
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 # ======== Config ================================================================================
@@ -333,7 +333,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
             q, k, v = (F.pad(t, (0, 32 - width)) for t in (q, k, v))
         return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)[..., :width]
     if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" and not dropout \
-            and statically_known_true(q.shape[-2] <= q.shape[-1]):  # no guard on a dynamic length (export)
+            and isinstance(q.shape[-2], int) and q.shape[-2] <= q.shape[-1]:  # SymInt (export): SDPA
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         return torch.matmul((scores if bias is None else scores + bias).softmax(dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout)
@@ -789,15 +789,10 @@ class T5(nn.Module):
 
 def set_attention(model: T5 | T5Encoder | T5Decoder, kind: Literal["sdpa", "flex"]) -> nn.Module:
     """Choose the self-attention kernel of every stack of `model` (in place; returns it): "sdpa"
-    (one additive (b|1, h, q, k) mask per layer) or "flex" (FlexAttention, torch >= 2.5: bias as a
-    score_mod, masks as a block mask; no attention dropout). Cross-attention stays on SDPA."""
+    (one additive (b|1, h, q, k) mask per layer) or "flex" (FlexAttention: bias as a score_mod,
+    masks as a block mask; no attention dropout). Cross-attention stays on SDPA."""
     if kind not in ("sdpa", "flex"):
         raise ValueError(f"attention must be 'sdpa' or 'flex', got {kind!r}")
-    if kind == "flex":
-        try:
-            import torch.nn.attention.flex_attention  # noqa: F401
-        except ImportError:
-            raise ValueError(f"attention='flex' needs torch >= 2.5 (this is {torch.__version__})") from None
     for module in model.modules():
         if isinstance(module, Stack):
             module.attention = kind

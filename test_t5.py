@@ -2136,39 +2136,40 @@ def test_compiled_generate_survives_many_shapes(monkeypatch: pytest.MonkeyPatch)
     handler.emit = records.append  # type: ignore[method-assign]
     dynamo_log = logging.getLogger("torch._dynamo")
     monkeypatch.setattr(dynamo_log, "handlers", [*dynamo_log.handlers, handler])  # detached at teardown
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    torch._dynamo.reset()
-    t5.compiled_decode_step.cache_clear()
-    config = dataclasses.replace(tiny_config("t5-v1.1"), num_encoder_layers=1, num_decoder_layers=1)
-    model = t5.T5(config).eval()
-    train.init_weights(model, torch.Generator().manual_seed(0))
-    # (batch, source length, new tokens, beams)
-    shapes = [(2, 5, 4, 1), (1, 7, 6, 1), (3, 1, 3, 1), (1, 1, 5, 1), (2, 9, 4, 2), (1, 6, 3, 3), (4, 12, 5, 1),
-              (2, 4, 6, 4), (5, 8, 2, 1), (1, 13, 7, 2), (3, 17, 4, 3), (6, 3, 3, 1), (2, 1, 4, 2), (7, 10, 3, 1),
-              (8, 11, 6, 1)]
-    fallbacks = 0
+    # torch's own patch: after monkeypatch.setattr restored it, torch 2.9 no longer knew the name
+    with torch._dynamo.config.patch(recompile_limit=3):
+        torch._dynamo.reset()
+        t5.compiled_decode_step.cache_clear()
+        config = dataclasses.replace(tiny_config("t5-v1.1"), num_encoder_layers=1, num_decoder_layers=1)
+        model = t5.T5(config).eval()
+        train.init_weights(model, torch.Generator().manual_seed(0))
+        # (batch, source length, new tokens, beams)
+        shapes = [(2, 5, 4, 1), (1, 7, 6, 1), (3, 1, 3, 1), (1, 1, 5, 1), (2, 9, 4, 2), (1, 6, 3, 3), (4, 12, 5, 1),
+                  (2, 4, 6, 4), (5, 8, 2, 1), (1, 13, 7, 2), (3, 17, 4, 3), (6, 3, 3, 1), (2, 1, 4, 2), (7, 10, 3, 1),
+                  (8, 11, 6, 1)]
+        fallbacks = 0
 
-    def compiled_generate(*args: torch.Tensor, **options: object) -> t5.Generation:
-        nonlocal fallbacks
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = t5.generate(model, *args, compile=True, **options)
-        fallbacks += any("recompile limit" in str(w.message) for w in caught)
-        return out
+        def compiled_generate(*args: torch.Tensor, **options: object) -> t5.Generation:
+            nonlocal fallbacks
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = t5.generate(model, *args, compile=True, **options)
+            fallbacks += any("recompile limit" in str(w.message) for w in caught)
+            return out
 
-    for batch, src, new, beams in shapes:
-        ids, mask = padded_batch(config.vocab_size, [src] + [max(1, src - 3)] * (batch - 1), seed=batch + src)
-        options = dict(max_new_tokens=new, min_new_tokens=new, num_beams=beams)
-        compiled = compiled_generate(ids, mask, **options)
-        eager = t5.generate(model, ids, mask, **options)
-        assert torch.equal(compiled.tokens, eager.tokens), (batch, src, new, beams)
-    sample = dict(max_new_tokens=4, do_sample=True, top_k=5)
-    ids, mask = padded_batch(config.vocab_size, [6, 2], seed=5)
-    compiled = compiled_generate(ids, mask, generator=torch.Generator().manual_seed(1), **sample)
-    eager = t5.generate(model, ids, mask, generator=torch.Generator().manual_seed(1), **sample)
-    assert torch.equal(compiled.tokens, eager.tokens)
-    assert fallbacks > 0  # the limit was reached, and survived
-    assert 0 < sum("recompile_limit" in record.getMessage() for record in records) <= fallbacks  # once a shape
+        for batch, src, new, beams in shapes:
+            ids, mask = padded_batch(config.vocab_size, [src] + [max(1, src - 3)] * (batch - 1), seed=batch + src)
+            options = dict(max_new_tokens=new, min_new_tokens=new, num_beams=beams)
+            compiled = compiled_generate(ids, mask, **options)
+            eager = t5.generate(model, ids, mask, **options)
+            assert torch.equal(compiled.tokens, eager.tokens), (batch, src, new, beams)
+        sample = dict(max_new_tokens=4, do_sample=True, top_k=5)
+        ids, mask = padded_batch(config.vocab_size, [6, 2], seed=5)
+        compiled = compiled_generate(ids, mask, generator=torch.Generator().manual_seed(1), **sample)
+        eager = t5.generate(model, ids, mask, generator=torch.Generator().manual_seed(1), **sample)
+        assert torch.equal(compiled.tokens, eager.tokens)
+        assert fallbacks > 0  # the limit was reached, and survived
+        assert 0 < sum("recompile_limit" in record.getMessage() for record in records) <= fallbacks  # once a shape
     torch._dynamo.reset()
     t5.compiled_decode_step.cache_clear()
 
@@ -3824,6 +3825,17 @@ def test_readme_states_install_and_suite_time() -> None:
     assert bench.count(f"{quick} on 2 idle cores") == 2, quick
 
 
+def test_oldest_releases_said_alike() -> None:
+    """One floor per requirement: requirements.txt's, the README's line and (torch) t5.py's header, which
+    a vendoring user reads instead (.ci/oldest installs requirements.txt's floors); this torch meets it."""
+    floors = dict(re.findall(r"^([a-z]+)>=([0-9.]+)", (HERE / "requirements.txt").read_text(), re.M))
+    assert set(floors) == {"torch", "einops", "safetensors", "sentencepiece"}
+    said = ", ".join(f"{name} {version}" for name, version in floors.items())
+    assert f"Oldest releases: {said} (`requirements.txt`)." in (HERE / "README.md").read_text()
+    assert f"Needs torch >= {floors['torch']}," in (HERE / "t5.py").read_text()
+    assert torch.__version__ >= floors["torch"]
+
+
 def test_bench_quiet_and_noisy_flag(capsys: pytest.CaptureFixture) -> None:
     """The benchmark's table flags rows whose runs spread widely, and silences transformers; an unknown
     model or section is refused before any work (it was a traceback after a matmul timing, or an empty
@@ -3857,24 +3869,8 @@ def test_t5_py_acceptance_numbers() -> None:
     reference between top-level definitions (as the README says; the issue allows 5; uses inside
     annotations excluded: they are lazy under `from __future__ import annotations`), at most 10 lines over 110 columns, `generate`
     with at most 8 parameters written in its signature, and a line count held where it is (the
-    issue asks for 1,300; this ratchet holds what was reached, 1,440, plus issue 17's oneDNN linear:
-    the function, its layer and the op torch.compile keeps, 12 lines, and its fbgemm int8 product:
-    the packed-weight cache, the op and Int8Linear's choice, 37 lines, the float32-CPU-inference
-    test both kernels share, 5 lines, the compiled step's memory of shapes refused past torch's
-    recompile limit, 4 lines, and its attention written out for inductor, 5 lines), plus the fixes
-    of a review of the paths beside the tested ones (config field types 5, generation counts 4,
-    prefill's and the cached decoder's checks 14, ByT5 decoding across special tokens 6, `save` of
-    a compiled or tied model, into a transformers folder, and its failures 11, `load` of mixed
-    dtypes 3, flex's block mask without a mask 3, flex's CPU-backward error 2, int8's bfloat16
-    kernel kept out of autograd 1, quantized weights kept by `.to(dtype)` 8, int8 rows quantized
-    over a fixed range, independent of each other 6, `is_our_config` (what save and convert_hf.py
-    may replace, of any version; net of the check it replaced) 7: 70 lines), less 9 (the config's
-    checks as one list of rules; kernel docstrings that pointed to the README's measurements instead
-    of restating them), plus flex's zero-padded CPU heads 3, plus quantized layers' load_state_dict
-    (dtype refused, int8 repacked) 12, fp8's refusal to train 2, quantize's of a biased Linear 2,
-    save's removal of another tokenizer's files 9, load's checks of dtype and CUDA 4, the pointer from
-    `python t5.py` to cli.py 4, quantize's refusal before any replacement 1, export's guard-free choice
-    of the written-out attention 2 and a clearer error for generate on torch.compile(model) 2.
+    issue asks for 1,300; this ratchet holds what was reached; the session notes account for each
+    change of it: issue 17's kernels and the fixes of the paths beside the tested ones added lines).
     The README's map of sections gives their current line ranges."""
     import ast
 
@@ -3898,7 +3894,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1604, len(lines)
+    assert len(lines) <= 1599, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
