@@ -321,7 +321,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
         if dropout:
             raise ValueError("FlexAttention has no attention dropout: train with attention='sdpa'")
         if q.requires_grad and q.device.type == "cpu":
-            raise ValueError("FlexAttention has no backward on CPU (torch 2.13): train with attention='sdpa'")
+            raise ValueError("FlexAttention has no backward on CPU (torch 2.13): run it under "
+                             "torch.no_grad() or torch.inference_mode(), or train with attention='sdpa'")
         if torch.compiler.is_compiling():
             if q.device.type == "cpu":
                 raise ValueError(FLEX_UNDER_COMPILE)
