@@ -3015,13 +3015,16 @@ def test_training_reduces_loss() -> None:
 
 
 def two_ranks(worker: object, *args: object) -> None:
-    """Run worker(rank, 2, *args) in two processes and wait for both. Forked from this process
-    where there is no CUDA (each worker sets one thread before any work, as DataLoader workers
-    do): a spawned rank imports this module, transformers included, again, 5 to 10 s each here.
-    Spawned where CUDA is present: a forked child cannot use the CUDA its parent initialized."""
+    """Run worker(rank, 2, *args) in two processes and wait for both. Not forked from this process:
+    a child of a process that ran autograd (and CUDA) may not run it (with Python 3.13 and torch 2.13's
+    CUDA build, both FSDP tests failed so in two full runs). Forked from a server that imported this
+    module once (5 to 10 s here), not spawned (an import per rank)."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="spawn" if torch.cuda.is_available() else "fork")
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="forkserver")
 
 
 def _fsdp_batch(config: t5.T5Config) -> tuple[torch.Tensor, torch.Tensor]:
