@@ -3016,13 +3016,17 @@ def test_training_reduces_loss() -> None:
 
 def two_ranks(worker: object, *args: object) -> None:
     """Run worker(rank, 2, *args) in two processes and wait for both. Not forked from this process:
-    a child of a process that ran autograd (and CUDA) may not run it (with Python 3.13 and torch 2.13's
-    CUDA build, both FSDP tests failed so in two full runs). Forked from a server that imported this
-    module once (5 to 10 s here), not spawned (an import per rank)."""
+    a child of a process that ran autograd may not run it (with Python 3.13 and torch 2.13's CUDA
+    build, both FSDP tests failed so in two full runs). Without CUDA, forked from a server that
+    imported this module once (5 to 10 s here); spawned where CUDA is present (an import per rank:
+    the server's import asks CUDA for its devices, and a forked child cannot use a CUDA so touched)."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
+    if torch.cuda.is_available():
+        mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="spawn")
+        return
     multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
     mp.start_processes(worker, args=(2, *args), nprocs=2, start_method="forkserver")
 
@@ -3836,7 +3840,7 @@ def test_oldest_releases_said_alike() -> None:
     said = ", ".join(f"{name} {version}" for name, version in floors.items())
     assert f"Oldest releases: {said} (`requirements.txt`)." in (HERE / "README.md").read_text()
     assert f"Needs torch >= {floors['torch']}," in (HERE / "t5.py").read_text()
-    assert torch.__version__ >= floors["torch"]
+    assert torch.__version__ >= floors["torch"]  # a TorchVersion: compared as a version, not as text
 
 
 def test_bench_quiet_and_noisy_flag(capsys: pytest.CaptureFixture) -> None:
