@@ -268,8 +268,6 @@ def _check_out(name: str, force: bool, ckpt: Path) -> Path:
 
 
 def cli_encode(args: argparse.Namespace) -> None:
-    from safetensors.torch import save
-
     out = _check_out(args.out, args.force, Path(args.ckpt))
     _check_batching(args.batch_size, args.max_input_tokens, args.max_length, args.no_mask)
     encoder, tokenizer = _load(Path(args.ckpt), args.device, args.dtype, args.weights, encoder_only=True)
@@ -289,10 +287,11 @@ def cli_encode(args: argparse.Namespace) -> None:
 
     hidden = torch.cat([widen(h, 0.0) for _, _, h in batches]).contiguous()
     mask = torch.cat([widen(m, 0) for _, m, _ in batches])
-    data = save({"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])})
+    tensors = {"hidden": hidden, "mask": mask, "input_ids": torch.cat([widen(i, pad) for i, _, _ in batches])}
     tmp = out.parent / f".t5-encode-{os.getpid()}.tmp"
     try:  # written beside --out and moved into place: never half a file
-        tmp.write_bytes(data)
+        specs = {name: (tensor.shape, tensor.dtype) for name, tensor in tensors.items()}
+        t5.write_safetensors(tmp, specs, tensors.items(), {"format": "pt"})
         if args.force:
             tmp.replace(out)
         else:

@@ -27,7 +27,6 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import ctypes
 import json
 import os
 import re
@@ -58,8 +57,9 @@ with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (unu
 from einops import rearrange
 from torch import Tensor, nn
 
-from t5 import (DTYPES, SENTINEL, T5, TOKENIZER_FILES, Float8Linear, Int8Linear, Linear, T5Config, T5Encoder,
-                dequantize_weight, is_our_config, quantize_int8, scalable_blocks)
+from t5 import (DTYPES, SAFETENSORS_DTYPES, SENTINEL, T5, TOKENIZER_FILES, Float8Linear, Int8Linear, Linear, T5Config,
+                T5Encoder, dequantize_weight, is_our_config, quantize_int8, scalable_blocks)
+from t5 import write_safetensors as t5_write_safetensors
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 UNSUPPORTED_MODEL_TYPES = {  # look alike, but not the same architecture
@@ -92,9 +92,7 @@ CALIBRATION_TEXTS = [  # what --calibrate runs the model on when not given a fil
     "Le renard brun rapide saute par-dessus le chien paresseux. Der schnelle braune Fuchs. El zorro marrón.",
     "<extra_id_0> walks in <extra_id_1> park. The <extra_id_2> was sunny and the children <extra_id_3>.",
 ]
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
-                      torch.int8: "I8"}
-TORCH_DTYPES = {**{name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}, "F64": torch.float64,
+TORCH_DTYPES = {**{name: dtype for dtype, name in SAFETENSORS_DTYPES.items() if dtype != torch.int64}, "F64": torch.float64,
                 "F8_E5M2": torch.float8_e5m2}  # a safetensors header's dtype names
 FP8 = torch.float8_e4m3fn
 FP8_KINDS = (FP8, torch.float8_e5m2)  # what fp8 files hold; e5m2 is read (dequantized), never kept
@@ -834,27 +832,8 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
 
 def write_safetensors(path: Path, specs: Mapping[str, tuple[torch.Size, torch.dtype]],
                       tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """Stream tensors into a safetensors file: the header (names, shapes, dtypes, offsets) is known
-    from `specs` alone, so each tensor is written and freed before the next is made."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **WRITER}}
-    offset = 0
-    for name, (shape, dtype) in specs.items():
-        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    written = 0
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for (name, tensor), expected in zip(tensors, specs):
-            assert name == expected and (tensor.shape, tensor.dtype) == specs[name], (name, tensor.shape, tensor.dtype)
-            tensor = tensor.contiguous()
-            f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
-            written += 1
-            del tensor  # before the next one is made
-    assert written == len(specs), f"{written} of {len(specs)} tensors written"
+    """t5.write_safetensors, with this tool's mark in the metadata (WRITER)."""
+    t5_write_safetensors(path, dict(specs), tensors, {"format": "pt", **WRITER})
 
 
 FLOAT16_MAX = 65504.0

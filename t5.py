@@ -20,6 +20,7 @@ Shape legend (einops names used throughout):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -32,7 +33,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, NamedTuple
 
 with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (which t5.py never uses) is absent
@@ -1373,6 +1374,37 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokeniz
                    "special_tokens_map.json", "added_tokens.json")  # transformers': a folder's tokenizer
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",  # names in a header
+                      torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.int64: "I64"}
+
+
+def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.Size, torch.dtype]],
+                      tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str]) -> None:
+    """Stream tensors into a safetensors file: an 8-byte header length, a JSON header (names, dtypes,
+    shapes, offsets, known from `specs` alone), then each tensor's bytes, written and freed before the
+    next is made. Ours, not safetensors' writer: that one imports numpy, which t5.py does not need."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    written = 0
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for (name, tensor), expected in zip(tensors, specs):
+            assert name == expected and (tensor.shape, tensor.dtype) == specs[name], (name, tensor.dtype)
+            tensor = tensor.detach().cpu().contiguous()
+            f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
+            written += 1
+            del tensor  # before the next one is made
+    assert written == len(specs), f"{written} of {len(specs)} tensors written"
+
+
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """An fp8 or int8 weight (o, i) with its per-row scale (o,) -> the weight in `dtype`. The
     product is taken in float32 and rounded to `dtype` once: rounding the scale to bfloat16 first
@@ -1556,8 +1588,6 @@ def is_our_config(path: str | Path) -> bool:
 def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` as `load` reads it (config.json, model.safetensors, and a sentencepiece
     tokenizer's spiece.model); files are staged beside their place and renamed once all are written."""
-    from safetensors.torch import save_file
-
     folder, model = Path(folder), getattr(model, "_orig_mod", model)  # torch.compile(model): the model itself
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
@@ -1579,7 +1609,8 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
             tensor = tensor.detach().contiguous()
             state[prefix + key] = tensor.clone() if tensor.untyped_storage().data_ptr() in stored else tensor
             stored.add(tensor.untyped_storage().data_ptr())
-        save_file(state, staged["model.safetensors"], metadata={"format": "pt"})
+        write_safetensors(staged["model.safetensors"], {k: (t.shape, t.dtype) for k, t in state.items()},
+                          state.items(), {"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
         os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
         if spiece:
