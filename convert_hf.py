@@ -833,7 +833,7 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
 def write_safetensors(path: Path, specs: Mapping[str, tuple[torch.Size, torch.dtype]],
                       tensors: Iterable[tuple[str, Tensor]]) -> None:
     """t5.write_safetensors, with this tool's mark in the metadata (WRITER)."""
-    t5_write_safetensors(path, dict(specs), tensors, {"format": "pt", **WRITER})
+    t5_write_safetensors(path, specs, tensors, {"format": "pt", **WRITER})
 
 
 FLOAT16_MAX = 65504.0

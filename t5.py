@@ -33,7 +33,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Literal, NamedTuple
 
 with warnings.catch_warnings():  # torch >= 2.12 warns at import when numpy (which t5.py never uses) is absent
@@ -1378,7 +1378,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
                       torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.int64: "I64"}
 
 
-def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.Size, torch.dtype]],
+def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.Size, torch.dtype]],
                       tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str]) -> None:
     """Stream tensors into a safetensors file: an 8-byte header length, a JSON header (names, dtypes,
     shapes, offsets, known from `specs` alone), then each tensor's bytes, written and freed before the
