@@ -1473,7 +1473,8 @@ class Int8Linear(Float8Linear):
     peak and quantized to 7 bits on the fly, as CTranslate2's int8 does (`quantize_inputs = False`:
     weight-only); with bfloat16 inputs one int8 kernel multiplies, weight-only; otherwise each call
     dequantizes the weight to the input's dtype, as Float8Linear does. (torch 2.13's bfloat16 kernel
-    returns NaN or crashes when in_features is not a multiple of 8: those dequantize.)"""
+    returns NaN or crashes unless every row starts 16-byte aligned: layers whose in_features is not a
+    multiple of 16 dequantize, and `load` copies int8 weights the file holds unaligned.)"""
 
     weight_dtype, scale_dtype = torch.int8, torch.bfloat16
     quantize_inputs = FBGEMM  # where fbgemm is built in (x86)
@@ -1487,7 +1488,7 @@ class Int8Linear(Float8Linear):
             # each row is quantized as it would be alone, whatever rows run with it
             scaled = torch.cat([rows / peak, x.new_tensor([-1.0, 1.0]).expand(len(rows), 2)], 1)
             y = product(scaled, self.weight) * (peak * self.weight_scale.float())
-        elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 8 == 0 \
+        elif x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 \
                 and not torch.is_grad_enabled():  # (the kernel has no backward)
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale)
         else:
@@ -1563,6 +1564,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             raise ValueError(f"{path}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         for key, expected in wanted.items():
             tensor = f.get_tensor(key)
+            if tensor.dtype == torch.int8 and tensor.data_ptr() % 64:  # mapped from the file as it lies:
+                tensor = tensor.clone()  # aligned, as Int8Linear's bfloat16 kernel needs
             if tensor.shape != expected.shape:
                 raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says "
                                  f"{tuple(expected.shape)}")
