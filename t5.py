@@ -444,14 +444,16 @@ def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.devi
 def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
     """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
     and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
-    if positions is None or positions.dim() != 1 or positions.shape[0] != length \
+    if not isinstance(positions, Tensor) or positions.dim() != 1 or positions.shape[0] != length \
             or positions.dtype != torch.long:
-        shape = None if positions is None else (tuple(positions.shape), positions.dtype)
+        shape = (tuple(positions.shape), positions.dtype) if isinstance(positions, Tensor) else positions
         raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
     max_len = cache.kv.shape[-2]
     if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(positions.min()) < 0 or int(positions.max()) >= max_len:
-            raise ValueError(f"decoder position {int(positions.max())} is past the cache's max_len {max_len}")
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= max_len:
+            raise ValueError(f"decoder position {low if low < 0 else high} is outside the cache's "
+                             f"[0, {max_len})")
     return positions
 
 
@@ -719,7 +721,7 @@ class T5Decoder(Stack):
         """input_ids (b*n, t), n rows per encoding of `memory` -> hidden states (b*n, t, d). input_mask
         (b*n, t) or (b*n, t, t). Without a cache, positions 0..t-1; with a `KVCache`, at `positions`
         (t,), attending over all written slots; a padding mask is recorded in the cache."""
-        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        check_token_ids(input_ids, self.config.vocab_size, "decoder_input_ids")
         batch, length = input_ids.shape
         if batch % memory.encoded.shape[0]:
             raise ValueError(f"decoder batch {batch} is not a multiple of the memory's batch "
@@ -894,9 +896,11 @@ class GenerationOptions(NamedTuple):
                  (self.top_k is None or self.top_k >= 0,
                   f"top_k must be positive (or 0 / None for no limit), got {self.top_k}"),
                  (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                 (isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty),
+                  f"length_penalty must be a finite number, got {self.length_penalty!r}"),
                  (beams >= 1, f"num_beams must be at least 1, got {beams}"),
                  (n >= 1, f"num_return_sequences must be at least 1, got {n}"),
-                 (self.early_stopping in (True, False, "never"),
+                 (isinstance(self.early_stopping, bool) or self.early_stopping == "never",
                   f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"),
                  (beams <= 1 or not self.do_sample, "beam search is deterministic: do_sample is for sampling "
                   "(num_beams=1)"),
@@ -960,7 +964,7 @@ def next_token(logits: Tensor, *, do_sample: bool = False, temperature: float = 
     probs = logits.softmax(dim=-1)
     if top_p is not None and top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(dim=-1)
@@ -990,8 +994,9 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+    for name, value, least in (("max_new_tokens", max_new_tokens, 0), ("n", n, 1)):
+        if type(value) is not int or value < least:
+            raise ValueError(f"{name} must be an int of at least {least}, got {value!r}")
     batch = input_ids.shape[0]
     if decoder_input_ids is None:
         if decoder_mask is not None:
@@ -1549,8 +1554,11 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
                 linear = modules.get(name)
                 if not isinstance(linear, nn.Linear):
                     raise ValueError(f"{path}: unexpected tensor {key} (no linear layer {name})")
-                int8 = f.get_slice(key.removesuffix("_scale")).get_dtype() == "I8"
-                quantized = Int8Linear if int8 else Float8Linear
+                weight = key.removesuffix("_scale")
+                stored = f.get_slice(weight).get_dtype() if weight in present else "F8_E4M3"  # missing: below
+                quantized = {"I8": Int8Linear, "F8_E4M3": Float8Linear}.get(stored)
+                if quantized is None:
+                    raise ValueError(f"{path}: tensor {key} scales a weight of {stored}, not int8 or fp8")
                 with torch.device("meta"):
                     model.set_submodule(name, quantized(linear.in_features, linear.out_features))
         wanted = {prefix + key: tensor for key, tensor in model.state_dict().items()}
@@ -1564,6 +1572,8 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             raise ValueError(f"{path}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         for key, expected in wanted.items():
             tensor = f.get_tensor(key)
+            if tensor.dtype in (torch.float8_e4m3fn, torch.int8) and tensor.dtype != expected.dtype:
+                raise ValueError(f"{path}: tensor {key} is {tensor.dtype} without its scale {key}_scale")
             if tensor.dtype == torch.int8 and tensor.data_ptr() % 64:  # mapped from the file as it lies:
                 tensor = tensor.clone()  # aligned, as Int8Linear's bfloat16 kernel needs
             if tensor.shape != expected.shape:
@@ -1596,9 +1606,12 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         raise FileExistsError(f"{folder} exists and is not a folder")
     if (folder / "config.json").exists() and not is_our_config(folder / "config.json"):  # a transformers one?
         raise FileExistsError(f"{folder / 'config.json'} is not ours (kept): save elsewhere")
+    spiece = tokenizer.sp.serialized_model_proto() if isinstance(tokenizer, SentencePieceTokenizer) else None
+    if spiece and tokenizer.sp.get_piece_size() + model.config.extra_ids > model.config.vocab_size:
+        raise ValueError(f"the tokenizer ({tokenizer.sp.get_piece_size()} pieces + {model.config.extra_ids} "
+                         f"sentinels) does not fit the model's vocabulary of {model.config.vocab_size}")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    spiece = tokenizer.sp.serialized_model_proto() if isinstance(tokenizer, SentencePieceTokenizer) else None
     names = ["model.safetensors", "config.json"] + (["spiece.model"] if spiece else [])
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
     # another tokenizer than the folder's spiece.model: the files describing that one go (transformers reads)

@@ -471,6 +471,18 @@ def test_load_errors(family: Family, tmp_path: Path) -> None:
     save_file(extra, broken / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected tensors \['decoder.stray.weight'\]"):
         t5.load(broken)
+    # an int8 weight without its scale (it would load as small integers), a scale beside a dense weight
+    del extra["decoder.stray.weight"]
+    extra["encoder.layers.0.ffn.wo.weight"] = torch.ones_like(extra["encoder.layers.0.ffn.wo.weight"], dtype=torch.int8)
+    save_file(extra, broken / "model.safetensors")
+    for dtype in (None, torch.float32):
+        with pytest.raises(ValueError, match="ffn.wo.weight is torch.int8 without its scale .*ffn.wo.weight_scale"):
+            t5.load(broken, dtype=dtype)
+    extra["encoder.layers.0.ffn.wo.weight"] = state["encoder.layers.0.ffn.wo.weight"]
+    extra["encoder.layers.0.ffn.wo.weight_scale"] = torch.ones(family.hf.config.d_model)
+    save_file(extra, broken / "model.safetensors")
+    with pytest.raises(ValueError, match="ffn.wo.weight_scale scales a weight of F32, not int8 or fp8"):
+        t5.load(broken)
     # a config field we do not know
     config = json.loads((family.ours_dir / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps(dict(config, rotary=True)))
@@ -521,6 +533,11 @@ def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> Non
     assert isinstance(t5.load(tmp_path / "enc", encoder_only=True), t5.T5Encoder)
     with pytest.raises(FileExistsError, match="not a folder"):
         t5.save(model, folder / "notes.txt")
+    with torch.device("meta"):  # a tokenizer larger than the model's vocabulary: nothing written
+        small = t5.T5(dataclasses.replace(model.config, vocab_size=50, extra_ids=0))
+    with pytest.raises(ValueError, match="the tokenizer \\(64 pieces \\+ 0 sentinels\\) does not fit .* of 50"):
+        t5.save(small, tmp_path / "small", tokenizer)
+    assert not (tmp_path / "small").exists()
     older = json.loads((folder / "config.json").read_text())
     del older["dropout"]  # a folder saved by an earlier version (a field fewer) is still ours to replace
     (folder / "config.json").write_text(json.dumps(older))
@@ -1922,6 +1939,12 @@ def test_top_k_top_p_filtering() -> None:
     assert set(draw(top_k=2).tolist()) == {0, 1}
     assert set(draw(top_p=0.7).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert set(draw(top_p=0.81).tolist()) == {0, 1, 2}
+    # at the boundary, as transformers' TopPLogitsWarper: the more likely tokens reach top_p, this one goes
+    exact = torch.log(torch.tensor([[0.5, 0.25, 0.1875, 0.0625]])).expand(2000, 4)  # sums exact in binary
+    for top_p, kept in [(0.5, {0}), (0.75, {0, 1}), (0.9375, {0, 1, 2})]:
+        assert set(t5.next_token(exact, do_sample=True, top_p=top_p, generator=g).tolist()) == kept
+        hf = transformers.TopPLogitsWarper(top_p)(None, exact[:1])
+        assert set(torch.nonzero(hf[0] > -math.inf).flatten().tolist()) == kept
     counts = torch.bincount(draw(), minlength=4) / 2000
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
 
@@ -2036,7 +2059,7 @@ def test_cache_errors(family: Family) -> None:
     memory = model.decoder.memory(model.encoder(ids, mask), mask)
     cache = t5.make_cache(model.config, 2, 4)
     token = torch.zeros(2, 1, dtype=torch.long)
-    with pytest.raises(ValueError, match="decoder position 4 is past the cache's max_len 4"):
+    with pytest.raises(ValueError, match=r"decoder position 4 is outside the cache's \[0, 4\)"):
         t5.decode_step(model, token, memory, cache, torch.tensor([4]))
     with pytest.raises(ValueError, match=r"positions must be a \(1,\) int64 tensor"):
         t5.decode_step(model, token, memory, cache, torch.tensor([[1]]))
@@ -2062,8 +2085,18 @@ def test_cache_errors(family: Family) -> None:
     other = dataclasses.replace(model.config, num_heads=model.config.num_heads + 1)
     with pytest.raises(ValueError, match="the cache .* was not made for this model"):  # another model's
         t5.prefill(model, ids, mask, max_new_tokens=3, cache=t5.make_cache(other, 2, 4))
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 0, got -1"):
-        t5.prefill(model, ids, mask, max_new_tokens=-1)
+    for name, value in [("max_new_tokens", -1), ("max_new_tokens", 2.0), ("n", 0), ("n", -1)]:
+        with pytest.raises(ValueError, match=f"{name} must be an int of at least ., got {value}"):
+            t5.prefill(model, ids, mask, **{"max_new_tokens": 3, name: value})
+    with pytest.raises(ValueError, match="decoder position -1 is outside"):  # not "past max_len"
+        t5.decode_step(model, token, memory, cache, torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"positions must be a \(1,\) int64 tensor, got 1"):  # a Python int
+        t5.decode_step(model, token, memory, cache, 1)
+    with pytest.raises(ValueError, match="decoder_input_ids holds token id"):  # not input_ids, which are fine
+        t5.generate(model, ids, mask, max_new_tokens=2, decoder_input_ids=torch.full((2, 1), family.vocab))
+    for name, value in [("length_penalty", math.nan), ("length_penalty", "1.0"), ("early_stopping", 1)]:
+        with pytest.raises(ValueError, match=f"{name} must be"):  # NaN scores; 1 would act as False
+            t5.generate(model, ids, mask, max_new_tokens=3, num_beams=2, **{name: value})
     with pytest.raises(ValueError, match="input_ids must be a \\(batch, seq\\) integer tensor"):  # not "decoder_.."
         t5.generate(model, ids[0], max_new_tokens=2, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="generation needs a T5 .* got T5Encoder"):
@@ -3964,7 +3997,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1634, len(lines)
+    assert len(lines) <= 1647, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
