@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -1052,14 +1053,31 @@ def check_out(out: Path, force: bool, src: Path) -> None:
                               if ours else f"{out} exists; pass --force to write into it (it is empty)")
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` is alive (or cannot be told: not POSIX, where signal 0 tests it)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """A temporary folder beside OUT to write into. When the block succeeds it becomes OUT (an
     existing OUT is moved aside first and deleted only once the new one is in place); when the
-    block fails it is deleted: OUT is never half-written."""
+    block fails it is deleted: OUT is never half-written. The temporary folders of killed runs go first."""
     out = out.resolve()  # a link to a folder: its target is replaced, beside itself; "a/b/.." is "a"
     tmp, old = out.parent / f".{out.name}.tmp-{os.getpid()}", out.parent / f".{out.name}.old-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # of a run killed (SIGTERM, out of memory)
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not running(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -1625,6 +1625,20 @@ def test_ctrl_c_during_a_conversion(family: Family, to_hf: bool, tmp_path: Path,
         assert t5.load(out) is not None
 
 
+def test_a_killed_conversions_temporary_folder_goes_with_the_next(tmp_path: Path) -> None:
+    """A conversion killed by a signal Python cannot catch (SIGTERM, SIGKILL, out of memory) leaves its
+    hidden temporary folder, a model's size; the next conversion beside it deletes it, and only it (a
+    running conversion's stays, and so does another OUT's)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = [tmp_path / f".out.tmp-{int(dead.stdout)}", tmp_path / f".out.tmp-{os.getppid()}",  # alive
+            tmp_path / f".other.tmp-{int(dead.stdout)}"]
+    for folder in left:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    assert convert_hf.main(["--to-hf", str(HERE / "demo"), str(tmp_path / "out")]) == 0  # (convert: the same)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", left[1].name, left[2].name])
+
+
 def test_force_replaces_only_what_the_tool_writes(family: Family, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """--force never deletes what the tool did not write: a parent folder of checkpoints, a converted
