@@ -308,6 +308,8 @@ def cli_encode(args: argparse.Namespace) -> None:
 
 
 def cli_flops(args: argparse.Namespace) -> None:
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise CommandLineError("stdout is closed: nowhere to write the table")
     for flag in ("batch", "src", "tgt"):
         if getattr(args, flag) < 1:
             raise CommandLineError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -384,8 +386,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     top, argv = parser(), sys.argv[1:] if argv is None else argv
     command = top.parse_known_args(argv)[0].command  # exits on --help, or on a mistake in the command's name
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    parse_rest = sub.parse_args if "--" in argv else sub.parse_intermixed_args  # the latter ignores "--" (3.11)
-    return parse_rest(argv[1:], argparse.Namespace(command=command))
+    cut = argv.index("--") if "--" in argv else len(argv)  # after it, prompts only (intermixed parsing ignores it)
+    args = sub.parse_intermixed_args(argv[1:cut], argparse.Namespace(command=command))
+    if cut < len(argv):
+        if not hasattr(args, "prompts"):  # flops takes none
+            sub.error(f"unrecognized arguments: {' '.join(argv[cut:])}")
+        args.prompts += argv[cut + 1:]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cli.py {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as error:  # torch's CPU allocator, or CUDA's (torch.OutOfMemoryError)
+        if not isinstance(error, torch.OutOfMemoryError) and "DefaultCPUAllocator" not in str(error):
+            raise
+        print(f"cli.py {args.command}: error: out of memory ({str(error).splitlines()[0]}): ask for less "
+              "(--max-new-tokens, --max-length, --max-input-tokens, --batch-size)", file=sys.stderr)
+        return 2
     return 0
 
 

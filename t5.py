@@ -1205,7 +1205,7 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
 
 # ======== Tokenizers ============================================================================
 
-SENTINEL = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # as in transformers: "<extra_id_05>" is plain text
+SENTINEL = re.compile(r"<extra_id_(0|[1-9][0-9]*)>")  # "<extra_id_05>" and "<extra_id_١>" are text
 
 
 class Tokenizer:
