@@ -174,10 +174,10 @@ def relative_position_bucket(relative_position: Tensor, *, bidirectional: bool, 
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str) -> None:
-    """Reject anything but a (batch, seq) integer tensor of ids in [0, vocab_size); the range is
-    checked on CPU tensors only (on CUDA it would cost a device sync per call)."""
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"{name} must be a (batch, seq) integer tensor, got {ids.dtype} of shape "
+    """Reject anything but a (batch, seq) int64 or int32 tensor (what embeddings take) of ids in [0,
+    vocab_size); the range is checked on CPU tensors outside torch.compile (elsewhere: a host sync)."""
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be a (batch, seq) int64 or int32 tensor, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {tuple(ids.shape)}")
@@ -782,6 +782,9 @@ class T5(nn.Module):
                                  "(batch, t, s)")
             cross_mask = input_mask
         encoded = self.encoder(input_ids, input_mask)
+        if decoder_input_ids.dim() == 2 and len(decoder_input_ids) != len(input_ids):
+            raise ValueError(f"decoder_input_ids has {len(decoder_input_ids)} rows, input_ids "
+                             f"{len(input_ids)}: one target per input")
         memory = self.decoder.memory(encoded, cross_mask, precompute=False)
         logits = self.lm_head(self.decoder(decoder_input_ids, memory, decoder_mask))
         loss = None
