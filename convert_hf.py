@@ -229,16 +229,19 @@ def scales_decoder_output(model_type: str, hf: Mapping) -> bool:
 ########################################################################################
 
 
-def make_plan(config: T5Config, *, embedding: str, lm_head: bool, scale_lm_head: bool, encoder_only: bool
-              ) -> dict[str, Source]:
+def make_plan(config: T5Config, *, embedding: str, lm_head: bool, scale_lm_head: bool, encoder_only: bool,
+              own_embeddings: Iterable[str] = ()) -> dict[str, Source]:
     """{our name: Source} for a config: `embedding` is the Hugging Face name of the shared
-    embedding, `lm_head` whether there is a separate lm_head.weight."""
+    embedding, `lm_head` whether there is a separate lm_head.weight; a stack whose own copy is in
+    `own_embeddings` (encoder.embed_tokens.weight, ...) reads it, as transformers does when they differ."""
     plan: dict[str, Source] = {}
+    own_embeddings = set(own_embeddings)
     stacks = [("encoder", ENCODER_LAYER, config.num_encoder_layers, "layer.1")]
     if not encoder_only:
         stacks.append(("decoder", DECODER_LAYER, config.num_decoder_layers, "layer.2"))
     for stack, layer_table, depth, ffn in stacks:
-        plan[f"{stack}.embedding.weight"] = Source((embedding,))
+        own = f"{stack}.embed_tokens.weight"
+        plan[f"{stack}.embedding.weight"] = Source((own if own in own_embeddings else embedding,))
         tables = range(depth) if config.bias_per_layer else range(1)
         plan[f"{stack}.position_bias.embedding.weight"] = Source(
             tuple(f"{stack}.{BIAS_TABLE.format(i=i)}" for i in tables), dim=1)  # UMT5: (buckets, (l h))
@@ -264,14 +267,14 @@ def plan_conversion(hf_config: Mapping, hf_keys: Iterable[str], *, encoder_only:
         encoder_only = True
     embedding = next((k for k in EMBEDDINGS if k in hf_keys), EMBEDDINGS[0])
     plan = make_plan(config, embedding=embedding, lm_head="lm_head.weight" in hf_keys, scale_lm_head=scale_lm_head,
-                     encoder_only=encoder_only)
+                     encoder_only=encoder_only, own_embeddings=hf_keys)
     used = {key for source in plan.values() for key in source.keys}
     used |= {scale_key(key) for key in used} & hf_keys  # fp8 files: the scales of the weights used
     missing = sorted(used - hf_keys)
     if missing:
         raise ConversionError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:10])}"
                               f"{' ...' if len(missing) > 10 else ''}")
-    dropped = set(EMBEDDINGS) | {FP8_MARKER}  # tied copies of the embedding; the fp8 marker
+    dropped = {*EMBEDDINGS, *map(scale_key, EMBEDDINGS), FP8_MARKER}  # unused embedding copies; fp8 marker
     dropped |= {key.removesuffix("weight") + INPUT_SCALE_SUFFIX for key in used} & hf_keys  # fp8 kernels' input scales
     if encoder_only:  # a full checkpoint converted --encoder-only: its decoder is left behind
         dropped |= {k for k in hf_keys if k.startswith("decoder.") or k.startswith("lm_head.")}
@@ -294,9 +297,10 @@ def is_linear(name: str) -> bool:
 
 def read_part(tensors: Mapping[str, Tensor], key: str) -> tuple[Tensor, Tensor | None]:
     """One Hugging Face tensor, with its per-row float32 scale when it is a float8_e4m3fn matrix; other
-    fp8 tensors (a norm's weight, an e5m2 file's weights) come back in float32, their scales applied."""
+    tensors with a scale (a norm's weight, an e5m2 file's weights, a layer a file keeps dense) come back
+    in float32, their scales applied."""
     tensor = tensors[key]
-    if tensor.dtype not in FP8_KINDS:
+    if tensor.dtype not in FP8_KINDS and scale_key(key) not in tensors:
         return tensor, None
     scale = tensors[scale_key(key)].float().reshape(-1) if scale_key(key) in tensors else torch.ones(1)
     if scale.numel() not in (1, tensor.shape[0]):
@@ -975,6 +979,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     embedding = plan["encoder.embedding.weight"].keys[0]
     stored = tensors.dtype(embedding)  # dtypes from the file's header: no tensor is read for them
     source_fp8 = tensors.dtype(plan["encoder.layers.0.attn.qkv.weight"].keys[0]) == FP8
+    as_stored = weights is None and source_fp8  # fp8 as the file has it: the layers it keeps dense stay so
     weights = weights or ("float8_e4m3fn" if source_fp8 else "dense")
     if weights not in WEIGHTS:
         raise ConversionError(f"--weights must be one of {tuple(WEIGHTS)}, got {weights!r}")
@@ -989,6 +994,10 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     if calibrate_texts is not None and weights != "dense":
         raise ConversionError(f"--calibrate is for float16 weights; it does not combine with --weights {weights}")
     specs = output_specs(config, encoder_only, dtype, weights)
+    for name in [name for name in specs if as_stored and name + "_scale" in specs]:
+        if any(tensors.dtype(key) != FP8 for key in plan[name].keys):  # a layer the file keeps dense
+            del specs[name + "_scale"]
+            specs[name] = (specs[name][0], dtype)
     # the tensors made from the shared embedding first, one after the other: it is held only that long
     made_from_embedding = {name for name, source in plan.items() if embedding in source.keys}
     order = sorted(specs, key=lambda name: name.removesuffix("_scale") not in made_from_embedding)

@@ -1120,18 +1120,40 @@ def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> N
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
+def test_an_embedding_copy_that_differs_is_its_stacks_own(tmp_path: Path) -> None:
+    """A checkpoint whose encoder.embed_tokens.weight differs from shared.weight (trained apart, or
+    made so by a tool): the encoder reads its own copy, as transformers does ("will NOT tie them");
+    before, the copy was dropped unread and the encoder embedded with shared.weight."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    state = load_file(hf_dir / "model.safetensors")
+    state["encoder.embed_tokens.weight"] = state["shared.weight"] * 2
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "ours")]) == 0
+    ours = t5.load(tmp_path / "ours")
+    ids, mask = padded_batch(103, [9, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, ids[:, :5], input_mask=mask).logits,
+                                   hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5]).logits,
+                                   atol=ATOL, rtol=0)
+
+
 def fp8_encoder_file(family: Family, path: Path, *, kind: str) -> tuple[Path, dict[str, torch.Tensor]]:
     """An encoder file as diffusion tools ship fp8 T5s: every linear weight in float8_e4m3fn, cast as it
     is ("plain"), or divided by a per-tensor `scale_weight`, with a `scaled_fp8` marker ("scaled"); "norms
     too": scaled, and the norms' weights cast to float8_e4m3fn, as some all-in-one files ship them; "e5m2":
-    scaled, in float8_e5m2. Embeddings and position bias left as they were. Also returns the dequantized
-    transformers state dict: the exact model that file stands for."""
+    scaled, in float8_e5m2; "dense wo": scaled, but the feed-forward's wo kept dense (transformers keeps
+    it in float32), stored halved with a scale_weight of 2. Embeddings and position bias left as they
+    were. Also returns the dequantized transformers state dict: the exact model that file stands for."""
     fp8 = torch.float8_e5m2 if kind == "e5m2" else torch.float8_e4m3fn
     state = {k: v for k, v in load_file(family.hf_dir / "model.safetensors").items()
              if not k.startswith(("decoder.", "lm_head."))}
     stored, dequantized = {}, {}
     for key, value in state.items():
-        if value.dim() == 2 and "DenseReluDense" in key or any(f".{p}.weight" in key for p in "qkvo"):
+        if kind == "dense wo" and "DenseReluDense.wo" in key:
+            stored[key], stored[key.removesuffix("weight") + "scale_weight"] = value / 2, torch.tensor(2.0)
+            dequantized[key] = value
+        elif value.dim() == 2 and "DenseReluDense" in key or any(f".{p}.weight" in key for p in "qkvo"):
             scale = value.abs().max() / torch.finfo(fp8).max if kind != "plain" else torch.tensor(1.0)
             stored[key] = (value / scale).to(fp8)
             if kind != "plain":
@@ -1148,18 +1170,21 @@ def fp8_encoder_file(family: Family, path: Path, *, kind: str) -> tuple[Path, di
     return path, dequantized
 
 
-@pytest.mark.parametrize("kind", ["plain", "scaled", "norms too", "e5m2"])
+@pytest.mark.parametrize("kind", ["plain", "scaled", "norms too", "e5m2", "dense wo"])
 def test_convert_fp8_file_keeps_fp8_and_equals_the_upcast_model(family: Family, kind: str, tmp_path: Path) -> None:
-    """Linear weights stay float8_e4m3fn (an e5m2 file's are stored dense, scales applied), and
-    the model is the file's: transformers with the dequantized weights (before, an e5m2 file's scales were
-    dropped and fp8 norms refused)."""
+    """Linear weights stay float8_e4m3fn (an e5m2 file's are stored dense, scales applied; so are the
+    layers a file keeps dense), and the model is the file's: transformers with the dequantized weights
+    (before, an e5m2 file's scales were dropped and fp8 norms refused; a dense wo was quantized to fp8
+    and its scale_weight ignored)."""
     src, dequantized = fp8_encoder_file(family, tmp_path / "t5xxl_fp8_e4m3fn.safetensors", kind=kind)
     flags = SHAPE_FLAGS.get(family.name, [])
     assert convert_hf.main([str(src), str(tmp_path / "ours"), "--dtype", "float32", *flags]) == 0
     encoder = t5.load(tmp_path / "ours", encoder_only=True)
-    linears = [m for m in encoder.modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))]
-    assert linears and all(isinstance(m, t5.Float8Linear) == (kind != "e5m2") for m in linears)
-    assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears if isinstance(m, t5.Float8Linear))
+    linears = {n: m for n, m in encoder.named_modules() if isinstance(m, (torch.nn.Linear, t5.Float8Linear))}
+    assert linears and all(isinstance(m, t5.Float8Linear) == (kind != "e5m2" and not (kind == "dense wo" and
+                                                                                    n.endswith("ffn.wo")))
+                           for n, m in linears.items())
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears.values() if isinstance(m, t5.Float8Linear))
     upcast = convert_hf.dequantize(t5.load(tmp_path / "ours", encoder_only=True))
     assert not any(isinstance(m, t5.Float8Linear) for m in upcast.modules())
     ids, mask = padded_batch(family.vocab, [19, 6])
