@@ -1136,6 +1136,15 @@ def test_an_embedding_copy_that_differs_is_its_stacks_own(tmp_path: Path) -> Non
         torch.testing.assert_close(ours(ids, ids[:, :5], input_mask=mask).logits,
                                    hf(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5]).logits,
                                    atol=ATOL, rtol=0)
+    # a single fp8-style encoder file with both copies, each with a scale_weight: the unused one's goes too
+    encoder = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
+    encoder["shared.weight"] = encoder["encoder.embed_tokens.weight"].clone()
+    scales = {f"{k.removesuffix('weight')}scale_weight": torch.tensor(1.0) for k in ("shared.weight",
+                                                                                     "encoder.embed_tokens.weight")}
+    save_file(encoder | scales, tmp_path / "t5xxl.safetensors")
+    assert convert_hf.main([str(tmp_path / "t5xxl.safetensors"), str(tmp_path / "single"), *SHAPE_FLAGS["t5-v1.1"]]) == 0
+    with torch.no_grad():
+        assert torch.equal(t5.load(tmp_path / "single", encoder_only=True)(ids, mask), ours.encoder(ids, mask))
 
 
 def fp8_encoder_file(family: Family, path: Path, *, kind: str) -> tuple[Path, dict[str, torch.Tensor]]:
