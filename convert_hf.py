@@ -979,7 +979,7 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     embedding = plan["encoder.embedding.weight"].keys[0]
     stored = tensors.dtype(embedding)  # dtypes from the file's header: no tensor is read for them
     source_fp8 = tensors.dtype(plan["encoder.layers.0.attn.qkv.weight"].keys[0]) == FP8
-    as_stored = weights is None and source_fp8  # fp8 as the file has it: the layers it keeps dense stay so
+    as_stored = weights is None and source_fp8  # fp8 as the file has it: the layers it keeps dense stay dense
     weights = weights or ("float8_e4m3fn" if source_fp8 else "dense")
     if weights not in WEIGHTS:
         raise ConversionError(f"--weights must be one of {tuple(WEIGHTS)}, got {weights!r}")
@@ -994,10 +994,11 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
     if calibrate_texts is not None and weights != "dense":
         raise ConversionError(f"--calibrate is for float16 weights; it does not combine with --weights {weights}")
     specs = output_specs(config, encoder_only, dtype, weights)
-    for name in [name for name in specs if as_stored and name + "_scale" in specs]:
-        if any(tensors.dtype(key) != FP8 for key in plan[name].keys):  # a layer the file keeps dense
-            del specs[name + "_scale"]
-            specs[name] = (specs[name][0], dtype)
+    if as_stored:
+        for name in [name for name in specs if name + "_scale" in specs]:
+            if any(tensors.dtype(key) != FP8 for key in plan[name].keys):  # a layer the file keeps dense
+                del specs[name + "_scale"]
+                specs[name] = (specs[name][0], dtype)
     # the tensors made from the shared embedding first, one after the other: it is held only that long
     made_from_embedding = {name for name, source in plan.items() if embedding in source.keys}
     order = sorted(specs, key=lambda name: name.removesuffix("_scale") not in made_from_embedding)
