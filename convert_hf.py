@@ -7,7 +7,8 @@ tokenizer files; and back (--to-hf).
     python convert_hf.py --to-hf OURS OUT [--dtype float32]
 
 SRC is a local folder (config.json with model.safetensors, a sharded *.safetensors.index.json,
-or pytorch_model.bin, read with torch.load(weights_only=True)); a diffusers pipeline folder or
+or pytorch_model.bin, read with torch.load(weights_only=True), or one variant of them such as
+model.fp16.safetensors); a diffusers pipeline folder or
 its text_encoder_N/ folder (tokenizer from tokenizer_N/); a single .safetensors file with
 transformers' key names under any prefix and no config (read off the shapes); or a hub id when
 huggingface_hub is installed and the network allows. transformers is not needed: the raw
@@ -498,17 +499,30 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def shard_names(index: Path) -> list[str]:
+    """The files a sharded checkpoint's index names."""
+    shards = read_json(index).get("weight_map", {})
+    if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
+        raise ConversionError(f"{index}: its weight_map is not an object of tensor -> file name")
+    return sorted(set(shards.values()))
+
+
 def weight_files(folder: Path) -> list[str]:
-    """The weight files of a Hugging Face folder: one file, or the shards its index names."""
+    """The weight files of a Hugging Face folder: one file, or the shards its index names; else its one
+    variant (`save_pretrained(variant="fp16")`: model.fp16.safetensors, model.safetensors.index.fp16.json)."""
     for index_name, weights in (("model.safetensors.index.json", "model.safetensors"),
                                 ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / weights).is_file():
             return [weights]
         if (folder / index_name).is_file():
-            shards = read_json(folder / index_name).get("weight_map", {})
-            if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
-                raise ConversionError(f"{folder / index_name}: its weight_map is not an object of tensor -> file name")
-            return sorted(set(shards.values()))
+            return shard_names(folder / index_name)
+    variants = sorted(folder.glob("model.safetensors.index.*.json")) or \
+        [path for path in sorted(folder.glob("model.*.safetensors")) if "-of-" not in path.name]
+    if len(variants) > 1:
+        raise ConversionError(f"{folder}: weights in {len(variants)} variants ({', '.join(p.name for p in variants)}): "
+                              "convert a folder with one of them")
+    if variants:
+        return shard_names(variants[0]) if variants[0].suffix == ".json" else [variants[0].name]
     raise FileNotFoundError(f"{folder}: no model.safetensors, *.safetensors.index.json or pytorch_model.bin")
 
 

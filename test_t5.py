@@ -1120,6 +1120,24 @@ def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> N
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
+def test_convert_a_variant_folder(tmp_path: Path) -> None:
+    """A folder saved with `save_pretrained(variant="fp16")`, as diffusers pipelines ship their text
+    encoders (model.fp16.safetensors, or model.safetensors.index.fp16.json and its shards), converts as
+    the plain folder does; two variants side by side are named, not guessed between."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "plain")]) == 0
+    model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir)
+    model.save_pretrained(tmp_path / "single", variant="fp16")
+    model.save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.fp16.json").is_file()
+    for folder in ("single", "sharded"):
+        assert convert_hf.main([str(tmp_path / folder), str(tmp_path / f"{folder}-ours")]) == 0
+        assert_same_checkpoint(tmp_path / f"{folder}-ours", tmp_path / "plain")
+    model.save_pretrained(tmp_path / "single", variant="bf16")
+    with pytest.raises(convert_hf.ConversionError, match=r"weights in 2 variants \(model.bf16.safetensors, model.fp16"):
+        convert_hf.convert(tmp_path / "single", tmp_path / "never")
+
+
 def test_an_embedding_copy_that_differs_is_its_stacks_own(tmp_path: Path) -> None:
     """A checkpoint whose encoder.embed_tokens.weight differs from shared.weight (trained apart, or
     made so by a tool): the encoder reads its own copy, as transformers does ("will NOT tie them");
