@@ -637,6 +637,8 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ConversionError(f"{src}: a single-file checkpoint must be a .safetensors file")
+        if re.search(r"-\d+-of-\d+\.safetensors$", path.name) and any(path.parent.glob("*.safetensors.index*.json")):
+            raise ConversionError(f"{src} is one shard of a sharded checkpoint: convert its folder {path.parent}")
         tensors = CheckpointTensors(path)
         tensors = CheckpointTensors(path, find_prefix(path, tensors, prefix), keep=T5_KEY)  # other models' ignored
         return Checkpoint(config_from_shapes(tensors, guess), tensors, *find_tokenizer(

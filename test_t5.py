@@ -1123,7 +1123,8 @@ def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> N
 def test_convert_a_variant_folder(tmp_path: Path) -> None:
     """A folder saved with `save_pretrained(variant="fp16")`, as diffusers pipelines ship their text
     encoders (model.fp16.safetensors, or model.safetensors.index.fp16.json and its shards), converts as
-    the plain folder does; two variants side by side are named, not guessed between."""
+    the plain folder does; two variants side by side are named, not guessed between; one shard passed
+    alone is refused with its folder named (it said "missing tensors" or "no T5 tensors")."""
     hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
     assert convert_hf.main([str(hf_dir), str(tmp_path / "plain")]) == 0
     model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir)
@@ -1133,6 +1134,9 @@ def test_convert_a_variant_folder(tmp_path: Path) -> None:
     for folder in ("single", "sharded"):
         assert convert_hf.main([str(tmp_path / folder), str(tmp_path / f"{folder}-ours")]) == 0
         assert_same_checkpoint(tmp_path / f"{folder}-ours", tmp_path / "plain")
+    shard = sorted((tmp_path / "sharded").glob("*-of-*.safetensors"))[0]  # one shard alone: its folder, please
+    with pytest.raises(convert_hf.ConversionError, match="is one shard of a sharded checkpoint: convert its folder"):
+        convert_hf.convert(shard, tmp_path / "never")
     model.save_pretrained(tmp_path / "single", variant="bf16")
     with pytest.raises(convert_hf.ConversionError, match=r"weights in 2 variants \(model.bf16.safetensors, model.fp16"):
         convert_hf.convert(tmp_path / "single", tmp_path / "never")
