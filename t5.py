@@ -1561,7 +1561,9 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
                 if not isinstance(linear, nn.Linear):
                     raise ValueError(f"{path}: unexpected tensor {key} (no linear layer {name})")
                 weight = key.removesuffix("_scale")
-                stored = f.get_slice(weight).get_dtype() if weight in present else "F8_E4M3"  # missing: below
+                if weight not in present:
+                    continue  # the layer stays a Linear: its weight is reported missing below
+                stored = f.get_slice(weight).get_dtype()
                 quantized = {"I8": Int8Linear, "F8_E4M3": Float8Linear}.get(stored)
                 if quantized is None:
                     raise ValueError(f"{path}: tensor {key} scales a weight of {stored}, not int8 or fp8")
