@@ -531,7 +531,7 @@ class Guess(NamedTuple):
 
     max_distance: int = 128  # --max-distance
     eps: float = 1e-6  # --eps
-    scale_decoder_output: bool | None = None  # --scale-decoder-output; None: only when there is no lm_head.weight
+    scale_decoder_output: bool | None = None  # --scale-decoder-output; None: no lm_head.weight, or a tied copy
 
 
 ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"  # every T5 has it: where the prefix shows
@@ -550,6 +550,13 @@ def find_prefix(path: Path, keys: Iterable[str], prefix: str | None) -> str:
     if len(found) > 1:
         raise ConversionError(f"{path}: several T5 models in one file, under prefixes {found}; choose one with --prefix")
     return found[0]
+
+
+def same_tensor(tensors: CheckpointTensors, a: str, b: str) -> bool:
+    """Whether two tensors hold the same bytes: a tied weight that a tool saved twice."""
+    first, second = tensors[a], tensors[b]
+    return (first.dtype, first.shape) == (second.dtype, second.shape) and \
+        torch.equal(first.contiguous().view(torch.uint8), second.contiguous().view(torch.uint8))
 
 
 def config_from_shapes(tensors: CheckpointTensors, guess: Guess) -> dict:
@@ -579,8 +586,8 @@ def config_from_shapes(tensors: CheckpointTensors, guess: Guess) -> dict:
 
     decoder = depth("decoder")
     scale = guess.scale_decoder_output
-    if scale is None:
-        scale = decoder > 0 and "lm_head.weight" not in keys  # v1.0 ties (and scales); v1.1 and later do not
+    if scale is None:  # v1.0 ties lm_head to the embedding (and scales); v1.1 and later do not
+        scale = decoder > 0 and ("lm_head.weight" not in keys or same_tensor(tensors, "lm_head.weight", embedding))
     return dict(model_type="umt5" if f"encoder.{BIAS_TABLE.format(i=1)}" in keys else "t5", vocab_size=vocab,
                 d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_heads=heads, num_layers=depth("encoder"),
                 num_decoder_layers=decoder or depth("encoder"), feed_forward_proj="gated-gelu" if gated else "relu",
@@ -1328,7 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     single.add_argument("--max-distance", type=int, default=128, help="relative_attention_max_distance (default: 128)")
     single.add_argument("--eps", type=float, default=1e-6, help="layer_norm_epsilon (default: 1e-6)")
     single.add_argument("--scale-decoder-output", choices=("yes", "no"), help="T5 v1.0's d_model**-0.5 before lm_head "
-                        "(default: yes when the file has no lm_head.weight, as v1.0 files do; no otherwise)")
+                        "(default: yes when the file has no lm_head.weight, as v1.0 files do, or one equal to the "
+                        "embedding; no otherwise)")
     back = parser.add_argument_group("back to transformers")
     back.add_argument("--to-hf", action="store_true", help="SRC is one of our folders: write a transformers folder "
                       "(default: off)")
