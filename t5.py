@@ -201,22 +201,14 @@ def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> T
 
 
 def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """One layer's position bias (h, q, k) and a bool mask (b, q|1, k) -> one additive SDPA mask
-    (b|1, h, q, k). Masked logits get the dtype's most negative finite value (a Python scalar: no
-    host-to-device copy), so a row with nothing to attend to stays finite."""
+    """One layer's position bias (h, q, k), or zeros (1, 1, 1) for cross-attention, and a bool mask
+    (b, q|1, k) -> one additive SDPA mask (b|1, h|1, q, k). Masked logits get the dtype's most
+    negative finite value (a Python scalar: no host-to-device copy), so a row with nothing to attend
+    to stays finite."""
     bias = rearrange(position_bias, "h q k -> 1 h q k").to(dtype)
     if attend is None:
         return bias
     return torch.where(rearrange(attend, "b q k -> b 1 q k"), bias, torch.finfo(dtype).min)
-
-
-def additive_cross_mask(attend: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A bool cross mask (b, t|1, s) -> additive SDPA mask (b, 1, t|1, s); cross-attention has no
-    position bias."""
-    if attend is None:
-        return None
-    zeros = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
-    return rearrange(zeros.masked_fill(~attend, torch.finfo(dtype).min), "b t s -> b 1 t s")
 
 
 # ======== Kernels: linear layers, SDPA or FlexAttention =========================================
@@ -711,13 +703,14 @@ class T5Decoder(Stack):
         precompute=True (decoding) projects every layer's cross-attention keys/values once, here;
         False (training) leaves it to each layer's forward (where FSDP has its weights)."""
         batch, seq, _ = encoded.shape
-        attend = None
-        if cross_mask is not None:
+        additive = None
+        if cross_mask is not None:  # cross-attention has no position bias: zeros where it may attend
             queries = cross_mask.shape[1] if cross_mask.dim() == 3 else 1
             attend = bool_mask(cross_mask, batch, queries, seq, "cross_mask")
+            additive = attention_bias(attend.new_zeros((1, 1, 1)), attend, self.compute_dtype)
         kv = torch.stack([layer.cross_attn.project_kv(encoded) for layer in self.layers]) \
             if precompute else None
-        return Memory(encoded, additive_cross_mask(attend, self.compute_dtype), kv)
+        return Memory(encoded, additive, kv)
 
     def forward(self, input_ids: Tensor, memory: Memory, input_mask: Tensor | None = None,
                 cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
@@ -1018,8 +1011,7 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     memory = model.decoder.memory(model.encoder(input_ids, input_mask), input_mask)
     prompt = decoder_input_ids.repeat_interleave(n, dim=0)
     prompt_mask = None if decoder_mask is None else decoder_mask.repeat_interleave(n, dim=0)
-    length = prompt.shape[1]
-    config = model.config
+    length, config = prompt.shape[1], model.config
     if cache is None:
         cache = make_cache(config, batch * n, length + max_new_tokens, device=input_ids.device,
                            dtype=memory.encoded.dtype)
@@ -1352,6 +1344,11 @@ class ByteTokenizer(Tokenizer):
 
     def _encode_text(self, text: str) -> list[int]:
         return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def encode(self, text: str, *, eos: bool = True) -> list[int]:
+        """As ByT5Tokenizer: a text ending in </s> gets no second EOS (T5's sentencepiece one adds it)."""
+        ids = super().encode(text, eos=False)
+        return ids + [self.eos_id] if eos and ids[-1:] != [self.eos_id] else ids
 
     def _decode_text(self, ids: list[int], continues: bool) -> str:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
