@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -323,6 +324,18 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 QUANTIZE = {FP8: quantize_rows, torch.int8: quantize_int8}  # stored weight dtype -> (weight, row scale)
 
 
+CONVERT_WIDER = "convert with --dtype bfloat16 or float32"
+
+
+def cast(tensor: Tensor, dtype: torch.dtype, name: str, advice: str) -> Tensor:
+    """A new contiguous copy of `tensor` in `dtype`; finite values past float16's range are refused by
+    name (with `advice`) instead of written as inf."""
+    result = tensor.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    if dtype == torch.float16 and not torch.isfinite(result).all() and torch.isfinite(tensor).all():
+        raise ConversionError(f"{name}: a value of {float(tensor.abs().max()):g} is past float16's range: {advice}")
+    return result
+
+
 def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, stored: torch.dtype | None = None
           ) -> tuple[Tensor, Tensor | None]:
     """Make one of our tensors from its Source; fusion (concatenation) happens here only. Returns
@@ -340,7 +353,7 @@ def build(source: Source, tensors: Mapping[str, Tensor], dtype: torch.dtype | No
         tensor = tensor.float() * source.scale
     if stored in QUANTIZE:
         return QUANTIZE[stored](tensor)
-    return tensor.to(dtype or exact[0].dtype, memory_format=torch.contiguous_format, copy=True), None
+    return cast(tensor, dtype or exact[0].dtype, " + ".join(source.keys), CONVERT_WIDER), None
 
 
 class ReadOnce(Mapping):
@@ -930,6 +943,8 @@ def calibrate_float16(model: T5 | T5Encoder, input_ids: Tensor, input_mask: Tens
             hook.remove()
     scales = {}
     for key, peak in peaks.items():
+        if not math.isfinite(peak):
+            raise ValueError(f"block {key} overflows even in float32 (a value of {peak}): no scale can fix it")
         scale = 1.0
         while peak * scale > FLOAT16_MAX / headroom:
             scale /= 2
@@ -945,17 +960,19 @@ def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
     the scales in model.config.out_scales (saved with it in config.json)."""
     config = model.config
     model_stacks = stacks(model)
+    merged = {key: config.out_scales.get(key, 1.0) * scale for key, scale in scales.items()}
+    dataclasses.replace(config, out_scales=config.out_scales | merged)  # checks every scale before any is applied
+    absent = [key for key in scales if key.split(".")[0] not in model_stacks]  # an encoder-only model's decoder
+    if absent:
+        raise ValueError(f"no block {absent[0]!r} in this model")
     for key, scale in scales.items():
         stack, index, block = key.split(".")
-        if stack not in model_stacks or key not in scalable_blocks(config):
-            raise ValueError(f"no block {key!r} in this model")
         name, rows = value_rows(config, key)
         layer = model_stacks[stack].get_submodule(name.removeprefix(f"{stack}.").removesuffix(".weight"))
         # an fp8 or int8 layer's rows are scaled through their per-row scales (exact too)
         (layer.weight_scale if isinstance(layer, Float8Linear) else layer.weight)[rows].mul_(scale)
         config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
         model_stacks[stack].layers[int(index)].unscale[block] = config.unscale(key)
-    T5Config(**dataclasses.asdict(config))  # still a valid config
 
 
 def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None, *, encoder_only: bool = False
@@ -976,8 +993,10 @@ def calibrate(folder: Path, dtype: torch.dtype, texts: list[str] | None = None, 
         apply_out_scales(model, scales)
         prefix = "encoder." if encoder_only else ""
         state = {prefix + key: tensor for key, tensor in model.state_dict().items()}
-        write_safetensors(folder / "model.safetensors", {k: (v.shape, dtype) for k, v in state.items()},
-                          ((k, v.to(dtype)) for k, v in state.items()))
+        staged = folder / ".model.safetensors.calibrated"  # float32 tensors are still the mapped file's
+        write_safetensors(staged, {k: (v.shape, dtype) for k, v in state.items()},
+                          ((k, cast(v, dtype, k, CONVERT_WIDER)) for k, v in state.items()))
+        staged.replace(folder / "model.safetensors")
         model.config.save(folder / "config.json")
     return scales
 
@@ -1225,7 +1244,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             if name + "_scale" in f.keys():  # an fp8 or int8 weight and its row scales
                 tensor = dequantize_weight(tensor, f.get_tensor(name + "_scale"), compute)
             if name not in rescale:
-                return tensor.to(dtype)
+                return cast(tensor, dtype, name, "export with --dtype float32 or bfloat16")
             tensor = tensor.to(torch.float32, copy=True)
             for rows, factor, _ in rescale[name]:
                 tensor[rows] *= factor

@@ -3321,6 +3321,35 @@ def test_convert_calibrate_writes_scales(tmp_path: Path) -> None:
         half = t5.load(tmp_path / "fp16", encoder_only=True)(ids, mask)
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     assert (half.float() - reference).abs().max() <= 0.02 * reference.abs().max()
+    # float32 calibrated: the weights it rewrites are mapped from the file it writes (it died of SIGBUS)
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "fp32c"), "--dtype", "float32", "--calibrate"]) == 0
+    assert t5.T5Config.load(tmp_path / "fp32c" / "config.json").out_scales == config.out_scales
+    with torch.no_grad():
+        torch.testing.assert_close(t5.load(tmp_path / "fp32c", encoder_only=True)(ids, mask), reference)
+
+
+def test_values_past_float16_are_refused_by_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A weight float16 cannot hold is a one-line error naming it, whether converting (calibrated or
+    not) or exporting to float16 (they wrote inf); a block that overflows even in float32 cannot be
+    calibrated (its scale came out 0, then a ZeroDivisionError)."""
+    hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    state = load_file(hf_dir / "model.safetensors")
+    state["encoder.block.0.layer.1.DenseReluDense.wo.weight"][0, 0] = 1e5
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "fp32")]) == 0
+    runs = [([str(hf_dir), str(tmp_path / "out"), "--dtype", "float16"], "wo.weight: a value of 100000 is past"),
+            ([str(hf_dir), str(tmp_path / "out"), "--dtype", "float16", "--calibrate"], "wo.weight: a value of 100000"),
+            ([str(tmp_path / "fp32"), str(tmp_path / "out"), "--to-hf", "--dtype", "float16"], "ffn.wo.weight: a val")]
+    state["encoder.block.0.layer.1.DenseReluDense.wo.weight"][0, 0] = 3e38
+    save_file(state, tmp_path / "huge.safetensors", metadata={"format": "pt"})
+    runs.append(([str(tmp_path / "huge.safetensors"), str(tmp_path / "out"), "--dtype", "float32", "--calibrate",
+                  *SHAPE_FLAGS["t5-v1.1"]], "block encoder.0.ffn overflows even in float32"))
+    capsys.readouterr()
+    for args, message in runs:
+        assert convert_hf.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len([line for line in err.splitlines() if "warning" not in line]) == 1, err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_out_scales_validation() -> None:
@@ -3331,6 +3360,13 @@ def test_out_scales_validation() -> None:
     model = random_model("t5-v1.1")
     with pytest.raises(ValueError, match="no block 'decoder.0.attn'"):
         convert_hf.apply_out_scales(model, {"decoder.0.attn": 0.5})
+    before = copy.deepcopy(model.state_dict())
+    for scales in ({"encoder.0.ffn": 0.5, "encoder.1.ffn": 0.3}, {"encoder.0.ffn": 0.5, "decoder.0.ffn": 0.5}):
+        encoder = model.encoder if "decoder.0.ffn" in scales else model  # an encoder has no decoder blocks
+        with pytest.raises(ValueError, match="must be a power of two|no block 'decoder.0.ffn'"):
+            convert_hf.apply_out_scales(encoder, scales)  # checked before anything changes
+        assert model.config.out_scales == {} and model.encoder.layers[0].unscale["ffn"] == 1.0
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="calibrate a float32 or bfloat16 model"):
         convert_hf.calibrate_float16(model.half(), torch.zeros(1, 3, dtype=torch.long))
 
