@@ -770,7 +770,7 @@ class T5(nn.Module):
         """Teacher-forced forward. input_ids (b, s), decoder_input_ids (b, t); masks 2-dim (padding) or
         3-dim (packing); cross_mask defaults to a 2-dim input_mask; labels (b, t), -100 = no loss."""
         if cross_mask is None and input_mask is not None:
-            if input_mask.dim() != 2:
+            if input_mask.dim() == 3:
                 raise ValueError("a (batch, q, k) packing input_mask needs an explicit cross_mask "
                                  "(batch, t, s)")
             cross_mask = input_mask
@@ -882,10 +882,14 @@ class GenerationOptions(NamedTuple):
 
     def check(self) -> GenerationOptions:
         """These options, or a ValueError naming the first rule they break."""
-        for name in ("max_new_tokens", "min_new_tokens", "num_beams", "num_return_sequences", "top_k"):
+        for name, kind in (("max_new_tokens", int), ("min_new_tokens", int), ("num_beams", int),
+                           ("top_k", int), ("num_return_sequences", int), ("do_sample", bool),
+                           ("compile", bool), ("temperature", float), ("top_p", float)):  # an int is a number
             value = getattr(self, name)
-            if type(value) is not int and not (value is None and name == "top_k"):
-                raise ValueError(f"{name} must be an int, got {value!r}")
+            number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+            if type(value) is not kind and not number and not (value is None and name in ("top_k", "top_p")):
+                raise ValueError(f"{name} must be {({int: 'an int', bool: 'a bool'}).get(kind, 'a number')}, "
+                                 f"got {value!r}")
         beams, n = self.num_beams, self.num_return_sequences
         rules = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
                  (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, "

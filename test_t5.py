@@ -2180,10 +2180,16 @@ def test_cache_errors(family: Family) -> None:
     # a step of fewer rows than the cache's would write its rows into every row of the cache
     with pytest.raises(ValueError, match="input_ids has 1 rows but the cache has 2"):
         t5.decode_step(model, token[:1], model.decoder.memory(memory.encoded[:1]), cache, torch.tensor([0]))
-    for count, value in [("max_new_tokens", 4.0), ("max_new_tokens", None), ("num_beams", 2.0), ("top_k", 2.0),
-                         ("num_return_sequences", True), ("min_new_tokens", 1.0)]:
-        with pytest.raises(ValueError, match=f"{count} must be an int, got {value}"):
+    for count, value, kind in [("max_new_tokens", 4.0, "an int"), ("max_new_tokens", None, "an int"),
+                               ("num_beams", 2.0, "an int"), ("top_k", 2.0, "an int"),
+                               ("num_return_sequences", True, "an int"), ("min_new_tokens", 1.0, "an int"),
+                               ("do_sample", "False", "a bool"), ("compile", 1, "a bool"),
+                               ("temperature", "0.7", "a number"), ("top_p", True, "a number")]:
+        with pytest.raises(ValueError, match=f"{count} must be {kind}, got {value!r}"):  # "False" sampled
             t5.generate(model, ids, mask, **{"max_new_tokens": 3, "do_sample": True, count: value})
+    t5.generate(model, ids, mask, max_new_tokens=2, do_sample=True, temperature=2, top_p=1)  # ints for floats
+    with pytest.raises(ValueError, match=r"input_mask must have shape \(batch, seq\)"):  # not "packing ... cross_mask"
+        model(ids, ids, input_mask=mask[0])
     with pytest.raises(ValueError, match="the cache .* was not made for this model"):  # another dtype
         t5.prefill(model, ids, mask, max_new_tokens=3, cache=t5.make_cache(model.config, 2, 4, dtype=torch.bfloat16))
     other = dataclasses.replace(model.config, num_heads=model.config.num_heads + 1)
@@ -4147,7 +4153,7 @@ def test_t5_py_acceptance_numbers() -> None:
     assert not forward, forward
     assert "argparse" not in source
     lines = source.splitlines()
-    assert len(lines) <= 1658, len(lines)
+    assert len(lines) <= 1662, len(lines)
     assert sum(len(line) > 110 for line in lines) <= 10
     generate = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
     args = generate.args
