@@ -1397,7 +1397,7 @@ def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.Size, to
     next is made. Ours, not safetensors' writer: that one imports numpy, which t5.py does not need."""
     unknown = sorted({str(dtype) for _, dtype in specs.values() if dtype not in SAFETENSORS_DTYPES})
     if unknown:
-        raise ValueError(f"cannot store {unknown[0]} tensors (load reads float32, bfloat16, float16, fp8, int8)")
+        raise ValueError(f"cannot store {unknown[0]} tensors (load reads float32, bf16, float16, fp8, int8)")
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, (shape, dtype) in specs.items():
