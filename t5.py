@@ -68,21 +68,21 @@ class T5Config:
     d_ff: int = 2048  # hidden width of the feed-forward block
     num_heads: int = 8  # attention heads per layer
     num_encoder_layers: int = 6  # encoder depth
-    num_decoder_layers: int = 6  # decoder depth (ByT5: 12 encoder layers, 4 decoder layers)
+    num_decoder_layers: int = 6  # decoder depth (ByT5: a third of the encoder's)
     ffn: Literal["relu", "gated-gelu"] = "relu"  # v1.0: relu; v1.1/Flan/mT5/UMT5/ByT5: gated-gelu
     bias_per_layer: bool = False  # UMT5 / Pile-T5: every layer has its own position bias table
     scale_qk: bool = False  # scale q.k by d_kv**-0.5 (Google's checkpoints: off, it is in the weights)
     num_buckets: int = 32  # relative position buckets (half per direction in the encoder)
-    max_distance: int = 128  # distances at or past this share the last bucket
+    max_distance: int = 128  # the log-spaced buckets end here: farther keys share the last bucket
     eps: float = 1e-6  # RMSNorm epsilon
     pad_token_id: int = 0  # padding id, also the usual decoder start
     eos_token_id: int = 1  # end of sequence (Pile-T5: 2)
     decoder_start_token_id: int = 0  # first decoder input token
     tokenizer: Literal["sentencepiece", "bytes"] = "sentencepiece"  # ByT5: UTF-8 bytes offset by 3
     extra_ids: int = 100  # sentinels <extra_id_0>.. counted down from the end of the vocabulary (ByT5: 125)
-    dropout: float = 0.0  # training only: embeddings, attention weights, FFN hidden, block outputs
-    # float16 safety (convert_hf.py --calibrate): block ("encoder.3.ffn", "decoder.0.cross_attn", ...) ->
-    # power-of-two scale s < 1. The block's value rows (attention V, FFN up-projection) are stored times s,
+    dropout: float = 0.0  # training only: embeddings, attention weights, FFN hidden, block and stack outputs
+    # float16 safety (convert_hf.py --calibrate): block ("encoder.3.ffn", "decoder.0.cross_attn", ...) -> a
+    # power of two s in (0, 1]. The block's value rows (attention V, FFN up-projection) are stored times s,
     # so its output comes out s times smaller; it is multiplied by 1/s in float32 as it joins the residual.
     out_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -295,9 +295,9 @@ class FlexBias(NamedTuple):
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
 
 
-FLEX_UNDER_COMPILE = ("attention='flex' cannot run inside torch.compile on CPU (inductor fails to lower its "
-                      "score_mod there, torch 2.13): compile a model loaded with attention='sdpa', or run flex "
-                      "uncompiled (it compiles its own kernel)")
+FLEX_UNDER_COMPILE = ("attention='flex' cannot run inside torch.compile on CPU (torch 2.13's inductor fails "
+                      "on its masks and cached steps there): compile a model loaded with attention='sdpa', or "
+                      "run flex uncompiled (it compiles its own kernel)")
 
 
 @functools.cache
@@ -326,7 +326,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
         else:
             flex = compiled_flex_attention()
         width = q.shape[-1]
-        if q.device.type == "cpu" and width < 32:  # torch 2.13's CPU kernel errs at 8, 16; zeros add nothing
+        if q.device.type == "cpu" and width < 32:  # 2.13's CPU kernel erred at 8, 16 on AVX2
             q, k, v = (F.pad(t, (0, 32 - width)) for t in (q, k, v))
         return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)[..., :width]
     if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" and not dropout \
@@ -426,7 +426,7 @@ def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.devi
     """A zeroed cache for `batch` rows of `max_len` slots, reusable as it is for a new decode of
     the same size (every cached call rewrites the slots it writes, mask included).
     static_address=True marks its tensors static for torch.compile, as CUDA graphs
-    (`mode="reduce-overhead"`) need; otherwise a new cache would mean a recompile."""
+    (`mode="reduce-overhead"`) need: a graph replays the addresses it captured."""
     kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
                      device=device, dtype=dtype)
     attend = torch.ones((batch, max_len), dtype=torch.bool, device=device)
@@ -473,7 +473,7 @@ class EncoderSelfAttention(nn.Module):
 
 
 class DecoderSelfAttention(EncoderSelfAttention):
-    """Causal self-attention over the decoder tokens (the same weights as the encoder's). With a
+    """Causal self-attention over the decoder tokens (the encoder's layout, its own weights). With a
     cache, the new keys/values are written into it in place at `positions` and the queries attend
     over the whole static buffer (the bias masks the slots not yet written)."""
 
@@ -539,8 +539,8 @@ class GegluFFN(nn.Module):
         self.wo = Linear(config.d_ff, config.d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded once, over slices of
-        the sequence so that its float32 temporaries stay under FFN_SLICE elements."""
+        """x (b, t, d) -> (b, t, d). The product is taken in float32 and rounded once, over slices of the
+        sequence of at most FFN_SLICE float32 elements (or of one position, where batch * d_ff is more)."""
         def product(g: Tensor, u: Tensor) -> Tensor:
             return (F.gelu(g.float(), approximate="tanh") * u.float()).to(x.dtype)
 
@@ -638,8 +638,8 @@ class Stack(nn.Module):
             full = None if attend is None else attend.expand(batch, queries, keys)  # read at each row's index
 
             def may_attend(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-                """Without a mask every key, still as a block mask (torch 2.13's CPU kernel can be wrong
-                without one)."""
+                """Without a mask every key, still as a block mask (torch 2.13's CPU kernel was wrong
+                without one on AVX2)."""
                 return q >= 0 if full is None else full[b, q, k]
             block_mask = create_block_mask(may_attend, batch, None, queries, keys,
                                            device=query_positions.device)
@@ -1587,7 +1587,7 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
             if tensor.dtype in (torch.float8_e4m3fn, torch.int8) and tensor.dtype != expected.dtype:
                 raise ValueError(f"{path}: tensor {key} is {tensor.dtype} without its scale {key}_scale")
             if tensor.dtype == torch.int8 and tensor.data_ptr() % 64:  # mapped from the file as it lies:
-                tensor = tensor.clone()  # aligned, as Int8Linear's bfloat16 kernel needs
+                tensor = tensor.clone()  # aligned (64 bytes), as Int8Linear's bfloat16 kernel needs (16)
             if tensor.shape != expected.shape:
                 raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, config says "
                                  f"{tuple(expected.shape)}")

@@ -380,6 +380,19 @@ def test_attention_choice_errors(family: Family) -> None:
         model.encoder(ids, mask)
 
 
+def test_relative_position_buckets_equal_transformers() -> None:
+    """Every bucket of distances -5000..5000, both directions, at the hub's (32, 128) and odd sizes:
+    t5.py's float32 operations, in their order, give transformers' buckets exactly."""
+    distance = torch.arange(-5000, 5001)
+    for buckets, max_distance in ((32, 128), (10, 13), (12, 20), (64, 256), (8, 16), (4, 8)):
+        for bidirectional in (True, False):
+            ours = t5.relative_position_bucket(distance, bidirectional=bidirectional, num_buckets=buckets,
+                                               max_distance=max_distance)
+            theirs = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+                distance, bidirectional=bidirectional, num_buckets=buckets, max_distance=max_distance)
+            assert torch.equal(ours, theirs), (buckets, max_distance, bidirectional)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_padding_invariance(device: str, tmp_path: Path) -> None:
     """A prompt's encoder output at its real tokens does not depend on how much padding follows it
