@@ -326,7 +326,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias | None, s
         else:
             flex = compiled_flex_attention()
         width = q.shape[-1]
-        if q.device.type == "cpu" and width < 32:  # 2.13's CPU kernel erred at 8, 16 on AVX2
+        if q.device.type == "cpu" and width < 32:  # torch 2.13 erred at 8, 16 (AVX2); zeros add nothing
             q, k, v = (F.pad(t, (0, 32 - width)) for t in (q, k, v))
         return flex(q, k, v, score_mod=bias.score_mod, block_mask=bias.block_mask, scale=scale)[..., :width]
     if torch.compiler.is_compiling() and q.dtype == torch.float32 and q.device.type == "cpu" and not dropout \
