@@ -1289,9 +1289,13 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
             write_safetensors(tmp / "model.safetensors", specs, tensors())
             hf_config = hf_config_for(config, model_type, encoder_only, tied)
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
+            names = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+            if not tokenizer_json_matches(src):  # transformers would read tokenizer.json, not spiece.model
+                print(f"convert_hf.py: warning: {src / 'tokenizer.json'} is another tokenizer than "
+                      f"spiece.model's: exporting spiece.model's alone", file=sys.stderr)
+                names = [name for name in names if name in ("spiece.model", "tokenizer.model")]
+            for name in names:
+                shutil.copyfile(src / name, tmp / name)
             if not (tmp / "tokenizer_config.json").exists():
                 kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
                 (tmp / "tokenizer_config.json").write_text(json.dumps(
@@ -1301,6 +1305,23 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
                     and not (tmp / "tokenizer.json").is_file():
                 write_tokenizer_json(tmp)
     return out
+
+
+def tokenizer_json_matches(folder: Path) -> bool:
+    """Whether a folder's tokenizer.json holds the pieces of its spiece.model (True where either is
+    missing, or tokenizer.json is no sentencepiece tokenizer: nothing to compare). t5.save keeps a
+    folder's tokenizer.json when it has no spiece.model to compare it with."""
+    import sentencepiece
+
+    model = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
+    if model is None or not (folder / "tokenizer.json").is_file():
+        return True
+    try:
+        other = sentencepiece_from_tokenizer_json(read_json(folder / "tokenizer.json"))
+    except (ConversionError, KeyError, TypeError, ValueError):
+        return True
+    a, b = (sentencepiece.SentencePieceProcessor(model_proto=proto) for proto in (model.read_bytes(), other))
+    return [a.id_to_piece(i) for i in range(len(a))] == [b.id_to_piece(i) for i in range(len(b))]
 
 
 def write_tokenizer_json(folder: Path) -> None:

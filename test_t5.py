@@ -1015,10 +1015,15 @@ def test_save_with_another_tokenizer_drops_the_old_ones_files(spiece_folder: Pat
     t5.save(model, tmp_path / "tok", t5.load_tokenizer(HERE / "demo"))
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted(
         kept + ["config.json", "model.safetensors", "spiece.model"])
-    assert convert_hf.main(["--to-hf", str(ours), str(tmp_path / "back")]) == 0
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
-    for text in ["spell: 4071", "kato rimo"]:
-        assert hf(text).input_ids == t5.load_tokenizer(ours).encode(text), text
+    # the same with another tokenizer's files there (kept): --to-hf exports spiece.model's, not theirs
+    transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "other")
+    t5.save(model, tmp_path / "other", t5.load_tokenizer(HERE / "demo"))
+    for folder in (ours, tmp_path / "tok", tmp_path / "other"):
+        assert convert_hf.main(["--to-hf", str(folder), str(tmp_path / f"{folder.name}-hf")]) == 0
+        assert (tmp_path / f"{folder.name}-hf" / "tokenizer.json").exists() == (folder.name == "tok")
+        hf = transformers.AutoTokenizer.from_pretrained(tmp_path / f"{folder.name}-hf")
+        for text in ["spell: 4071", "kato rimo"]:
+            assert hf(text).input_ids == t5.load_tokenizer(folder).encode(text), (folder.name, text)
 
 
 def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path) -> None:
