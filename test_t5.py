@@ -2582,7 +2582,9 @@ def test_demo_spells_small_numbers_and_train_keeps_demo(tmp_path: Path) -> None:
     out = tmp_path / "kept"
     out.mkdir()
     assert train.main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
-    assert train.main(["--out", str(tmp_path / "new"), "--steps", "0"]) == 2
+    for flag, value in (("--steps", "0"), ("--batch", "7992"), ("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1"),
+                        ("--seed", str(2**64))):  # a traceback, or (--lr inf) a NaN model saved
+        assert train.main(["--out", str(tmp_path / "new"), flag, value]) == 2, (flag, value)
     assert not (tmp_path / "new").exists()
     assert all(0 < train.lr_factor(step, steps) <= 1 for steps in (1, 19, 20, 1500) for step in range(steps))
     assert list(out.iterdir()) == []

@@ -203,10 +203,11 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
             loss.backward()
             sum_embedding_grads(model)  # one input table, as T5 trains it: the result exports to transformers
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            rate = schedule.get_last_lr()[0]  # this step's (after schedule.step(): the next one's)
             optimizer.step()
             schedule.step()
             if step % 250 == 0 or step == steps - 1:
-                print(f"step {step:5d}  loss {loss.item():.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
+                print(f"step {step:5d}  loss {loss.item():.4f}  lr {rate:.2e}  "
                       f"{time.time() - start:.0f}s", flush=True)
         model.eval()
         accuracy = evaluate(model, tokenizer, sorted(test))
@@ -220,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoints" / "demo",
                         help="output folder (default: checkpoints/demo beside train.py; the shipped model is demo/)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--force", action="store_true", help="save over --out if it exists (t5.save: files of its own stay)")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: 1500)")
     parser.add_argument("--batch", type=int, default=128, help="examples per step (default: 128)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
@@ -230,9 +231,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for flag in ("steps", "batch"):
-        if getattr(args, flag) < 1:
-            print(f"train.py: error: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
+    most = 8 * len(set(range(1000)) - set(held_out())) + 7  # an eighth of a batch: distinct numbers below 1000
+    for ok, message in ((args.steps >= 1, f"--steps must be at least 1, got {args.steps}"),
+                        (1 <= args.batch <= most, f"--batch must be in [1, {most}], got {args.batch}"),
+                        (0 <= args.lr < math.inf, f"--lr must be a finite number of at least 0, got {args.lr}"),
+                        (-2**63 <= args.seed < 2**64, f"--seed must be in [-2**63, 2**64), got {args.seed}")):
+        if not ok:
+            print(f"train.py: error: {message}", file=sys.stderr)
             return 2
     below = next(p for p in (args.out, *args.out.absolute().parents) if os.path.lexists(p))  # t5.save's folder
     if not below.is_dir():  # a file, a dangling link, or a path under a file: t5.save would fail after training
