@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
     except KeyboardInterrupt:
-        print(f"train.py: interrupted ({args.out} unchanged)", file=sys.stderr)
+        torn = (args.out / "model.safetensors").exists() and not (args.out / "config.json").exists()
+        print(f"train.py: interrupted ({args.out} " + ("lost its config.json: t5.save was renaming, train again)"
+                                                      if torn else "unchanged)"), file=sys.stderr)
         return 130
     return 0
 
