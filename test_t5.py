@@ -2600,6 +2600,23 @@ def test_demo_spells_small_numbers_and_train_keeps_demo(tmp_path: Path) -> None:
     assert default.resolve() != (HERE / "demo").resolve()
 
 
+def test_train_interrupted_while_saving_says_what_it_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C between t5.save's renames leaves no config.json (never new weights under an old config):
+    train.py says so, where it said the folder was unchanged."""
+    replace, calls = Path.replace, []
+
+    def interrupted(self: Path, target: Path) -> Path:
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(self, target)
+    monkeypatch.setattr(Path, "replace", interrupted)
+    assert train.main(["--out", str(tmp_path / "out"), "--steps", "1", "--batch", "8"]) == 130
+    assert "lost its config.json" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+
+
 def test_cli_generate_stream_batch_and_stdin() -> None:
     one = run_cli("generate", "spell: 4071")
     assert one.returncode == 0, one.stderr
