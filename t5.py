@@ -785,7 +785,7 @@ class T5(nn.Module):
             if labels.shape != decoder_input_ids.shape:
                 raise ValueError(f"labels must have the decoder's shape {tuple(decoder_input_ids.shape)}, "
                                  f"got {tuple(labels.shape)}")
-            loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten(),
+            loss = F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), labels.flatten().long(),
                                    ignore_index=-100)
         return T5Output(logits, loss)
 

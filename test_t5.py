@@ -3098,8 +3098,15 @@ def test_init_weights_stds(scale_qk: bool) -> None:
             torch.testing.assert_close(param.std().item(), std, rtol=tolerance, atol=0, msg=name)
             assert abs(param.mean().item()) < 3 * std / param.numel() ** 0.5 + 1e-6, name
     again = t5.T5(config)
-    train.init_weights(again, torch.Generator().manual_seed(0))
+    train.init_weights(torch.compile(again), torch.Generator().manual_seed(0))  # through the model it wraps
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    # v1.0 (relu): lm_head starts as the input table times d**-0.5, transformers' tied output layer
+    relu = t5.T5(dataclasses.replace(config, ffn="relu"))
+    train.init_weights(relu, torch.Generator().manual_seed(0))
+    assert torch.equal(relu.lm_head.weight, relu.encoder.embedding.weight * d**-0.5)
+    assert torch.equal(relu.decoder.embedding.weight, relu.encoder.embedding.weight)
+    with pytest.raises(ValueError, match="initialize a dense model"):  # a raw "normal_kernel_cpu" error
+        train.init_weights(t5.quantize(relu))
 
 
 def test_dropout_and_gradient_checkpointing() -> None:
@@ -3170,7 +3177,8 @@ def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -
 
 def test_sum_embedding_grads_frozen_or_tied_tables() -> None:
     """A frozen decoder table has no gradient for another reason than a missing backward: said so.
-    Tables the user tied are one parameter, whose gradient autograd has summed already: left as it is."""
+    Tables the user tied are one parameter, whose gradient autograd has summed already: left as it is;
+    so is an encoder's one table. packing_masks refuses shapes it cannot pair; int32 labels work."""
     model = t5.T5(t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_encoder_layers=1,
                               num_decoder_layers=1, extra_ids=0))
     model.decoder.embedding.weight.requires_grad_(False)
@@ -3184,6 +3192,14 @@ def test_sum_embedding_grads_frozen_or_tied_tables() -> None:
     grad = model.encoder.embedding.weight.grad.clone()
     train.sum_embedding_grads(model)
     assert torch.equal(model.encoder.embedding.weight.grad, grad)
+    train.sum_embedding_grads(model.encoder)  # one table alone: nothing to sum (an AttributeError)
+    assert torch.equal(model.encoder.embedding.weight.grad, grad)
+    with pytest.raises(ValueError, match=r"segment ids \(batch, s\) and \(batch, t\), got \(5,\)"):
+        train.packing_masks(torch.ones(5), torch.ones(1, 5))
+    with pytest.raises(ValueError, match="packing_masks takes segment ids"):  # 2 inputs, 3 targets
+        train.packing_masks(torch.ones(2, 5), torch.ones(3, 5))
+    loss = model(ids, ids, labels=ids).loss  # int32 labels (as int32 ids): the same loss, not a RuntimeError
+    assert torch.equal(model(ids.int(), ids.int(), labels=ids.int()).loss, loss)
 
 
 def test_training_reduces_loss() -> None:

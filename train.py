@@ -44,6 +44,10 @@ def packing_masks(input_segments: Tensor, target_segments: Tensor) -> tuple[Tens
     """Segment ids of packed rows (1, 2, ... per example, 0 = padding; input and target side) ->
     (input_mask (b, s, s), decoder_mask (b, t, t), cross_mask (b, t, s)): a position attends only
     within its own example; the decoder adds causality."""
+    if input_segments.dim() != 2 or target_segments.dim() != 2 or len(input_segments) != len(target_segments):
+        raise ValueError(f"packing_masks takes segment ids (batch, s) and (batch, t), got "
+                         f"{tuple(input_segments.shape)} and {tuple(target_segments.shape)}")
+
     def same(q: Tensor, k: Tensor) -> Tensor:
         pair = rearrange(q, "b q -> b q 1") == rearrange(k, "b k -> b 1 k")
         return pair & rearrange(q > 0, "b q -> b q 1")
@@ -55,7 +59,12 @@ def init_weights(model: t5.T5 | t5.T5Encoder | t5.T5Decoder, generator: torch.Ge
     """Initialize every parameter, normal with mean 0 (norms: 1). scale_qk=False (Mesh TensorFlow's
     scheme): q (d_model * d_kv)**-0.5; k, v, cross K/V, FFN wi, bias tables d_model**-0.5; attention
     out inner_dim**-0.5; FFN wo d_ff**-0.5; embeddings and lm_head 1. scale_qk=True: the same, but
-    q and lm_head d_model**-0.5."""
+    q and lm_head d_model**-0.5. T5 v1.0 (ffn="relu") reads its input table as the output layer,
+    times d_model**-0.5: its lm_head starts as that (transformers' tied init), the decoder's table
+    as the encoder's. A compiled model is initialized through the model it wraps."""
+    model = getattr(model, "_orig_mod", model)
+    if any(isinstance(module, t5.Float8Linear) for module in model.modules()):  # Int8Linear is one too
+        raise ValueError("init_weights: initialize a dense model (this one has fp8 or int8 layers)")
     config = model.config
     d, e, i, f = config.d_model, config.d_kv, config.inner_dim, config.d_ff
     q_std = d**-0.5 if config.scale_qk else (d * e) ** -0.5
@@ -91,14 +100,19 @@ def init_weights(model: t5.T5 | t5.T5Encoder | t5.T5Decoder, generator: torch.Ge
     if isinstance(model, t5.T5):  # T5 has one input table: both stacks start from the same values
         with torch.no_grad():
             model.decoder.embedding.weight.copy_(model.encoder.embedding.weight)
+            if config.ffn == "relu":
+                model.lm_head.weight.copy_(model.encoder.embedding.weight * d**-0.5)
 
 
-def sum_embedding_grads(model: t5.T5) -> None:
+def sum_embedding_grads(model: t5.T5 | t5.T5Encoder | t5.T5Decoder) -> None:
     """Call after `backward()`, before the optimizer step: each of the two input tables gets the sum
     of both gradients, which is T5's shared table's gradient, so tables that start equal stay equal
     and the result exports (`--to-hf`). Gradient clipping after it counts the table twice. With
     gradient accumulation, call it once, after the last micro-batch's backward: each call adds the
-    other table's gradient again."""
+    other table's gradient again. A T5Encoder or T5Decoder alone has one table: nothing to do."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): the model itself
+    if not isinstance(model, t5.T5):
+        return
     encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
     if encoder is decoder:  # one table already (tied by the user): autograd summed both uses
         return
