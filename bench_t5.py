@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -262,7 +263,9 @@ def ctranslate2_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repe
             runs[label] = (lambda t=translator: t.translate_batch(source, beam_size=1, max_decoding_length=new_tokens,
                                                                   min_decoding_length=new_tokens))
         times = round_robin(runs, repeats, "cpu")
-    out.write_text(json.dumps({label: timing._asdict() for label, timing in times.items()}))
+        index = {token: i for i, token in enumerate(vocab)}
+        tokens = [[index[token] for token in result.hypotheses[0]] for result in runs[CT2_TYPES["float32"]]()]
+    out.write_text(json.dumps({"times": {label: timing._asdict() for label, timing in times.items()}, "tokens": tokens}))
 
 
 def run_peer(flag: str, models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict | None:
@@ -285,9 +288,16 @@ def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repea
     import importlib.util
 
     if importlib.util.find_spec("ctranslate2") is None:
+        log("  CTranslate2 rows: ctranslate2 is not installed")
         return {}
-    times = run_peer("--ctranslate2-worker", models, ids, new_tokens, repeats) or {}
-    return {f"{label} (own process, after)": Timing(**timing) for label, timing in times.items()}
+    result = run_peer("--ctranslate2-worker", models, ids, new_tokens, repeats)
+    if result is None:
+        return {}
+    ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
+        log("  CTranslate2 float32's greedy tokens differ from ours: its rows are left out")
+        return {}
+    return {f"{label} (own process, after)": Timing(**timing) for label, timing in result["times"].items()}
 
 
 def nai_t5_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
@@ -330,6 +340,7 @@ def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: i
     import importlib.util
 
     if importlib.util.find_spec("nai_t5") is None:
+        log("  nai-t5 rows: nai-t5 is not installed")
         return {}
     result = run_peer("--nai-t5-worker", models, ids, new_tokens, repeats)
     if result is None:
@@ -380,13 +391,20 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     mask = torch.ones_like(ids)
     ours = models.ours
     fns: dict[str, Callable[[], object]] = {}
+    torch._dynamo.reset()  # torch compiles one function at most 8 times: each table starts a fresh count
+    t5.compiled_decode_step.cache_clear()  # (and forgets the shapes it ran eagerly)
     for label, model in [("t5.py", ours)] + ([("t5.py int8", models.int8)] if models.int8 is not None else []):
         fns[f"{label} eager"] = (lambda m=model: t5.generate(m, ids, mask, max_new_tokens=new, min_new_tokens=new))
         if not args.no_compile:
             log(f"  compiling the decode step ({label}) ...")
-            t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
-            fns[f"{label} compiled step"] = (lambda m=model: t5.generate(m, ids, mask, max_new_tokens=new,
-                                                                         min_new_tokens=new, compile=True))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t5.generate(model, ids, mask, max_new_tokens=new, min_new_tokens=new, compile=True)
+            if any("recompile limit" in str(warning.message) for warning in caught):
+                log(f"  {label}: the decode step ran eagerly (torch's recompile limit): no compiled row")
+            else:
+                fns[f"{label} compiled step"] = (lambda m=model: t5.generate(m, ids, mask, max_new_tokens=new,
+                                                                             min_new_tokens=new, compile=True))
         if not args.no_compile and args.device == "cuda":
             log(f"  compiling the decode step with CUDA graphs ({label}) ...")
             try:
@@ -401,11 +419,17 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
         cache_implementation="static")
     with torch.inference_mode():
         times = round_robin(fns, args.repeats, args.device)
-    if args.device == "cpu" and ours.lm_head.weight.dtype == torch.float32 and not args.no_ctranslate2:
+    if args.no_ctranslate2:
+        log("  CTranslate2 and nai-t5 rows: skipped (--no-ctranslate2)")
+    elif args.device != "cpu" or ours.lm_head.weight.dtype != torch.float32:
+        log("  CTranslate2 and nai-t5 rows: float32 on CPU only")
+    else:
         times.update(ctranslate2_timing(models, ids, new, args.repeats))
         config = models.config  # nai-t5 converts v1.1-style checkpoints with as many decoder as encoder layers
         if config.ffn == "gated-gelu" and config.num_decoder_layers == config.num_encoder_layers:
             times.update(nai_t5_timing(models, ids, new, args.repeats))
+        else:
+            log(f"  nai-t5 rows: not for {name} (nai-t5 converts gated models of equal depths only)")
     hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
     rows = []
     for impl, t in times.items():
@@ -678,12 +702,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--no-ctranslate2", action="store_true", help="skip CTranslate2 even if installed")
+    parser.add_argument("--no-ctranslate2", action="store_true", help="skip the peers that run in their own process "
+                        "(CTranslate2 and nai-t5) even if installed")
     parser.add_argument("--no-int8", action="store_true", help="skip the rows of our int8 model (t5.quantize "
                         "of our model in --dtype)")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small (or --models), encoder 8x128 and "
                         "generation at batch 1 "
-                        "only, 3 repeats, no compile, no CTranslate2: about 45 s on 2 idle cores")
+                        "only, 3 repeats, no compile, no int8, no CTranslate2 or nai-t5: about 45 s on 2 idle cores")
     parser.add_argument("--fp8-memory", action="store_true", help="only the fp8 and int8 table: resident memory while encoding, "
                         "bfloat16 vs fp8 vs int8 weights, XXL width (~10 GB of disk in a temp folder, a few minutes)")
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
@@ -735,6 +760,7 @@ def main(argv: list[str] | None = None) -> None:
         return None
     for job_file, worker in ((args.nai_t5_worker, nai_t5_worker), (args.ctranslate2_worker, ctranslate2_worker)):
         if job_file:
+            quiet_transformers()
             job = json.loads(job_file.read_text())
             return worker(Path(job["hf_dir"]), job["ids"], job["new_tokens"], job["repeats"], Path(job["out"]))
     if args.quick:
