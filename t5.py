@@ -256,22 +256,36 @@ FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines  # int8 x int8 p
 _packed: dict[int, tuple[tuple[int, int], object]] = {}  # id(int8 weight) -> (its address, version), packed
 
 
+def fbgemm_pack(weight: Tensor) -> object:
+    """An int8 weight (o, i) as fbgemm takes it: packed, from a quantized tensor (which torch deprecates)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch._make_per_tensor_quantized_tensor(weight, 1.0, 0)
+    return torch.ops.quantized.linear_prepack(quantized, None)
+
+
+@functools.cache
+def fbgemm_8bit_inputs() -> bool:
+    """Whether fbgemm multiplies 8-bit inputs right on this CPU (VNNI: 32-bit sums); elsewhere its 16-bit
+    pair sums saturate (2 * 255 * 127 > 32767), so inputs get 7 bits (reduce_range). Tried once."""
+    x = torch.ones(1, 64).index_fill(1, torch.tensor([0]), -1.0)  # range [-1, 1]: the 1s quantize to 255
+    weight = fbgemm_pack(torch.full((1, 64), 127, dtype=torch.int8))
+    return abs(float(torch.ops.quantized.linear_dynamic(x, weight, False)) - 127 * 62) < 0.02 * 127 * 62
+
+
 def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x (m, i + extra) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm, which quantizes x on
-    the fly (per tensor, 7 bits); x's extra columns meet zeros. The weight's packed copy is made on first
-    use, again after `load_state_dict` or a write through the parameter (not seen: a write through
-    `.data`, or to a weight made under inference_mode, which keeps no version count), dropped with it."""
+    the fly (per tensor, 8 bits, or 7: `fbgemm_8bit_inputs`); x's extra columns meet zeros. The weight's
+    packed copy is made on first use, again after `load_state_dict` or a write through the parameter (not
+    seen: a write through `.data`, or to a weight made under inference_mode, which keeps no version
+    count), dropped with it."""
     stamp = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     if id(weight) not in _packed:
         weakref.finalize(weight, _packed.pop, id(weight), None)
     if _packed.get(id(weight), (None,))[0] != stamp:
-        with warnings.catch_warnings():  # torch deprecates quantized tensors; fbgemm's packing takes one
-            warnings.simplefilter("ignore")
-            padded = F.pad(weight.detach(), (0, x.shape[1] - weight.shape[1]))
-            quantized = torch._make_per_tensor_quantized_tensor(padded, 1.0, 0)
-        _packed[id(weight)] = stamp, torch.ops.quantized.linear_prepack(quantized, None)
+        _packed[id(weight)] = stamp, fbgemm_pack(F.pad(weight.detach(), (0, x.shape[1] - weight.shape[1])))
     with torch._C.DisableTorchFunctionSubclass():  # skips a __torch_function__ lookup on the packed weight
-        return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], True)
+        return torch.ops.quantized.linear_dynamic(x, _packed[id(weight)][1], not fbgemm_8bit_inputs())
 
 
 compiled_fbgemm_linear = compiled_op("fbgemm_linear", fbgemm_linear)
@@ -1485,7 +1499,7 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 class Int8Linear(Float8Linear):
     """The weight in int8 with a bfloat16 scale per output row (`quantize_int8`). On CPU in float32
     inference (autograd and autocast off) fbgemm multiplies int8 by int8, each input row scaled to its
-    peak and quantized to 7 bits on the fly, as CTranslate2's int8 does (`quantize_inputs = False`:
+    peak and quantized to 8 (or 7) bits on the fly, as CTranslate2's int8 does (`quantize_inputs = False`:
     weight-only); with bfloat16 inputs one int8 kernel multiplies, weight-only; otherwise each call
     dequantizes the weight to the input's dtype, as Float8Linear does. (torch 2.13's bfloat16 kernel
     returns NaN or crashes unless every row starts 16-byte aligned: layers whose in_features is not a
