@@ -282,22 +282,32 @@ def run_peer(flag: str, models: Models, ids: torch.Tensor, new_tokens: int, repe
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
+def checked_peer(module: str, name: str, flag: str, models: Models, ids: torch.Tensor, new_tokens: int,
+                 repeats: int) -> dict | None:
+    """What a peer's worker wrote (`run_peer`), if `module` is installed, the worker ran and its greedy
+    tokens equal ours (a peer that decoded something else would not count); otherwise None, said."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        log(f"  {name} rows: {module} is not installed")
+        return None
+    result = run_peer(flag, models, ids, new_tokens, repeats)
+    if result is None:
+        return None
+    ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
+        log(f"  {name}: its greedy tokens differ from ours: its rows are left out")
+        return None
+    return result
+
+
 def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
     """CTranslate2's rows (`ctranslate2_worker` in its own process); empty when ctranslate2 is not
     installed or failed."""
-    import importlib.util
-
-    if importlib.util.find_spec("ctranslate2") is None:
-        log("  CTranslate2 rows: ctranslate2 is not installed")
-        return {}
-    result = run_peer("--ctranslate2-worker", models, ids, new_tokens, repeats)
-    if result is None:
-        return {}
-    ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
-        log("  CTranslate2 float32's greedy tokens differ from ours: its rows are left out")
-        return {}
-    return {f"{label} (own process, after)": Timing(**timing) for label, timing in result["times"].items()}
+    result = checked_peer("ctranslate2", "CTranslate2 (float32)", "--ctranslate2-worker", models, ids, new_tokens,
+                          repeats)
+    return {} if result is None else {f"{label} (own process, after)": Timing(**timing)
+                                      for label, timing in result["times"].items()}
 
 
 def nai_t5_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
@@ -337,19 +347,8 @@ def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: i
     """nai-t5 in a child process, when it is installed (empty otherwise); its greedy tokens must
     equal ours (ours forbid EOS until the last step; nai-t5 has no such option, and random weights
     seldom prefer EOS: a disagreement leaves its row out, with a message)."""
-    import importlib.util
-
-    if importlib.util.find_spec("nai_t5") is None:
-        log("  nai-t5 rows: nai-t5 is not installed")
-        return {}
-    result = run_peer("--nai-t5-worker", models, ids, new_tokens, repeats)
-    if result is None:
-        return {}
-    ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
-        log("  nai-t5's greedy tokens differ from ours: its row is left out")
-        return {}
-    return {"nai-t5 fp32 eager (own process, after)": Timing(**result["time"])}
+    result = checked_peer("nai_t5", "nai-t5", "--nai-t5-worker", models, ids, new_tokens, repeats)
+    return {} if result is None else {"nai-t5 fp32 eager (own process, after)": Timing(**result["time"])}
 
 
 def cuda_graph_greedy(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], torch.Tensor]:
