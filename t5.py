@@ -896,15 +896,16 @@ class GenerationOptions(NamedTuple):
 
     def check(self) -> GenerationOptions:
         """These options, or a ValueError naming the first rule they break."""
-        for name, kind in (("max_new_tokens", int), ("min_new_tokens", int), ("num_beams", int),
-                           ("top_k", int), ("num_return_sequences", int), ("do_sample", bool),
-                           ("compile", bool), ("temperature", float), ("top_p", float)):  # an int is a number
+        kinds = dict(max_new_tokens=int, min_new_tokens=int, num_beams=int, top_k=int, do_sample=bool,
+                     num_return_sequences=int, compile=bool, temperature=float, top_p=float,
+                     length_penalty=float)
+        for name, kind in kinds.items():  # an int is a number
             value = getattr(self, name)
             number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
             if type(value) is not kind and not number and not (value is None and name in ("top_k", "top_p")):
                 raise ValueError(f"{name} must be {({int: 'an int', bool: 'a bool'}).get(kind, 'a number')}, "
                                  f"got {value!r}")
-        beams, n = self.num_beams, self.num_return_sequences
+        beams, n, penalty = self.num_beams, self.num_return_sequences, self.length_penalty
         rules = [(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
                  (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, "
                   f"max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"),
@@ -913,8 +914,7 @@ class GenerationOptions(NamedTuple):
                  (self.top_k is None or self.top_k >= 0,
                   f"top_k must be positive (or 0 / None for no limit), got {self.top_k}"),
                  (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-                 (isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty),
-                  f"length_penalty must be a finite number, got {self.length_penalty!r}"),
+                 (math.isfinite(penalty), f"length_penalty must be finite, got {penalty}"),
                  (beams >= 1, f"num_beams must be at least 1, got {beams}"),
                  (n >= 1, f"num_return_sequences must be at least 1, got {n}"),
                  (isinstance(self.early_stopping, bool) or self.early_stopping == "never",
