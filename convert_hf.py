@@ -971,7 +971,7 @@ def apply_out_scales(model: T5 | T5Encoder, scales: dict[str, float]) -> None:
         layer = model_stacks[stack].get_submodule(name.removeprefix(f"{stack}.").removesuffix(".weight"))
         # an fp8 or int8 layer's rows are scaled through their per-row scales (exact too)
         (layer.weight_scale if isinstance(layer, Float8Linear) else layer.weight)[rows].mul_(scale)
-        config.out_scales[key] = config.out_scales.get(key, 1.0) * scale
+        config.out_scales[key] = merged[key]
         model_stacks[stack].layers[int(index)].unscale[block] = config.unscale(key)
 
 
