@@ -151,6 +151,13 @@ def held_out() -> list[int]:
     return sorted(random.Random(2024).sample(range(LIMIT), 200))
 
 
+def small_numbers() -> list[int]:
+    """The training numbers below 1000: uniform draws almost never show the model the few below 100
+    ("spell: 0" was answered with nothing), so an eighth of every batch comes from these."""
+    test = set(held_out())
+    return [n for n in range(1000) if n not in test]
+
+
 def demo_config(vocab_size: int) -> t5.T5Config:
     return t5.T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_heads=4, num_encoder_layers=3,
                        num_decoder_layers=3, ffn="gated-gelu", scale_qk=True, num_buckets=16, max_distance=32)
@@ -191,9 +198,7 @@ def train(out: Path, *, steps: int, batch: int, lr: float, seed: int) -> float:
     rng = random.Random(seed)
     test = set(held_out())
     numbers = [n for n in range(LIMIT) if n not in test]
-    # uniform draws almost never show the model the few numbers below 100 ("spell: 0" was
-    # answered with nothing): an eighth of every batch comes from the numbers below 1000
-    small = [n for n in numbers if n < 1000]
+    small = small_numbers()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         train_tokenizer(folder, numbers)
@@ -245,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    most = 8 * len(set(range(1000)) - set(held_out())) + 7  # an eighth of a batch: distinct numbers below 1000
+    most = 8 * len(small_numbers()) + 7  # an eighth of a batch: distinct numbers below 1000
     for ok, message in ((args.steps >= 1, f"--steps must be at least 1, got {args.steps}"),
                         (1 <= args.batch <= most, f"--batch must be in [1, {most}], got {args.batch}"),
                         (0 <= args.lr < math.inf, f"--lr must be a finite number of at least 0, got {args.lr}"),
