@@ -675,7 +675,6 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
     if is_our_config(config_path):
         raise ConversionError(f"{src} is converted already (t5.load reads it; --to-hf exports it)")
     hf_config = read_json(config_path)
-    config_from_hf(hf_config)  # unsupported architectures fail before any tensor is read
     named = Path(os.path.abspath(folder))  # "." or "text_encoder_2/..": the folder's own name
     beside = named.parent / named.name.replace("text_encoder", "tokenizer")  # where diffusers keeps it
     if tokenizer:
@@ -684,7 +683,9 @@ def open_checkpoint(src: str, *, tokenizer: str | None = None, prefix: str | Non
         tokenizer_path = beside
     else:
         tokenizer_path = folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
-    return Checkpoint(hf_config, CheckpointTensors(folder), *find_tokenizer(tokenizer_path))
+    tokenizer_path, tokenizer_config = find_tokenizer(tokenizer_path)
+    config_from_hf(hf_config, tokenizer_config)  # unsupported architectures fail before any tensor is read
+    return Checkpoint(hf_config, CheckpointTensors(folder), tokenizer_path, tokenizer_config)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; a path that exists is never one

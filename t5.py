@@ -1219,6 +1219,7 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
 # ======== Tokenizers ============================================================================
 
 SENTINEL = re.compile(r"<extra_id_(0|[1-9][0-9]*)>")  # "<extra_id_05>" and "<extra_id_١>" are text
+CLEAN_UP = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")  # transformers' clean-up
 
 
 class Tokenizer:
@@ -1232,6 +1233,7 @@ class Tokenizer:
         self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; subclasses: their vocabulary's end
         self.specials: dict[str, int] = {}  # special tokens as written in text -> id; set by subclasses
         self.strip_specials = False  # ByT5: whitespace around them is dropped (transformers' lstrip/rstrip)
+        self.clean_up_spaces = False  # decode drops the spaces of CLEAN_UP's strings (in their order)
 
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -1302,20 +1304,22 @@ class Tokenizer:
         return ids.to(device), mask.to(device)
 
     def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
-        """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped, or written as
-        <pad>, </s>, <unk>, <extra_id_N> with skip_special_tokens=False."""
+        """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped before decoding, as in
+        transformers (ByT5: bytes they split join again), or written as <pad>, </s>, <unk>, <extra_id_N>
+        with skip_special_tokens=False."""
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         # a model's vocabulary may be larger than its tokenizer's (T5: 32128 logits, 32100 ids): ids
         # past the tokenizer's pieces that are not sentinels decode to nothing
         pieces = self.first_sentinel + 1 - self.extra_ids
-        ids = [i for i in ids if 0 <= i < pieces or self.sentinel_index(i) is not None]
+        ids = [i for i in ids if (0 <= i < pieces or self.sentinel_index(i) is not None)
+               and not (skip_special_tokens and self._special_text(i))]
         parts: list[str] = []
         for special, run in itertools.groupby(ids, lambda i: self._special_text(i) is not None):
-            if not special:
-                parts.append(self._decode_text(list(run), continues=bool(parts)))
-            elif not skip_special_tokens:
-                parts += [self._special_text(i) for i in run]
-        return "".join(parts)
+            parts += map(self._special_text, run) if special else [self._decode_text([*run], bool(parts))]
+        text = "".join(parts)
+        for spaced in CLEAN_UP if self.clean_up_spaces else ():
+            text = text.replace(spaced, spaced.strip())
+        return text
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -1372,25 +1376,26 @@ class ByteTokenizer(Tokenizer):
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
         return data.decode("utf-8", errors="ignore")
 
-    def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
-        """Skipped special tokens go before decoding, as in transformers: bytes they split join again."""
-        ids = ids.tolist() if isinstance(ids, Tensor) else ids
-        kept = [i for i in ids if not skip_special_tokens or self._special_text(i) is None]
-        return super().decode(kept, skip_special_tokens=skip_special_tokens)
-
 
 def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
     """The tokenizer of a converted checkpoint folder: spiece.model (or tokenizer.model), or bytes
-    for ByT5, as its config says."""
+    for ByT5, as its config says; its decode cleans up spaces where the folder's tokenizer_config.json
+    (transformers', kept by convert_hf.py) says clean_up_tokenization_spaces, as transformers does."""
     path = Path(path)
     config = config or T5Config.load(path / "config.json")
+    models = [path / name for name in ("spiece.model", "tokenizer.model") if (path / name).is_file()]
     if config.tokenizer == "bytes":
-        return ByteTokenizer(config)
-    for name in ("spiece.model", "tokenizer.model"):
-        if (path / name).is_file():
-            return SentencePieceTokenizer(config, path / name)
-    raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of "
-                            "this checkpoint)")
+        tokenizer: Tokenizer = ByteTokenizer(config)
+    elif models:
+        tokenizer = SentencePieceTokenizer(config, models[0])
+    else:
+        raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of "
+                                "this checkpoint)")
+    settings = path / "tokenizer_config.json"  # transformers': it may ask decode to clean up spaces
+    fields = json.loads(settings.read_text()) if settings.is_file() else {}
+    tokenizer.clean_up_spaces = isinstance(fields, dict) and \
+        fields.get("clean_up_tokenization_spaces") is True
+    return tokenizer
 
 
 # ======== Loading and saving (fp8 and int8 weights included) ====================================

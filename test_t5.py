@@ -734,6 +734,40 @@ def test_byte_tokenizer_matches_hf_except_sentinel_numbering() -> None:
             hf.decode(ids, skip_special_tokens=False).replace("<extra_id_124>", ""), ids
 
 
+def test_decode_cleans_up_spaces_where_the_folder_says(tmp_path: Path) -> None:
+    """A tokenizer_config.json with "clean_up_tokenization_spaces": true (transformers 4 wrote it into
+    the T5 folders it saved until 4.45) makes transformers' decode drop the spaces before punctuation
+    and contractions; ours reads the same file, sentencepiece and ByT5. Without it (transformers 5's
+    default) both keep them."""
+    import sentencepiece
+
+    text = "hello , world . it 's do n't ! you 're a ' b ? we 've i 'm"
+    (tmp_path / "corpus.txt").write_text("\n".join([text] * 50))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spiece"), vocab_size=28, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    for clean in (True, False):
+        hf_folder, folder = tmp_path / f"hf-{clean}", tmp_path / f"ours-{clean}"
+        transformers.T5Tokenizer.from_pretrained(tmp_path, legacy=False, extra_ids=10,
+                                                 clean_up_tokenization_spaces=clean).save_pretrained(hf_folder)
+        transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=38, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2)).save_pretrained(hf_folder)
+        assert convert_hf.main([str(hf_folder), str(folder)]) == 0  # keeps tokenizer_config.json
+        hf = transformers.AutoTokenizer.from_pretrained(hf_folder)
+        ours = t5.load_tokenizer(folder)
+        ids = hf(text).input_ids
+        assert ours.encode(text) == ids and 2 not in ids  # every character is a piece
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), (clean, skip)
+        assert (ours.decode(ids) == "hello, world. it's don't! you're a'b? we've i'm") is clean
+        byt5_folder = tmp_path / f"byt5-{clean}"
+        transformers.ByT5Tokenizer(clean_up_tokenization_spaces=clean).save_pretrained(byt5_folder)
+        byt5 = transformers.AutoTokenizer.from_pretrained(byt5_folder)
+        ours = t5.load_tokenizer(byt5_folder, t5.T5Config(vocab_size=384, tokenizer="bytes", extra_ids=125))
+        ids = byt5(text).input_ids
+        assert ours.encode(text) == ids and ours.decode(ids) == byt5.decode(ids, skip_special_tokens=True), clean
+
+
 def test_tokenizer_errors(spiece_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no spiece.model"):
         t5.load_tokenizer(tmp_path, t5.T5Config())
