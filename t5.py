@@ -1647,9 +1647,11 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     folder.mkdir(parents=True, exist_ok=True)
     names = ["model.safetensors"] + (["spiece.model"] if spiece else []) + ["config.json"]
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
-    # another tokenizer than the folder's spiece.model: the files describing that one go (transformers reads)
+    # another tokenizer's files go (transformers would read them): beside another spiece.model, or of the
+    # other kind (ByT5 has no tokenizer.json; one without spiece.model is compared with ours by --to-hf)
     old = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
-    same = tokenizer is None or old is None or old.read_bytes() == spiece
+    same = tokenizer is None or (old.read_bytes() == spiece if old else
+                                 bool(spiece) == (folder / "tokenizer.json").is_file())
     stale = [] if same else [folder / name for name in TOKENIZER_FILES
                              if name not in staged and (folder / name).is_file()]
     try:

@@ -1052,12 +1052,22 @@ def test_save_with_another_tokenizer_drops_the_old_ones_files(spiece_folder: Pat
     # the same with another tokenizer's files there (kept): --to-hf exports spiece.model's, not theirs
     transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / "other")
     t5.save(model, tmp_path / "other", t5.load_tokenizer(HERE / "demo"))
-    for folder in (ours, tmp_path / "tok", tmp_path / "other"):
+    # a ByT5 folder's files (tokenizer_config.json says ByT5Tokenizer, no spiece.model): they go
+    transformers.ByT5Tokenizer().save_pretrained(tmp_path / "byt5")
+    t5.save(model, tmp_path / "byt5", t5.load_tokenizer(HERE / "demo"))
+    assert sorted(p.name for p in (tmp_path / "byt5").iterdir()) == ["config.json", "model.safetensors", "spiece.model"]
+    for folder in (ours, tmp_path / "tok", tmp_path / "other", tmp_path / "byt5"):
         assert convert_hf.main(["--to-hf", str(folder), str(tmp_path / f"{folder.name}-hf")]) == 0
         assert (tmp_path / f"{folder.name}-hf" / "tokenizer.json").exists() == (folder.name == "tok")
         hf = transformers.AutoTokenizer.from_pretrained(tmp_path / f"{folder.name}-hf")
         for text in ["spell: 4071", "kato rimo"]:
             assert hf(text).input_ids == t5.load_tokenizer(folder).encode(text), (folder.name, text)
+    # and the other way: a byte tokenizer saved beside transformers' sentencepiece files (no spiece.model)
+    transformers.T5Tokenizer.from_pretrained(HERE / "demo", legacy=False).save_pretrained(tmp_path / "to-bytes")
+    byte_model = t5.T5(t5.T5Config(vocab_size=384, d_model=8, d_kv=4, d_ff=8, num_heads=2, num_encoder_layers=1,
+                                   num_decoder_layers=1, tokenizer="bytes", extra_ids=125))
+    t5.save(byte_model, tmp_path / "to-bytes", t5.load_tokenizer(Path("unused"), byte_model.config))
+    assert sorted(p.name for p in (tmp_path / "to-bytes").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path) -> None:
