@@ -600,6 +600,10 @@ def config_from_shapes(tensors: CheckpointTensors, guess: Guess) -> dict:
     decoder = depth("decoder")
     scale = guess.scale_decoder_output
     if scale is None:  # v1.0 ties lm_head to the embedding (and scales); v1.1 and later do not
+        if decoder > 0 and gated and "lm_head.weight" not in keys:
+            raise ConversionError("a gated (v1.1-style) file without lm_head.weight: the embedding is its output "
+                                  "layer, scaled if its config said tie_word_embeddings (transformers 5 saves both "
+                                  "this way): pass --scale-decoder-output yes or no")
         scale = decoder > 0 and ("lm_head.weight" not in keys or same_tensor(tensors, "lm_head.weight", embedding))
     return dict(model_type="umt5" if f"encoder.{BIAS_TABLE.format(i=1)}" in keys else "t5", vocab_size=vocab,
                 d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_heads=heads, num_layers=depth("encoder"),
@@ -1377,7 +1381,7 @@ def main(argv: list[str] | None = None) -> int:
     single.add_argument("--eps", type=float, default=1e-6, help="layer_norm_epsilon (default: 1e-6)")
     single.add_argument("--scale-decoder-output", choices=("yes", "no"), help="T5 v1.0's d_model**-0.5 before lm_head "
                         "(default: yes when the file has no lm_head.weight, as v1.0 files do, or one equal to the "
-                        "embedding; no otherwise)")
+                        "embedding; no otherwise; a gated file without lm_head.weight needs it)")
     back = parser.add_argument_group("back to transformers")
     back.add_argument("--to-hf", action="store_true", help="SRC is one of our folders: write a transformers folder "
                       "(default: off)")

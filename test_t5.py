@@ -1195,6 +1195,29 @@ def test_convert_single_file(family: Family, tmp_path: Path) -> None:
                            .last_hidden_state, mask, 1e-5)
 
 
+def test_gated_single_file_without_lm_head_needs_the_scale_flag(tmp_path: Path) -> None:
+    """transformers 5 saves a gated model built from a config without lm_head.weight, whether its config
+    said tie_word_embeddings (logits scaled by d_model**-0.5) or not (v1.1's configs: unscaled): the file
+    cannot tell. It was converted scaled (logits 4x too small for the untied one); now the flag is
+    asked for, and either answer matches transformers."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for tie in (False, True):
+        torch.manual_seed(0)
+        hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=128, d_model=16, d_kv=4, d_ff=8, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=tie, decoder_start_token_id=0)).eval()
+        hf.save_pretrained(tmp_path / f"hf-{tie}")
+        src = tmp_path / f"hf-{tie}" / "model.safetensors"
+        with pytest.raises(convert_hf.ConversionError, match="pass --scale-decoder-output yes or no"):
+            convert_hf.convert(src, tmp_path / "never")
+        out = tmp_path / f"ours-{tie}"
+        assert convert_hf.main([str(src), str(out), "--scale-decoder-output", "yes" if tie else "no"]) == 0
+        with torch.no_grad():
+            torch.testing.assert_close(t5.load(out)(ids, ids).logits, hf(input_ids=ids, decoder_input_ids=ids).logits,
+                                       atol=1e-5, rtol=0)
+    assert not (tmp_path / "never").exists()
+
+
 def test_convert_prefixed_encoder_only_file(family: Family, tmp_path: Path) -> None:
     """SD3-style: the encoder under a prefix, next to another model's tensors (ignored)."""
     other = {"text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 3)}
