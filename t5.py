@@ -107,9 +107,7 @@ class T5Config:
                    f"{name}={getattr(self, name)} is outside [0, {self.vocab_size})")
                   for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id")]
         for key, scale in self.out_scales.items():
-            rules += [(key in scalable_blocks(self), f"out_scales: no block {key!r} (blocks look like "
-                       "'encoder.0.attn', 'encoder.0.ffn', 'decoder.0.self_attn', 'decoder.0.cross_attn', "
-                       "'decoder.0.ffn')"),
+            rules += [(key in scalable_blocks(self), f"out_scales: no block {key!r} (see scalable_blocks)"),
                       (isinstance(scale, (int, float)) and 0 < scale <= 1 and math.frexp(scale)[0] == 0.5,
                        f"out_scales[{key!r}] must be a power of two in (0, 1], got {scale}")]
         for ok, message in rules:
@@ -1018,8 +1016,7 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     if decoder_input_ids is None:
         if decoder_mask is not None:
             raise ValueError("decoder_mask without decoder_input_ids")
-        start = model.config.decoder_start_token_id
-        decoder_input_ids = torch.full((batch, 1), start, device=input_ids.device)
+        decoder_input_ids = input_ids.new_full((batch, 1), model.config.decoder_start_token_id)
     if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != batch:
         raise ValueError(f"decoder_input_ids must be (batch, t) with batch {batch}, "
                          f"got {tuple(decoder_input_ids.shape)}")
@@ -1206,13 +1203,11 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
         if options.num_beams > 1:
             out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
         else:
-            steps = list(_decode(model, input_ids, input_mask, options, generator, decoder_input_ids,
-                                 decoder_mask))
-            tokens = torch.stack([token for token, _ in steps], dim=1)
-            scores = torch.stack([logprob for _, logprob in steps], dim=1).sum(dim=1)
+            tokens, logprobs = (torch.stack(column, dim=1) for column in zip(*_decode(
+                model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)))
             is_eos = tokens == model.config.eos_token_id  # a row's length: up to its first EOS, or all
             lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, tokens.shape[1])
-            out = Generation(tokens, lengths, scores)
+            out = Generation(tokens, lengths, logprobs.sum(dim=1))
     return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
 
 
@@ -1426,17 +1421,14 @@ def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.Size, to
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    written = 0
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for (name, tensor), expected in zip(tensors, specs):
+        for (name, tensor), expected in zip(tensors, specs, strict=True):  # as many as the header lists
             assert name == expected and (tensor.shape, tensor.dtype) == specs[name], (name, tensor.dtype)
             tensor = tensor.detach().cpu().contiguous()
             f.write(ctypes.string_at(tensor.data_ptr(), tensor.nbytes))
-            written += 1
             del tensor  # before the next one is made
-    assert written == len(specs), f"{written} of {len(specs)} tensors written"
 
 
 def dequantize_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
