@@ -7,7 +7,8 @@
 
 Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache
 too) and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5
-(float32 eager generation, v1.1-style shapes). Our int8 rows are `t5.quantize` of our model in the
+(float32 eager generation, v1.1-style shapes), each in a process of its own after the others, as is
+one more run of our float32 eager generation ("own process") to compare them with. Our int8 rows are `t5.quantize` of our model in the
 run's dtype (float32 on CPU: fbgemm's int8 x int8 products, inputs quantized per row; bfloat16:
 weight-only int8; --no-int8 skips them). On CUDA a generation row "CUDA graphs (experiment)" times
 greedy decoding with our step compiled with mode="reduce-overhead" over a reused static cache
@@ -351,6 +352,27 @@ def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: i
     return {} if result is None else {"nai-t5 fp32 eager (own process, after)": Timing(**result["time"])}
 
 
+def ours_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
+    """Time t5.py float32 eager (the converted folder beside `hf_dir`) in its own process, as the peers
+    run: in the main process it runs beside transformers' models, and on one Xeon that cost it ~10%
+    at batch 1 (README)."""
+    model = t5.load(hf_dir.parent / f"{hf_dir.name}-ours")
+    source = torch.tensor(ids)
+
+    def run() -> torch.Tensor:
+        return t5.generate(model, source, torch.ones_like(source), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens).tokens
+
+    times = round_robin({"t5.py": run}, repeats, "cpu")["t5.py"]
+    out.write_text(json.dumps({"time": times._asdict(), "tokens": run().tolist()}))
+
+
+def ours_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
+    """Our float32 eager row again, timed in a child process like the peers' (`ours_worker`)."""
+    result = checked_peer("t5", "t5.py (own process)", "--ours-worker", models, ids, new_tokens, repeats)
+    return {} if result is None else {"t5.py fp32 eager (own process, after)": Timing(**result["time"])}
+
+
 def cuda_graph_greedy(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], torch.Tensor]:
     """Greedy decoding of exactly `new` tokens with the decode step compiled with
     mode="reduce-overhead" (CUDA graphs on CUDA) over one static-address cache that every call
@@ -419,10 +441,11 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     with torch.inference_mode():
         times = round_robin(fns, args.repeats, args.device)
     if args.no_ctranslate2:
-        log("  CTranslate2 and nai-t5 rows: skipped (--no-ctranslate2)")
+        log("  own-process rows (t5.py again, CTranslate2, nai-t5): skipped (--no-ctranslate2)")
     elif args.device != "cpu" or ours.lm_head.weight.dtype != torch.float32:
-        log("  CTranslate2 and nai-t5 rows: float32 on CPU only")
+        log("  own-process rows (t5.py again, CTranslate2, nai-t5): float32 on CPU only")
     else:
+        times.update(ours_timing(models, ids, new, args.repeats))
         times.update(ctranslate2_timing(models, ids, new, args.repeats))
         config = models.config  # nai-t5 converts v1.1-style checkpoints with as many decoder as encoder layers
         if config.ffn == "gated-gelu" and config.num_decoder_layers == config.num_encoder_layers:
@@ -701,8 +724,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64, help="exactly this many tokens are generated")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--no-ctranslate2", action="store_true", help="skip the peers that run in their own process "
-                        "(CTranslate2 and nai-t5) even if installed")
+    parser.add_argument("--no-ctranslate2", action="store_true", help="skip the rows timed in their own process "
+                        "(t5.py float32 eager again, CTranslate2 and nai-t5 even if installed)")
     parser.add_argument("--no-int8", action="store_true", help="skip the rows of our int8 model (t5.quantize "
                         "of our model in --dtype)")
     parser.add_argument("--quick", action="store_true", help="t5-v1_1-small (or --models), encoder 8x128 and "
@@ -713,6 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp8-layers", type=int, default=12, help="encoder layers for --fp8-memory (XXL has 24)")
     parser.add_argument("--ctranslate2-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--nai-t5-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ours-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--int8-quality", action="store_true", help="only the int8 quality table: log-prob errors of "
                         "int8 weights, ours and CTranslate2's (needs ctranslate2), on the demo model")
     parser.add_argument("--memory", action="store_true", help="only the activation-memory table: peak extra memory of "
@@ -757,7 +781,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| targets | what | max | mean |\n|---|---|---|---|")
         print("\n".join(rows))
         return None
-    for job_file, worker in ((args.nai_t5_worker, nai_t5_worker), (args.ctranslate2_worker, ctranslate2_worker)):
+    for job_file, worker in ((args.nai_t5_worker, nai_t5_worker), (args.ctranslate2_worker, ctranslate2_worker),
+                             (args.ours_worker, ours_worker)):
         if job_file:
             quiet_transformers()
             job = json.loads(job_file.read_text())
