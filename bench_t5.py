@@ -8,9 +8,9 @@
 Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache
 too) and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5
 (float32 eager generation, v1.1-style shapes), each in a process of its own after the others, as is
-one more run of our float32 eager generation ("own process") to compare them with. Our int8 rows are `t5.quantize` of our model in the
-run's dtype (float32 on CPU: fbgemm's int8 x int8 products, inputs quantized per row; bfloat16:
-weight-only int8; --no-int8 skips them). On CUDA a generation row "CUDA graphs (experiment)" times
+one more run of our float32 eager generation ("own process") to compare them with. Our int8 rows
+are `t5.quantize` of our model in the run's dtype (float32 on CPU: fbgemm's int8 x int8 products,
+inputs quantized per row; bfloat16: weight-only int8; --no-int8 skips them). On CUDA a generation row "CUDA graphs (experiment)" times
 greedy decoding with our step compiled with mode="reduce-overhead" over a reused static cache
 (`cuda_graph_greedy`: what t5.generate does not do yet). Models are random-weight models at the
 real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
@@ -354,8 +354,8 @@ def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: i
 
 def ours_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
     """Time t5.py float32 eager (the converted folder beside `hf_dir`) in its own process, as the peers
-    run: in the main process it runs beside transformers' models, and on one Xeon that cost it ~10%
-    at batch 1 (README)."""
+    run: in the main process it runs beside transformers' models (on one Xeon the two differed by 5-10%
+    at batch 1, either way: README)."""
     model = t5.load(hf_dir.parent / f"{hf_dir.name}-ours")
     source = torch.tensor(ids)
 
