@@ -5,20 +5,20 @@
     python bench_t5.py --sections encoder --models t5-v1_1-base --repeats 7
     python bench_t5.py --device cuda --dtype bfloat16
 
-Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache
-too) and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5
-(float32 eager generation, v1.1-style shapes), each in a process of its own after the others, as is
-one more run of our float32 eager generation ("own process") to compare them with. Our int8 rows
-are `t5.quantize` of our model in the run's dtype (float32 on CPU: fbgemm's int8 x int8 products,
-inputs quantized per row; bfloat16: weight-only int8; --no-int8 skips them). On CUDA a generation row "CUDA graphs (experiment)" times
-greedy decoding with our step compiled with mode="reduce-overhead" over a reused static cache
-(`cuda_graph_greedy`: what t5.generate does not do yet). Models are random-weight models at the
-real checkpoints' shapes, built with transformers, saved as the hub ships them and converted with
-convert_hf.py. Implementations are timed round-robin (one run of each in turn, `--repeats`
-times) so that a noisy machine hurts all of them alike; tables give the median with min-max, and
-flag a row (`noisy`) whose max is more than NOISY above its min. The matmul peak behind "% of
-peak" is the best of several measurements taken before and after the runs: a peak measured once,
-on a busy moment of a shared machine, made rows read over 100%.
+Peers: Hugging Face transformers (eager attention and SDPA; for generation its static cache too)
+and, when installed, CTranslate2 (float32, int8 and int8_float32 on CPU) and nai-t5 (float32 eager
+generation, v1.1-style shapes), each in a process of its own after the others, as is one more run of
+our float32 eager generation ("own process") to compare them with. Our int8 rows are `t5.quantize`
+of our model in the run's dtype (float32 on CPU: fbgemm's int8 x int8 products, inputs quantized per
+row; bfloat16: weight-only int8; --no-int8 skips them). On CUDA a generation row "CUDA graphs
+(experiment)" times greedy decoding with our step compiled with mode="reduce-overhead" over a reused
+static cache (`cuda_graph_greedy`: what t5.generate does not do yet). Models are random-weight
+models at the real checkpoints' shapes, built with transformers, saved as the hub ships them and
+converted with convert_hf.py. Implementations are timed round-robin (one run of each in turn,
+`--repeats` times) so that a noisy machine hurts all of them alike; tables give the median with
+min-max, and flag a row (`noisy`) whose max is more than NOISY above its min. The matmul peak behind
+"% of peak" is the best of several measurements taken before and after the runs: a peak measured
+once, on a busy moment of a shared machine, made rows read over 100%.
 """
 
 from __future__ import annotations
