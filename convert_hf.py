@@ -1301,11 +1301,12 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
                 names = [name for name in names if name in ("spiece.model", "tokenizer.model")]
             for name in names:
                 shutil.copyfile(src / name, tmp / name)
-            if not (tmp / "tokenizer_config.json").exists():
+            settings = read_json(tmp / "tokenizer_config.json") if (tmp / "tokenizer_config.json").exists() else {}
+            if "tokenizer_class" not in settings:  # none, or t5.save's clean-up flag alone: transformers' fields too
                 kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
                 (tmp / "tokenizer_config.json").write_text(json.dumps(
                     {"tokenizer_class": kind, "extra_ids": config.extra_ids, "eos_token": "</s>", "unk_token": "<unk>",
-                     "pad_token": "<pad>"}, indent=2) + "\n")
+                     "pad_token": "<pad>", **settings}, indent=2) + "\n")
             if hf_config["model_type"] == "umt5" and (tmp / "spiece.model").is_file() \
                     and not (tmp / "tokenizer.json").is_file():
                 write_tokenizer_json(tmp)

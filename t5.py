@@ -1622,9 +1622,10 @@ def is_our_config(path: str | Path) -> bool:
 
 
 def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` as `load` reads it (config.json, model.safetensors, and a sentencepiece
-    tokenizer's spiece.model); files are staged beside their place and renamed once all are written,
-    config.json last: a save interrupted while renaming leaves none (load refuses the folder), not a mix."""
+    """Write `model` as `load` reads it (config.json, model.safetensors, a sentencepiece tokenizer's
+    spiece.model, the tokenizer's clean-up flag in tokenizer_config.json); files are staged beside their
+    place and renamed once all are written, config.json last: a save interrupted while renaming leaves
+    none (load refuses the folder), not a mix."""
     folder, model = Path(folder), getattr(model, "_orig_mod", model)  # torch.compile(model): the model itself
     dataclasses.replace(model.config)  # checked again: it may have been changed since it was made
     if folder.exists() and not folder.is_dir():
@@ -1637,13 +1638,18 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
                          f"sentinels) does not fit the model's vocabulary of {model.config.vocab_size}")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    names = ["model.safetensors"] + (["spiece.model"] if spiece else []) + ["config.json"]
-    staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
     # another tokenizer's files go (transformers would read them): beside another spiece.model, or of the
     # other kind (ByT5 has no tokenizer.json; one without spiece.model is compared with ours by --to-hf)
     old = next((folder / n for n in ("spiece.model", "tokenizer.model") if (folder / n).is_file()), None)
     same = tokenizer is None or (old.read_bytes() == spiece if old else
                                  bool(spiece) == (folder / "tokenizer.json").is_file())
+    files = {"spiece.model": spiece} if spiece else {}  # tokenizer files written beside the weights
+    if tokenizer is not None and tokenizer.clean_up_spaces:  # where load_tokenizer reads it, merged
+        settings = folder / "tokenizer_config.json"
+        kept = json.loads(settings.read_text()) if same and settings.is_file() else {}
+        files[settings.name] = json.dumps({**kept, "clean_up_tokenization_spaces": True}).encode()
+    names = ["model.safetensors", *files, "config.json"]
+    staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
     stale = [] if same else [folder / name for name in TOKENIZER_FILES
                              if name not in staged and (folder / name).is_file()]
     try:
@@ -1656,8 +1662,8 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
                           state.items(), {"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
         os.chmod(staged["model.safetensors"], staged["config.json"].stat().st_mode & 0o777)  # not 0600
-        if spiece:
-            staged["spiece.model"].write_bytes(spiece)
+        for name, data in files.items():
+            staged[name].write_bytes(data)
         (folder / "config.json").unlink(missing_ok=True)
         for name, path in staged.items():
             path.replace(folder / name)

@@ -760,6 +760,16 @@ def test_decode_cleans_up_spaces_where_the_folder_says(tmp_path: Path) -> None:
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), (clean, skip)
         assert (ours.decode(ids) == "hello, world. it's don't! you're a'b? we've i'm") is clean
+        # after fine-tuning: t5.save into a new folder keeps the flag, and so does --to-hf
+        t5.save(t5.load(folder), tmp_path / f"saved-{clean}", ours)
+        assert t5.load_tokenizer(tmp_path / f"saved-{clean}").decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        assert convert_hf.main(["--to-hf", str(tmp_path / f"saved-{clean}"), str(tmp_path / f"back-{clean}")]) == 0
+        back = transformers.AutoTokenizer.from_pretrained(tmp_path / f"back-{clean}")
+        assert back.decode(ids, skip_special_tokens=True) == ours.decode(ids) and back(text).input_ids == ids, clean
+        assert back("it 's <extra_id_3>").input_ids == ours.encode("it 's <extra_id_3>"), clean  # its sentinels
+        t5.save(t5.load(folder), folder, ours)  # into its own folder: transformers' fields stay beside the flag
+        assert json.loads((folder / "tokenizer_config.json").read_text())["extra_ids"] == 10
+        assert t5.load_tokenizer(folder).clean_up_spaces is clean
         byt5_folder = tmp_path / f"byt5-{clean}"
         transformers.ByT5Tokenizer(clean_up_tokenization_spaces=clean).save_pretrained(byt5_folder)
         byt5 = transformers.AutoTokenizer.from_pretrained(byt5_folder)
