@@ -1046,8 +1046,7 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
             generator: torch.Generator | None, decoder_input_ids: Tensor | None, decoder_mask: Tensor | None
             ) -> Iterator[tuple[Tensor, Tensor]]:
     """The decode loop behind `stream` and `generate`: yields (token (b*n,), its log-prob (b*n,))."""
-    step_fn = step_function(model, options.compile)
-    config = model.config
+    step_fn, config = step_function(model, options.compile), model.config
     memory, cache, logits, position, _ = prefill(
         model, input_ids, input_mask, max_new_tokens=options.max_new_tokens,
         decoder_input_ids=decoder_input_ids, decoder_mask=decoder_mask, n=options.num_return_sequences)
@@ -1240,9 +1239,8 @@ class Tokenizer:
     def _special_text(self, i: int) -> str | None:
         """How a special token (pad, EOS, unknown, sentinel) is written; None for other ids."""
         index = self.sentinel_index(i)
-        if index is not None:
-            return f"<extra_id_{index}>"
-        return {self.pad_id: "<pad>", self.eos_id: "</s>", self.unk_id: "<unk>"}.get(i)
+        return f"<extra_id_{index}>" if index is not None else \
+            {self.pad_id: "<pad>", self.eos_id: "</s>", self.unk_id: "<unk>"}.get(i)
 
     def sentinel(self, index: int) -> int:
         """The id of <extra_id_{index}>."""
@@ -1291,11 +1289,8 @@ class Tokenizer:
             tail = [self.eos_id] if eos else []
             rows = [row if len(row) <= max_length else row[:max_length - len(tail)] + tail for row in rows]
         width = max(1, max(len(row) for row in rows), max_length if padding == "max_length" else 0)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
+        ids = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
         return ids.to(device), mask.to(device)
 
     def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
@@ -1387,9 +1382,8 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
         raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of "
                                 "this checkpoint)")
     settings = path / "tokenizer_config.json"  # transformers': it may ask decode to clean up spaces
-    fields = json.loads(settings.read_text()) if settings.is_file() else {}
-    tokenizer.clean_up_spaces = isinstance(fields, dict) and \
-        fields.get("clean_up_tokenization_spaces") is True
+    given = json.loads(settings.read_text()) if settings.is_file() else {}
+    tokenizer.clean_up_spaces = isinstance(given, dict) and given.get("clean_up_tokenization_spaces") is True
     return tokenizer
 
 
