@@ -220,11 +220,14 @@ def cli_generate(args: argparse.Namespace) -> None:
         if len(args.prompts) == 1 and options.num_beams == 1 and texts[0].strip():  # stream one prompt
             tokens: list[int] = []
             shown = text = ""
+            # decode's clean-up (a folder that asks for it) may still drop a space among the last characters
+            hold = max(map(len, t5.CLEAN_UP)) - 1 if tokenizer.clean_up_spaces else 0
             for token in t5.stream(model, ids, mask, options, generator=generator):
                 tokens.append(int(token[0]))
                 text = _one_line(tokenizer.decode(tokens))
                 # a character whose bytes are not all there yet decodes as one U+FFFD per byte: held back
                 ready = text.rstrip("\ufffd")
+                ready = ready[:max(len(shown), len(ready) - hold)]
                 print(ready[len(shown):], end="", flush=True)
                 shown = ready
             print(text[len(shown):])
