@@ -1638,10 +1638,11 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     same = tokenizer is None or (old.read_bytes() == spiece if old else
                                  bool(spiece) == (folder / "tokenizer.json").is_file())
     files = {"spiece.model": spiece} if spiece else {}  # tokenizer files written beside the weights
-    if tokenizer is not None and tokenizer.clean_up_spaces:  # where load_tokenizer reads it, merged
-        settings = folder / "tokenizer_config.json"
-        kept = json.loads(settings.read_text()) if same and settings.is_file() else {}
-        files[settings.name] = json.dumps({**kept, "clean_up_tokenization_spaces": True}).encode()
+    settings = folder / "tokenizer_config.json"  # its clean-up flag: where load_tokenizer reads it
+    kept = json.loads(settings.read_text()) if tokenizer is not None and same and settings.is_file() else {}
+    kept, clean = kept if isinstance(kept, dict) else {}, getattr(tokenizer, "clean_up_spaces", False)
+    if clean != (kept.get("clean_up_tokenization_spaces") is True):  # written where it would read otherwise
+        files[settings.name] = json.dumps({**kept, "clean_up_tokenization_spaces": clean}).encode()
     names = ["model.safetensors", *files, "config.json"]
     staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
     stale = [] if same else [folder / name for name in TOKENIZER_FILES

@@ -774,6 +774,9 @@ def test_decode_cleans_up_spaces_where_the_folder_says(tmp_path: Path) -> None:
         t5.save(t5.load(folder), folder, ours)  # into its own folder: transformers' fields stay beside the flag
         assert json.loads((folder / "tokenizer_config.json").read_text())["extra_ids"] == 10
         assert t5.load_tokenizer(folder).clean_up_spaces is clean
+        ours.clean_up_spaces = not clean  # turned the other way and saved into the same folder: read back so
+        t5.save(t5.load(folder), folder, ours)
+        assert t5.load_tokenizer(folder).clean_up_spaces is (not clean)
         byt5_folder = tmp_path / f"byt5-{clean}"
         transformers.ByT5Tokenizer(clean_up_tokenization_spaces=clean).save_pretrained(byt5_folder)
         byt5 = transformers.AutoTokenizer.from_pretrained(byt5_folder)
