@@ -691,6 +691,9 @@ def test_sentencepiece_tokenizer_matches_hf(spiece_folder: Path) -> None:
         assert ours.encode(text) == hf(text).input_ids, text
         assert ours.decode(ours.encode(text)) == hf.decode(hf(text).input_ids, skip_special_tokens=True), text
     assert ours.encode("hello", eos=False) == hf("hello", add_special_tokens=False).input_ids
+    space, fox = hf.convert_tokens_to_ids("\u2581"), ours.encode("fox", eos=False)  # a lone word-boundary piece
+    for ids in ([space, 299, *fox], [space, 1, *fox], [298, space, 299, *fox]):  # then a skipped special: " fox"
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == " fox", ids
     ids = ours.encode("hello <extra_id_0> world")
     assert ours.decode(ids, skip_special_tokens=False) == "hello<extra_id_0> world</s>"
     batch, mask = ours.encode_batch(["hello world", "", "fox"])
