@@ -31,7 +31,6 @@ import platform
 import re
 import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Literal, NamedTuple
@@ -58,7 +57,7 @@ def scalable_blocks(config: T5Config) -> list[str]:
          for block in ("self_attn", "cross_attn", "ffn")]
 
 
-@dataclass
+@dataclasses.dataclass
 class T5Config:
     """Everything a real T5 checkpoint needs, and nothing more. Saved as our own config.json."""
 
@@ -1222,8 +1221,7 @@ class Tokenizer:
     transformers' T5Tokenizer encodes them; EOS appended by default."""
 
     def __init__(self, config: T5Config) -> None:
-        self.pad_id, self.eos_id = config.pad_token_id, config.eos_token_id
-        self.extra_ids = config.extra_ids
+        self.pad_id, self.eos_id, self.extra_ids = config.pad_token_id, config.eos_token_id, config.extra_ids
         self.first_sentinel = config.vocab_size - 1  # <extra_id_0>; subclasses: their vocabulary's end
         self.specials: dict[str, int] = {}  # special tokens as written in text -> id; set by subclasses
         self.strip_specials = False  # ByT5: whitespace around them is dropped (transformers' lstrip/rstrip)
