@@ -220,8 +220,9 @@ def cli_generate(args: argparse.Namespace) -> None:
         if len(args.prompts) == 1 and options.num_beams == 1 and texts[0].strip():  # stream one prompt
             tokens: list[int] = []
             shown = text = ""
-            # decode's clean-up (a folder that asks for it) may still drop a space among the last characters
-            hold = max(map(len, t5.CLEAN_UP)) - 1 if tokenizer.clean_up_spaces else 0
+            # decode's clean-up (a folder that asks for it) may still drop a space among the last characters:
+            # as far back as its longest rewrite, " n ' t" -> "n't" (two of its patterns in a row), reaches
+            hold = len(" n ' t") - 1 if tokenizer.clean_up_spaces else 0
             for token in t5.stream(model, ids, mask, options, generator=generator):
                 tokens.append(int(token[0]))
                 text = _one_line(tokenizer.decode(tokens))

@@ -771,9 +771,10 @@ def test_decode_cleans_up_spaces_where_the_folder_says(tmp_path: Path) -> None:
         assert back.decode(ids, skip_special_tokens=True) == ours.decode(ids) and back(text).input_ids == ids, clean
         assert back("it 's <extra_id_3>").input_ids == ours.encode("it 's <extra_id_3>"), clean  # its sentinels
         # cli.py's streamed line: the clean-up rewrites text already decoded (" '" then "'s"): held back
-        with mock.patch.object(t5, "stream", lambda *args, **kwargs: iter(torch.tensor([[i] for i in ids]))):
-            result = run_cli("generate", "--ckpt", str(folder), "x")
-        assert result.returncode == 0 and result.stdout == hf.decode(ids, skip_special_tokens=True) + "\n", clean
+        for answer in (ids, hf("we do n ' t").input_ids):  # " n ' t" -> "n't": two rewrites in a row
+            with mock.patch.object(t5, "stream", lambda *args, **kwargs: iter(torch.tensor([[i] for i in answer]))):
+                result = run_cli("generate", "--ckpt", str(folder), "x")
+            assert result.returncode == 0 and result.stdout == hf.decode(answer, skip_special_tokens=True) + "\n"
         t5.save(t5.load(folder), folder, ours)  # into its own folder: transformers' fields stay beside the flag
         assert json.loads((folder / "tokenizer_config.json").read_text())["extra_ids"] == 10
         assert t5.load_tokenizer(folder).clean_up_spaces is clean
