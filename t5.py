@@ -1292,17 +1292,18 @@ class Tokenizer:
         return ids.to(device), mask.to(device)
 
     def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
-        """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped, or written as
-        <pad>, </s>, <unk>, <extra_id_N> with skip_special_tokens=False."""
+        """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped before decoding, as in
+        transformers (the text they split joins again), or written as <pad>, </s>, <unk>, <extra_id_N> with
+        skip_special_tokens=False."""
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         # a model's vocabulary may be larger than its tokenizer's (T5: 32128 logits, 32100 ids): ids
         # past the tokenizer's pieces that are not sentinels decode to nothing
         pieces = self.first_sentinel + 1 - self.extra_ids
-        ids = [i for i in ids if 0 <= i < pieces or self.sentinel_index(i) is not None]
+        ids = [i for i in ids if (0 <= i < pieces or self.sentinel_index(i) is not None)
+               and not (skip_special_tokens and self._special_text(i))]
         parts: list[str] = []
         for special, run in itertools.groupby(ids, lambda i: self._special_text(i) is not None):
-            if not (special and skip_special_tokens):
-                parts += map(self._special_text, run) if special else [self._decode_text([*run], bool(parts))]
+            parts += map(self._special_text, run) if special else [self._decode_text([*run], bool(parts))]
         text = "".join(parts)
         for spaced in CLEAN_UP if self.clean_up_spaces else ():
             text = text.replace(spaced, spaced.strip())
@@ -1330,9 +1331,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text)
 
     def _decode_text(self, ids: list[int], continues: bool) -> str:
-        # sentencepiece drops the word-boundary space of the first piece; keep it mid-text
-        space = " " if continues and self.sp.id_to_piece(ids[0]).startswith("\u2581") else ""
-        return space + self.sp.decode(ids)
+        # sentencepiece drops every word-boundary mark before the first character; transformers only the
+        # first text's first one (so mid-text, none)
+        marks = "".join(map(self.sp.id_to_piece, ids))
+        return " " * max(0, len(marks) - len(marks.lstrip("\u2581")) - (not continues)) + self.sp.decode(ids)
 
 
 class ByteTokenizer(Tokenizer):
@@ -1362,12 +1364,6 @@ class ByteTokenizer(Tokenizer):
     def _decode_text(self, ids: list[int], continues: bool) -> str:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
         return data.decode("utf-8", errors="ignore")
-
-    def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
-        """Skipped special tokens go before decoding, as in transformers: bytes they split join again."""
-        ids = ids.tolist() if isinstance(ids, Tensor) else ids
-        kept = [i for i in ids if not skip_special_tokens or self._special_text(i) is None]
-        return super().decode(kept, skip_special_tokens=skip_special_tokens)
 
 
 def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
