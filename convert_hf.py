@@ -1301,7 +1301,9 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
                 names = [name for name in names if name in ("spiece.model", "tokenizer.model")]
             for name in names:
                 shutil.copyfile(src / name, tmp / name)
-            settings = read_json(tmp / "tokenizer_config.json") if (tmp / "tokenizer_config.json").exists() else {}
+            source = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+            settings = source if "tokenizer_config.json" in names else {  # left out: its clean-up flag still holds
+                key: value for key, value in source.items() if key == "clean_up_tokenization_spaces"}
             if "tokenizer_class" not in settings:  # none, or t5.save's clean-up flag alone: transformers' fields too
                 kind = "ByT5Tokenizer" if config.tokenizer == "bytes" else "T5Tokenizer"
                 (tmp / "tokenizer_config.json").write_text(json.dumps(

@@ -745,7 +745,7 @@ def test_byte_tokenizer_matches_hf_except_sentinel_numbering() -> None:
             hf.decode(ids, skip_special_tokens=False).replace("<extra_id_124>", ""), ids
 
 
-def test_decode_cleans_up_spaces_where_the_folder_says(tmp_path: Path) -> None:
+def test_decode_cleans_up_spaces_where_the_folder_says(spiece_folder: Path, tmp_path: Path) -> None:
     """A tokenizer_config.json with "clean_up_tokenization_spaces": true (transformers 4 wrote it into
     the T5 folders it saved until 4.45) makes transformers' decode drop the spaces before punctuation
     and contractions; ours reads the same file, sentencepiece and ByT5. Without it (transformers 5's
@@ -786,6 +786,12 @@ def test_decode_cleans_up_spaces_where_the_folder_says(tmp_path: Path) -> None:
         t5.save(t5.load(folder), folder, ours)  # into its own folder: transformers' fields stay beside the flag
         assert json.loads((folder / "tokenizer_config.json").read_text())["extra_ids"] == 10
         assert t5.load_tokenizer(folder).clean_up_spaces is clean
+        # saved beside another tokenizer's tokenizer.json (kept, not exported): the export keeps the flag
+        transformers.T5Tokenizer.from_pretrained(spiece_folder, legacy=False).save_pretrained(tmp_path / f"f-{clean}")
+        t5.save(t5.load(folder), tmp_path / f"f-{clean}", ours)
+        assert convert_hf.main(["--to-hf", str(tmp_path / f"f-{clean}"), str(tmp_path / f"f-{clean}-hf")]) == 0
+        foreign = transformers.AutoTokenizer.from_pretrained(tmp_path / f"f-{clean}-hf")
+        assert foreign.decode(ids, skip_special_tokens=True) == ours.decode(ids), clean
         ours.clean_up_spaces = not clean  # turned the other way and saved into the same folder: read back so
         t5.save(t5.load(folder), folder, ours)
         assert t5.load_tokenizer(folder).clean_up_spaces is (not clean)
