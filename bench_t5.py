@@ -283,32 +283,24 @@ def run_peer(flag: str, models: Models, ids: torch.Tensor, new_tokens: int, repe
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
-def checked_peer(module: str, name: str, flag: str, models: Models, ids: torch.Tensor, new_tokens: int,
-                 repeats: int) -> dict | None:
-    """What a peer's worker wrote (`run_peer`), if `module` is installed, the worker ran and its greedy
-    tokens equal ours (a peer that decoded something else would not count); otherwise None, said."""
+def own_process_rows(module: str, name: str, flag: str, models: Models, ids: torch.Tensor, new_tokens: int,
+                     repeats: int) -> dict[str, Timing]:
+    """The rows a worker timed in its own process (`run_peer`), if `module` is installed, the worker ran
+    and its greedy tokens equal ours (an implementation that decoded something else would not count);
+    otherwise none, said."""
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
         log(f"  {name} rows: {module} is not installed")
-        return None
+        return {}
     result = run_peer(flag, models, ids, new_tokens, repeats)
     if result is None:
-        return None
+        return {}
     ours = t5.generate(models.ours, ids, torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if not torch.equal(torch.tensor(result["tokens"]), ours.tokens.cpu()):
         log(f"  {name}: its greedy tokens differ from ours: its rows are left out")
-        return None
-    return result
-
-
-def ctranslate2_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
-    """CTranslate2's rows (`ctranslate2_worker` in its own process); empty when ctranslate2 is not
-    installed or failed."""
-    result = checked_peer("ctranslate2", "CTranslate2 (float32)", "--ctranslate2-worker", models, ids, new_tokens,
-                          repeats)
-    return {} if result is None else {f"{label} (own process, after)": Timing(**timing)
-                                      for label, timing in result["times"].items()}
+        return {}
+    return {f"{label} (own process, after)": Timing(**timing) for label, timing in result["times"].items()}
 
 
 def nai_t5_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
@@ -339,17 +331,9 @@ def nai_t5_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: 
         return tokens[:, 1:]
 
     with torch.inference_mode():
-        times = round_robin({"nai-t5": run}, repeats, "cpu")["nai-t5"]
+        times = round_robin({"nai-t5 fp32 eager": run}, repeats, "cpu")
         tokens = run()
-    out.write_text(json.dumps({"time": times._asdict(), "tokens": tokens.tolist()}))
-
-
-def nai_t5_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
-    """nai-t5 in a child process, when it is installed (empty otherwise); its greedy tokens must
-    equal ours (ours forbid EOS until the last step; nai-t5 has no such option, and random weights
-    seldom prefer EOS: a disagreement leaves its row out, with a message)."""
-    result = checked_peer("nai_t5", "nai-t5", "--nai-t5-worker", models, ids, new_tokens, repeats)
-    return {} if result is None else {"nai-t5 fp32 eager (own process, after)": Timing(**result["time"])}
+    out.write_text(json.dumps({"times": {label: t._asdict() for label, t in times.items()}, "tokens": tokens.tolist()}))
 
 
 def ours_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: int, out: Path) -> None:
@@ -363,14 +347,8 @@ def ours_worker(hf_dir: Path, ids: list[list[int]], new_tokens: int, repeats: in
         return t5.generate(model, source, torch.ones_like(source), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens).tokens
 
-    times = round_robin({"t5.py": run}, repeats, "cpu")["t5.py"]
-    out.write_text(json.dumps({"time": times._asdict(), "tokens": run().tolist()}))
-
-
-def ours_timing(models: Models, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Timing]:
-    """Our float32 eager row again, timed in a child process like the peers' (`ours_worker`)."""
-    result = checked_peer("t5", "t5.py (own process)", "--ours-worker", models, ids, new_tokens, repeats)
-    return {} if result is None else {"t5.py fp32 eager (own process, after)": Timing(**result["time"])}
+    times = round_robin({"t5.py fp32 eager": run}, repeats, "cpu")
+    out.write_text(json.dumps({"times": {label: t._asdict() for label, t in times.items()}, "tokens": run().tolist()}))
 
 
 def cuda_graph_greedy(model: t5.T5, ids: torch.Tensor, mask: torch.Tensor, new: int) -> Callable[[], torch.Tensor]:
@@ -445,11 +423,14 @@ def bench_generate(models: Models, name: str, batch: int, args: argparse.Namespa
     elif args.device != "cpu" or ours.lm_head.weight.dtype != torch.float32:
         log("  own-process rows (t5.py again, CTranslate2, nai-t5): float32 on CPU only")
     else:
-        times.update(ours_timing(models, ids, new, args.repeats))
-        times.update(ctranslate2_timing(models, ids, new, args.repeats))
+        times.update(own_process_rows("t5", "t5.py (own process)", "--ours-worker", models, ids, new, args.repeats))
+        times.update(own_process_rows("ctranslate2", "CTranslate2 (float32)", "--ctranslate2-worker", models, ids,
+                                      new, args.repeats))
         config = models.config  # nai-t5 converts v1.1-style checkpoints with as many decoder as encoder layers
         if config.ffn == "gated-gelu" and config.num_decoder_layers == config.num_encoder_layers:
-            times.update(nai_t5_timing(models, ids, new, args.repeats))
+            # its tokens must equal ours, which forbid EOS until the last step: nai-t5 has no such option, and
+            # random weights seldom prefer EOS (a disagreement leaves its row out, with a message)
+            times.update(own_process_rows("nai_t5", "nai-t5", "--nai-t5-worker", models, ids, new, args.repeats))
         else:
             log(f"  nai-t5 rows: not for {name} (nai-t5 converts gated models of equal depths only)")
     hf_best = min(t.median for n, t in times.items() if n.startswith("HF"))
