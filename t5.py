@@ -3,13 +3,9 @@ Learning with a Unified Text-to-Text Transformer" (arXiv:1910.10683), in plain P
 
 Families (weights converted by convert_hf.py): T5 v1.0 (ReLU feed-forward, lm_head pre-scaled);
 T5 v1.1, Flan-T5, mT5, ByT5 (gated-GELU, untied lm_head); UMT5 / Pile-T5 (a position bias table
-per layer). The design choices and their reasons are in README.md ("How t5.py reads").
-
-Sections, top to bottom: config; helpers (position buckets, input checks, masks); kernels (linear
-layers, SDPA or FlexAttention); norm and relative position bias; static KV cache; attention x3 and
-feed-forward x2; layers; stacks; model; FLOPs; sampler (greedy, sampling, beam search); tokenizers;
-loading and saving (fp8 and int8 weights included). Training helpers: train.py. Needs torch >= 2.9,
-einops, safetensors, sentencepiece.
+per layer). The `# ====` banners mark the sections; the design choices and their reasons are in
+README.md ("How t5.py reads"). Training helpers: train.py. Needs torch >= 2.9, einops, safetensors,
+sentencepiece.
 
 Shape legend (einops names used throughout):
   b batch        s encoder (source) positions     t decoder (target) positions
@@ -199,9 +195,8 @@ def bool_mask(mask: Tensor, batch: int, queries: int, keys: int, name: str) -> T
 
 def attention_bias(position_bias: Tensor, attend: Tensor | None, dtype: torch.dtype) -> Tensor:
     """One layer's position bias (h, q, k), or zeros (1, 1, 1) for cross-attention, and a bool mask
-    (b, q|1, k) -> one additive SDPA mask (b|1, h|1, q, k). Masked logits get the dtype's most
-    negative finite value (a Python scalar: no host-to-device copy), so a row with nothing to attend
-    to stays finite."""
+    (b, q|1, k) -> one additive SDPA mask (b|1, h|1, q, k). Masked logits get the dtype's most negative
+    finite value (a Python scalar: no host-to-device copy): a row with nothing to attend to stays finite."""
     bias = rearrange(position_bias, "h q k -> 1 h q k").to(dtype)
     if attend is None:
         return bias
@@ -233,8 +228,7 @@ compiled_onednn_linear = compiled_op("onednn_linear", onednn_linear)
 
 
 def cpu_float32_inference(x: Tensor) -> bool:
-    """Whether x is float32 on CPU with autograd and CPU autocast off (generation, no_grad): where
-    t5.py's CPU kernels replace F.linear."""
+    """Where t5.py's CPU kernels replace F.linear: x float32 on CPU, no autograd, autocast or tracing."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
         and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
 
@@ -272,10 +266,8 @@ def fbgemm_8bit_inputs() -> bool:
 
 def fbgemm_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x (m, i + extra) float32 @ an int8 weight (o, i).T -> (m, o) through fbgemm, which quantizes x on
-    the fly (per tensor, 8 bits, or 7: `fbgemm_8bit_inputs`); x's extra columns meet zeros. The weight's
-    packed copy is made on first use, again after `load_state_dict` or a write through the parameter (not
-    seen: a write through `.data`, or to a weight made under inference_mode, which keeps no version
-    count), dropped with it."""
+    the fly (per tensor, 8 bits, or 7: `fbgemm_8bit_inputs`); x's extra columns meet zeros. The packed
+    weight is remade when its address or version changes (what that misses: README, "int8 weights")."""
     stamp = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     if id(weight) not in _packed:
         weakref.finalize(weight, _packed.pop, id(weight), None)
@@ -306,9 +298,9 @@ class FlexBias(NamedTuple):
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
 
 
-FLEX_UNDER_COMPILE = ("attention='flex' cannot run inside torch.compile on CPU (torch 2.13's inductor fails "
-                      "on its masks and cached steps there): compile a model loaded with attention='sdpa', or "
-                      "run flex uncompiled (it compiles its own kernel)")
+FLEX_UNDER_COMPILE = ("attention='flex' cannot run inside torch.compile on CPU (torch 2.13's inductor "
+                      "fails on its masks and cached steps there): compile a model loaded with "
+                      "attention='sdpa', or run flex uncompiled (it compiles its own kernel)")
 
 
 @functools.cache
@@ -370,16 +362,13 @@ class RelativePositionBias(nn.Module):
     def __init__(self, config: T5Config, *, layers: int, bidirectional: bool) -> None:
         super().__init__()
         self.layers = layers
-        self.bidirectional = bidirectional
-        self.num_buckets = config.num_buckets
-        self.max_distance = config.max_distance
+        self.bucket = functools.partial(relative_position_bucket, bidirectional=bidirectional,
+                                        num_buckets=config.num_buckets, max_distance=config.max_distance)
         self.embedding = nn.Embedding(config.num_buckets, layers * config.num_heads)
 
     def buckets(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
         """(q,) and (k,) int positions -> bucket ids (q, k)."""
-        relative = rearrange(key_positions, "k -> 1 k") - rearrange(query_positions, "q -> q 1")
-        return relative_position_bucket(relative, bidirectional=self.bidirectional,
-                                        num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.bucket(rearrange(key_positions, "k -> 1 k") - rearrange(query_positions, "q -> q 1"))
 
     def table(self, layer: int) -> Tensor:
         """Layer `layer`'s table (buckets, h): its own for UMT5, the shared one for T5."""
@@ -395,9 +384,7 @@ class RelativePositionBias(nn.Module):
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
             query = q if query_positions is None else query_positions[q]
-            bucket = relative_position_bucket(k - query, bidirectional=self.bidirectional,
-                                              num_buckets=self.num_buckets, max_distance=self.max_distance)
-            return score + table[bucket, h].to(score.dtype)
+            return score + table[self.bucket(k - query), h].to(score.dtype)
         return score_mod
 
     def forward(self, buckets: Tensor, layer: int) -> Tensor:
@@ -434,9 +421,8 @@ class KVCache(NamedTuple):
 
 def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32, static_address: bool = False) -> KVCache:
-    """A zeroed cache for `batch` rows of `max_len` slots, reusable as it is for a new decode of
-    the same size (every cached call rewrites the slots it writes, mask included).
-    static_address=True marks its tensors static for torch.compile, as CUDA graphs
+    """A zeroed cache for `batch` rows of `max_len` slots, reusable as it is for a new decode of the same
+    size. static_address=True marks its tensors static for torch.compile, as CUDA graphs
     (`mode="reduce-overhead"`) need: a graph replays the addresses it captured."""
     kv = torch.zeros((config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv),
                      device=device, dtype=dtype)
@@ -450,8 +436,7 @@ def make_cache(config: T5Config, batch: int, max_len: int, *, device: torch.devi
 def check_positions(positions: Tensor | None, length: int, cache: KVCache) -> Tensor:
     """The (t,) positions of a cached call; out-of-range ones are an error (checked on CPU tensors,
     and never while compiling; on CUDA an out-of-range write trips a device-side assert)."""
-    if not isinstance(positions, Tensor) or positions.dim() != 1 or positions.shape[0] != length \
-            or positions.dtype != torch.long:
+    if not isinstance(positions, Tensor) or positions.shape != (length,) or positions.dtype != torch.long:
         shape = (tuple(positions.shape), positions.dtype) if isinstance(positions, Tensor) else positions
         raise ValueError(f"with a cache, positions must be a ({length},) int64 tensor, got {shape}")
     max_len = cache.kv.shape[-2]
@@ -595,7 +580,6 @@ class DecoderLayer(nn.Module):
         self.ffn = (ReluFFN if config.ffn == "relu" else GegluFFN)(config)
         self.dropout = nn.Dropout(config.dropout)  # on each block's output, before the residual add
         self.index = index  # where this layer's keys/values live in the KV cache
-        # block -> what its output is multiplied by as it joins the residual (1 unless calibrated for float16)
         self.unscale = {block: config.unscale(f"decoder.{index}.{block}")
                         for block in ("self_attn", "cross_attn", "ffn")}
 
@@ -832,30 +816,26 @@ class Flops(NamedTuple):
 
 def _ffn_flops(config: T5Config, tokens: int) -> int:
     """Per layer: in-projection d -> f (two of them when gated) and out-projection f -> d."""
-    ins = 2 if config.ffn == "gated-gelu" else 1
-    return 2 * tokens * config.d_model * config.d_ff * (ins + 1)
+    return 2 * tokens * config.d_model * config.d_ff * (3 if config.ffn == "gated-gelu" else 2)
 
 
 def encoder_flops(config: T5Config, batch: int, seq: int) -> Flops:
-    """Encoder forward over (batch, seq). Per layer, with N = batch*seq tokens and i = inner_dim:
-    QKV 2*N*d*3i, output 2*N*i*d, scores and values 2 * 2*batch*h*seq*seq*d_kv (dense: padding
-    and masks do not save work in SDPA), FFN as `_ffn_flops`."""
+    """Encoder forward over (batch, seq); scores are dense (padding and masks save no work in SDPA)."""
     tokens, i, layers = batch * seq, config.inner_dim, config.num_encoder_layers
-    proj = 2 * tokens * config.d_model * 4 * i
-    scores = 2 * 2 * batch * config.num_heads * seq * seq * config.d_kv
+    proj = 2 * tokens * config.d_model * 4 * i  # per layer: QKV (3i) and output (i)
+    scores = 2 * 2 * batch * config.num_heads * seq * seq * config.d_kv  # q.k scores, then the sum of values
     return Flops(layers * proj, layers * scores, layers * _ffn_flops(config, tokens), 0)
 
 
 def decoder_flops(config: T5Config, batch: int, tgt: int, src: int, *, keys: int | None = None,
                   cross_kv: bool = True) -> Flops:
-    """Decoder forward of `tgt` tokens per row over `src` encoder positions, plus lm_head. Per
-    layer, N = batch*tgt, i = inner_dim: self QKV + out 2*N*d*4i; cross Q + out 2*N*d*2i; cross K/V
-    2*batch*src*d*2i (cross_kv=False for cached steps); scores and values 2*2*batch*h*tgt*(keys +
-    src)*d_kv, keys = tgt, or the cache's max_len. lm_head 2*N*d*v."""
+    """Decoder forward of `tgt` tokens per row over `src` encoder positions, plus lm_head; self-attention
+    over `keys` (tgt, or a cache's max_len); cross_kv=False (cached steps): no cross K/V projection."""
     keys = tgt if keys is None else keys
     tokens, i, d, layers = batch * tgt, config.inner_dim, config.d_model, config.num_decoder_layers
+    # per layer: self QKV and output (4i), cross Q and output (2i); cross K/V (2i) of the src positions
     proj = 2 * tokens * d * 6 * i + (2 * batch * src * d * 2 * i if cross_kv else 0)
-    scores = 2 * 2 * batch * config.num_heads * tgt * (keys + src) * config.d_kv
+    scores = 2 * 2 * batch * config.num_heads * tgt * (keys + src) * config.d_kv  # self and cross
     return Flops(layers * proj, layers * scores, layers * _ffn_flops(config, tokens),
                  2 * tokens * d * config.vocab_size)
 
