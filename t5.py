@@ -873,10 +873,9 @@ class GenerationOptions(NamedTuple):
 
     def check(self) -> GenerationOptions:
         """These options, or a ValueError naming the first rule they break."""
-        kinds = dict(max_new_tokens=int, min_new_tokens=int, num_beams=int, top_k=int, do_sample=bool,
-                     num_return_sequences=int, compile=bool, temperature=float, top_p=float,
-                     length_penalty=float)
-        for name, kind in kinds.items():  # an int is a number
+        for name, kind in dict(max_new_tokens=int, min_new_tokens=int, num_beams=int, top_k=int,
+                               do_sample=bool, num_return_sequences=int, compile=bool, temperature=float,
+                               top_p=float, length_penalty=float).items():  # an int is a number
             value = getattr(self, name)
             number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
             if type(value) is not kind and not number and not (value is None and name in ("top_k", "top_p")):
@@ -982,9 +981,9 @@ def prefill(model: T5, input_ids: Tensor, input_mask: Tensor | None = None, *, m
     decoder_mask) into a cache of prefix + max_new_tokens slots (or into `cache`, reused).
     Then `decode_step(model, tokens, out.memory, out.cache, out.position)` per token."""
     if not isinstance(model, T5):
-        raise ValueError(f"generation needs a T5 (encoder and decoder), got {type(model).__name__}" + (
-            ": pass the model itself, and compile=True to compile the decode step" if hasattr(model, "_orig_mod")
-            else ""))
+        hint = ": pass the model itself, and compile=True to compile the decode step"
+        raise ValueError(f"generation needs a T5 (encoder and decoder), got {type(model).__name__}"
+                         f"{hint if hasattr(model, '_orig_mod') else ''}")
     check_token_ids(input_ids, model.config.vocab_size, "input_ids")
     if input_mask is not None and input_mask.dim() != 2:
         raise ValueError("generation takes a (batch, seq) padding input_mask")
@@ -1046,9 +1045,8 @@ def _decode(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: Ge
 
 
 def reorder_cache(cache: KVCache, parents: Tensor, written: int) -> None:
-    """Beam search: every row continues its parent row's cache. In place, one layer's keys or
-    values of the written slots at a time: the extra memory is (rows, h, written, e), never a
-    second cache."""
+    """Beam search: every row continues its parent row's cache, in place, one layer's keys or values
+    of the written slots at a time (extra memory (rows, h, written, e), never a second cache)."""
     for layer_kv in cache.kv:  # (2, b, h, max_len, e)
         for part in layer_kv:
             part[:, :, :written].copy_(part[:, :, :written].index_select(0, parents))
@@ -1056,34 +1054,32 @@ def reorder_cache(cache: KVCache, parents: Tensor, written: int) -> None:
 
 
 def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, options: GenerationOptions,
-                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> Generation:
+                 decoder_input_ids: Tensor | None, decoder_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Beam search with Hugging Face's semantics: each step every input's beams propose 2*num_beams
     continuations; those ending in EOS (or at max_new_tokens) within the first num_beams finish,
     scored sum / length**length_penalty; the best num_beams others keep running, until
-    early_stopping's rule says no running beam can beat the worst finished one."""
-    config = model.config
+    early_stopping's rule says no running beam can beat the worst finished one. Returns the
+    num_return_sequences best: tokens (b*n, max_new_tokens), pad after EOS, and scores (b*n,)."""
     batch, beams, steps = input_ids.shape[0], options.num_beams, options.max_new_tokens
-    early_stopping, length_penalty = options.early_stopping, options.length_penalty
-    step_fn = step_function(model, options.compile)
+    step_fn, config = step_function(model, options.compile), model.config
     memory, cache, logits, position, written = prefill(model, input_ids, input_mask, max_new_tokens=steps,
                                                        decoder_input_ids=decoder_input_ids,
                                                        decoder_mask=decoder_mask, n=beams)
-    device = logits.device
+    device, vocab = logits.device, logits.shape[-1]
 
     running = torch.full((batch, beams, steps), config.pad_token_id, dtype=torch.long, device=device)
     running_scores = torch.zeros(batch, beams, device=device)
     running_scores[:, 1:] = -math.inf  # all beams start identical: let only the first one propose
     done = torch.full_like(running, config.pad_token_id)
     done_scores = torch.full((batch, beams), -math.inf, device=device)
-    done_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
     done_full = torch.zeros(batch, beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, dtype=torch.bool, device=device)
     rank = torch.arange(2 * beams, device=device)
+    first = rearrange(torch.arange(batch, device=device) * beams, "b -> b 1")  # each input's first row
     for step in range(steps):
         logprobs = logits.log_softmax(dim=-1)
         if step < options.min_new_tokens:
             logprobs[:, config.eos_token_id] = -math.inf
-        vocab = logprobs.shape[-1]
         totals = rearrange(logprobs, "(b n) v -> b n v", n=beams) + rearrange(running_scores, "b n -> b n 1")
         top_scores, top = rearrange(totals, "b n v -> b (n v)").topk(2 * beams, dim=-1)  # (b, 2n), best first
         parent, token = top // vocab, top % vocab
@@ -1094,46 +1090,30 @@ def _beam_search(model: T5, input_ids: Tensor, input_mask: Tensor | None, option
         # finished hypotheses: candidates that end here and rank within the first num_beams
         length = step + 1
         finishing = ends & (rank < beams) & rearrange(improvable, "b -> b 1")
-        if early_stopping is True:
-            finishing &= ~rearrange(done_full.all(dim=1), "b -> b 1")
-        new_scores = torch.where(finishing, top_scores / length**length_penalty, -math.inf)
-        all_scores = torch.cat([done_scores, new_scores], dim=1)
-        merged = all_scores.topk(beams, dim=-1).indices
-        done_scores = all_scores.gather(1, merged)
+        new_scores = torch.where(finishing, top_scores / length**options.length_penalty, -math.inf)
+        done_scores, merged = torch.cat([done_scores, new_scores], dim=1).topk(beams, dim=-1)
         done = torch.cat([done, candidates], dim=1).gather(1, repeat(merged, "b n -> b n t", t=steps))
-        lengths = torch.full_like(new_scores, length, dtype=torch.long)
-        done_lengths = torch.cat([done_lengths, lengths], dim=1).gather(1, merged)
         done_full = torch.cat([done_full, finishing], dim=1).gather(1, merged)
 
         # running beams: the best num_beams candidates that did not end
-        keep = torch.where(ends, -math.inf, top_scores).topk(beams, dim=-1).indices
-        running_scores = torch.where(ends, -math.inf, top_scores).gather(1, keep)
+        running_scores, keep = torch.where(ends, -math.inf, top_scores).topk(beams, dim=-1)
         running = candidates.gather(1, repeat(keep, "b n -> b n t", t=steps))
-        parents = rearrange(parent.gather(1, keep) + rearrange(torch.arange(batch, device=device) * beams, "b -> b 1"),
-                            "b n -> (b n)")
 
         # can an input's running beams still beat its worst finished hypothesis?
-        best_length = steps if early_stopping == "never" and length_penalty > 0 else length
-        best_possible = running_scores[:, 0] / best_length**length_penalty
+        best_length = steps if options.early_stopping == "never" and options.length_penalty > 0 else length
+        best_possible = running_scores[:, 0] / best_length**options.length_penalty
         improvable &= ~done_full.all(dim=1) | (best_possible > done_scores.min(dim=1).values)
-        stop = ~improvable.any() | ends.all()
-        if early_stopping is True:
-            stop |= done_full.all()
-        if step + 1 == steps or bool(stop):  # one host sync per step
+        if options.early_stopping is True:  # as Hugging Face: an input with num_beams finished is done
+            improvable &= ~done_full.all(dim=1)
+        if step + 1 == steps or bool(~improvable.any() | ends.all()):  # one host sync per step
             break
-        reorder_cache(cache, parents, written)
+        reorder_cache(cache, rearrange(parent.gather(1, keep) + first, "b n -> (b n)"), written)
         logits = step_fn(model, rearrange(running[:, :, step], "b n -> (b n) 1"), memory, cache, position)
         position += 1
         written += 1
 
-    # the finished hypotheses are kept sorted, best first: return the first num_return_sequences
-    n = options.num_return_sequences
-    best_length = rearrange(done_lengths[:, :n], "b n -> (b n)")
-    width = int(best_length.max())
-    tokens = rearrange(done[:, :n, :width], "b n t -> (b n) t")
-    tokens = tokens.masked_fill(rearrange(torch.arange(width, device=device), "t -> 1 t")
-                                >= rearrange(best_length, "b -> b 1"), config.pad_token_id)
-    return Generation(tokens, best_length, rearrange(done_scores[:, :n], "b n -> (b n)"))
+    n = options.num_return_sequences  # finished hypotheses are kept sorted, best first
+    return rearrange(done[:, :n], "b n t -> (b n) t"), rearrange(done_scores[:, :n], "b n -> (b n)")
 
 
 def generation_options(options: GenerationOptions | None, keywords: dict[str, object]) -> GenerationOptions:
@@ -1170,22 +1150,23 @@ def generate(model: T5, input_ids: Tensor, input_mask: Tensor | None = None,
              options: GenerationOptions | None = None,
              *, generator: torch.Generator | None = None, decoder_input_ids: Tensor | None = None,
              decoder_mask: Tensor | None = None, **keywords: object) -> Generation:
-    """Generate up to max_new_tokens per row as `options` says, or its fields given as Hugging Face-
-    named keywords (`max_new_tokens=32, num_beams=4`; with `options`, they replace its fields).
-    Greedy, sampling (do_sample, drawing from `generator`) or beam search (num_beams > 1); the n =
-    num_return_sequences rows of an input are adjacent. decoder_input_ids (b, t): a prefix from the
-    decoder start token, left-padded with decoder_mask (b, t); only new tokens are returned.
-    input_ids (b, s), input_mask (b, s). Runs under inference mode; returns ordinary tensors."""
+    """Generate up to max_new_tokens per row as `options` or its fields as Hugging Face-named keywords
+    say (`num_beams=4`; given with `options`, they replace its fields): greedy, sampling (do_sample,
+    from `generator`) or beam search (num_beams > 1), an input's n = num_return_sequences rows adjacent.
+    input_ids, input_mask (b, s); decoder_input_ids (b, t): a prefix from the decoder start token,
+    left-padded with decoder_mask (b, t). New tokens only, as ordinary tensors (runs in inference mode)."""
     options = generation_options(options, keywords)
     with torch.inference_mode():
         if options.num_beams > 1:
-            out = _beam_search(model, input_ids, input_mask, options, decoder_input_ids, decoder_mask)
+            tokens, scores = _beam_search(model, input_ids, input_mask, options, decoder_input_ids,
+                                          decoder_mask)
         else:
             tokens, logprobs = (torch.stack(column, dim=1) for column in zip(*_decode(
                 model, input_ids, input_mask, options, generator, decoder_input_ids, decoder_mask)))
-            is_eos = tokens == model.config.eos_token_id  # a row's length: up to its first EOS, or all
-            lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, tokens.shape[1])
-            out = Generation(tokens, lengths, logprobs.sum(dim=1))
+            scores = logprobs.sum(dim=1)
+        is_eos = tokens == model.config.eos_token_id  # a row's length: up to its first EOS, or all
+        lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, tokens.shape[1])
+        out = Generation(tokens[:, :int(lengths.max())], lengths, scores)
     return Generation(*(tensor.clone() for tensor in out))  # ordinary tensors, not inference ones
 
 
