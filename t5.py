@@ -1188,11 +1188,10 @@ class Tokenizer:
         self.strip_specials = False  # ByT5: whitespace around them is dropped (transformers' lstrip/rstrip)
         self.clean_up_spaces = False  # decode drops the spaces of CLEAN_UP's strings (in their order)
 
-    def _encode_text(self, text: str) -> list[int]:
+    def _encode_text(self, text: str) -> list[int]:  # text without special tokens -> ids
         raise NotImplementedError
 
-    def _decode_text(self, ids: list[int], continues: bool) -> str:
-        """Ids without special tokens -> text; `continues` when text was written before them."""
+    def _decode_text(self, ids: list[int], continues: bool) -> str:  # continues: text was written before
         raise NotImplementedError
 
     def _special_text(self, i: int) -> str | None:
@@ -1224,9 +1223,7 @@ class Tokenizer:
             before = text[start:match.start()]
             ids += self._encode_text(before.rstrip() if strip else before)
             ids.append(self.sentinel(int(sentinel)) if sentinel is not None else self.specials[match[0]])
-            start = match.end()
-            if strip:
-                start += len(text[start:]) - len(text[start:].lstrip())
+            start = len(text) - len(text[match.end():].lstrip()) if strip else match.end()  # past spaces
         ids += self._encode_text(text[start:])
         return ids + [self.eos_id] if eos else ids
 
@@ -1253,14 +1250,11 @@ class Tokenizer:
         return ids.to(device), mask.to(device)
 
     def decode(self, ids: list[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
-        """Ids -> text. Special tokens (pad, EOS, unknown, sentinels) are dropped before decoding, as in
-        transformers (the text they split joins again), or written as <pad>, </s>, <unk>, <extra_id_N> with
-        skip_special_tokens=False."""
+        """Ids -> text, special tokens (pad, EOS, unknown, sentinels) dropped first as in transformers (the
+        text they split joins again); skip_special_tokens=False writes <pad>, </s>, <unk>, <extra_id_N>."""
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        # a model's vocabulary may be larger than its tokenizer's (T5: 32128 logits, 32100 ids): ids
-        # past the tokenizer's pieces that are not sentinels decode to nothing
-        pieces = self.first_sentinel + 1 - self.extra_ids
-        ids = [i for i in ids if (0 <= i < pieces or self.sentinel_index(i) is not None)
+        # ids past the tokenizer's pieces and sentinels decode to nothing (T5: 32100 ids, 32128 logits)
+        ids = [i for i in ids if 0 <= i <= self.first_sentinel
                and not (skip_special_tokens and self._special_text(i))]
         parts: list[str] = []
         for special, run in itertools.groupby(ids, lambda i: self._special_text(i) is not None):
@@ -1280,12 +1274,12 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except RuntimeError as error:  # a truncated or foreign file
             raise ValueError(f"{model_file}: not a readable sentencepiece model ({error})") from None
-        self.unk_id = self.sp.unk_id()
+        self.unk_id, pieces = self.sp.unk_id(), self.sp.get_piece_size()
         self.specials = {self.sp.id_to_piece(i): i for i in (self.pad_id, self.eos_id, self.unk_id)
-                         if 0 <= i < self.sp.get_piece_size() and (self.sp.is_control(i) or self.sp.is_unknown(i))}
-        self.first_sentinel = self.sp.get_piece_size() + self.extra_ids - 1
+                         if 0 <= i < pieces and (self.sp.is_control(i) or self.sp.is_unknown(i))}
+        self.first_sentinel = pieces + self.extra_ids - 1
         if self.first_sentinel >= config.vocab_size:
-            raise ValueError(f"{model_file}: {self.sp.get_piece_size()} pieces + {self.extra_ids} sentinels do not fit "
+            raise ValueError(f"{model_file}: {pieces} pieces + {self.extra_ids} sentinels do not fit "
                              f"the model's vocabulary of {config.vocab_size}")
 
     def _encode_text(self, text: str) -> list[int]:
@@ -1299,17 +1293,15 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class ByteTokenizer(Tokenizer):
-    """ByT5: each UTF-8 byte b is id b + 3 (after pad, EOS and unknown). Sentinels count down from
-    the end of the vocabulary as in T5's span corruption; Hugging Face's ByT5Tokenizer numbers
-    them up from 259 instead."""
+    """ByT5: each UTF-8 byte b is id b + 3 (after pad, EOS, unknown); sentinels count down from the
+    vocabulary's end as in T5's span corruption (Hugging Face's ByT5Tokenizer numbers them up from 259)."""
 
     OFFSET = 3
 
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
-        self.unk_id = 2
+        self.unk_id, self.strip_specials = 2, True
         self.specials = {"<pad>": self.pad_id, "</s>": self.eos_id, "<unk>": self.unk_id}
-        self.strip_specials = True
         if config.vocab_size < 256 + self.OFFSET + self.extra_ids:
             raise ValueError(f"a byte vocabulary needs {256 + self.OFFSET} ids plus sentinels, the model has "
                              f"{config.vocab_size}")
@@ -1328,20 +1320,17 @@ class ByteTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenizer:
-    """The tokenizer of a converted checkpoint folder: spiece.model (or tokenizer.model), or bytes
-    for ByT5, as its config says; its decode cleans up spaces where the folder's tokenizer_config.json
-    (transformers', kept by convert_hf.py) says clean_up_tokenization_spaces, as transformers does."""
+    """The tokenizer of a converted checkpoint folder: spiece.model (or tokenizer.model), or bytes for ByT5
+    as its config says; decode cleans up spaces where its tokenizer_config.json (transformers') says to."""
     path = Path(path)
     config = config or T5Config.load(path / "config.json")
-    models = [path / name for name in ("spiece.model", "tokenizer.model") if (path / name).is_file()]
-    if config.tokenizer == "bytes":
-        tokenizer: Tokenizer = ByteTokenizer(config)
-    elif models:
-        tokenizer = SentencePieceTokenizer(config, models[0])
-    else:
+    model = next((path / n for n in ("spiece.model", "tokenizer.model") if (path / n).is_file()), None)
+    if config.tokenizer != "bytes" and model is None:
         raise FileNotFoundError(f"{path}: no spiece.model or tokenizer.model (the sentencepiece model of "
                                 "this checkpoint)")
-    settings = path / "tokenizer_config.json"  # transformers': it may ask decode to clean up spaces
+    tokenizer: Tokenizer = ByteTokenizer(config) if config.tokenizer == "bytes" else \
+        SentencePieceTokenizer(config, model)
+    settings = path / "tokenizer_config.json"  # kept by convert_hf.py
     given = json.loads(settings.read_text()) if settings.is_file() else {}
     tokenizer.clean_up_spaces = isinstance(given, dict) and given.get("clean_up_tokenization_spaces") is True
     return tokenizer
@@ -1352,17 +1341,14 @@ def load_tokenizer(path: str | Path, config: T5Config | None = None) -> Tokenize
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # by name
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",  # ours and
                    "special_tokens_map.json", "added_tokens.json")  # transformers': a folder's tokenizer
-
-
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",  # names in a header
                       torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.int64: "I64"}
 
 
 def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.Size, torch.dtype]],
                       tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str]) -> None:
-    """Stream tensors into a safetensors file: an 8-byte header length, a JSON header (names, dtypes,
-    shapes, offsets, known from `specs` alone), then each tensor's bytes, written and freed before the
-    next is made. Ours, not safetensors' writer: that one imports numpy, which t5.py does not need."""
+    """Stream tensors into a safetensors file, each written and freed before the next is made (the header
+    needs only `specs`). Ours, not safetensors' writer: that one imports numpy, which t5.py does not need."""
     unknown = sorted({str(dtype) for _, dtype in specs.values() if dtype not in SAFETENSORS_DTYPES})
     if unknown:
         raise ValueError(f"cannot store {unknown[0]} tensors (load reads float32, bf16, float16, fp8, int8)")
@@ -1448,13 +1434,11 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(Float8Linear):
-    """The weight in int8 with a bfloat16 scale per output row (`quantize_int8`). On CPU in float32
-    inference (autograd and autocast off) fbgemm multiplies int8 by int8, each input row scaled to its
-    peak and quantized to 8 (or 7) bits on the fly, as CTranslate2's int8 does (`quantize_inputs = False`:
-    weight-only); with bfloat16 inputs one int8 kernel multiplies, weight-only; otherwise each call
-    dequantizes the weight to the input's dtype, as Float8Linear does. (torch 2.13's bfloat16 kernel
-    returns NaN or crashes unless every row starts 16-byte aligned: layers whose in_features is not a
-    multiple of 16 dequantize, and `load` copies int8 weights the file holds unaligned.)"""
+    """The weight in int8 with a bfloat16 scale per output row (`quantize_int8`). Which product runs
+    (README, int8 weights): on CPU in float32 inference, fbgemm's int8 by int8, each input row quantized on
+    the fly as CTranslate2's int8 does (`quantize_inputs = False`: off); on CPU in bfloat16, one weight-only
+    kernel (torch 2.13's needs 16-byte aligned rows: in_features a multiple of 16, and `load` copies
+    unaligned int8 weights); otherwise the weight dequantized to the input's dtype, as Float8Linear does."""
 
     weight_dtype, scale_dtype = torch.int8, torch.bfloat16
     quantize_inputs = FBGEMM  # where fbgemm is built in (x86)
@@ -1479,27 +1463,25 @@ class Int8Linear(Float8Linear):
 def quantize(model: nn.Module) -> nn.Module:
     """Every Linear (lm_head included) and fp8 layer -> an Int8Linear of its float32 weight; int8 layers,
     embeddings and norms stay as they are (the model computes in their dtype). In place; returns it."""
-    biased = [name for name, layer in model.named_modules() if isinstance(layer, nn.Linear) and layer.bias is not None]
+    biased = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
     if biased:  # before any layer is replaced
         raise ValueError(f"{biased[0]}: a Linear with a bias; quantize takes T5's layers, which have none")
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) or type(module) is Float8Linear:
-            with torch.device("meta"):
+            with torch.device("meta"):  # its tensors are assigned below (requires_grad=False kept)
                 layer = Int8Linear(module.in_features, module.out_features)
             dense = module.weight if isinstance(module, nn.Linear) else module.dense_weight(torch.float32)
             weight, scale = quantize_int8(dense.detach())
-            layer.weight = nn.Parameter(weight, requires_grad=False)
-            layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+            layer.load_state_dict({"weight": weight, "weight_scale": scale}, assign=True)
             model.set_submodule(name, layer)
     return model
 
 
 def load(path: str | Path, *, encoder_only: bool = False, device: torch.device | str | None = None,
          dtype: torch.dtype | None = None, attention: Literal["sdpa", "flex"] = "sdpa") -> T5 | T5Encoder:
-    """Load a folder written by `convert_hf.py` (config.json + model.safetensors), built on the meta
-    device and assigned the tensors read (nothing allocated twice); a missing or unexpected tensor
-    is an error naming it. encoder_only=True reads only the encoder's tensors and returns a
-    `T5Encoder`. fp8 and int8 weights stay so (`Float8Linear`, `Int8Linear`); `dtype` applies to the rest."""
+    """Load a folder written by `convert_hf.py` (config.json + model.safetensors) into a model built on the
+    meta device (nothing allocated twice); a missing or unexpected tensor is an error naming it. encoder_only:
+    the encoder's tensors only, a `T5Encoder`. fp8 and int8 weights stay so; `dtype` applies to the rest."""
     from safetensors import SafetensorError, safe_open
 
     path, where = Path(path), torch.device(device or "cpu")
@@ -1540,13 +1522,12 @@ def load(path: str | Path, *, encoder_only: bool = False, device: torch.device |
                     model.set_submodule(name, quantized(linear.in_features, linear.out_features))
         wanted = {prefix + key: tensor for key, tensor in model.state_dict().items()}
         missing = sorted(set(wanted) - present)
-        if missing:
-            hint = " (an encoder-only checkpoint? load it with encoder_only=True)" \
-                if not encoder_only and any(k.startswith("decoder.") for k in missing) else ""
-            raise ValueError(f"{path}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}{hint}")
-        unexpected = sorted(k for k in present - set(wanted) if not (encoder_only and not k.startswith(prefix)))
-        if unexpected:
-            raise ValueError(f"{path}: unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        unexpected = sorted(k for k in present - set(wanted) if k.startswith(prefix))  # encoder_only: its own
+        hint = " (an encoder-only checkpoint? load it with encoder_only=True)" \
+            if not encoder_only and any(k.startswith("decoder.") for k in missing) else ""
+        for kind, keys in ("missing", missing), ("unexpected", unexpected):  # the hint: "" unless missing
+            if keys:
+                raise ValueError(f"{path}: {kind} tensors {keys[:8]}{' ...' if len(keys) > 8 else ''}{hint}")
         for key, expected in wanted.items():
             tensor = f.get_tensor(key)
             if tensor.dtype in (torch.float8_e4m3fn, torch.int8) and tensor.dtype != expected.dtype:
@@ -1603,16 +1584,12 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     kept, clean = kept if isinstance(kept, dict) else {}, getattr(tokenizer, "clean_up_spaces", False)
     if clean != (kept.get("clean_up_tokenization_spaces") is True):  # written where it would read otherwise
         files[settings.name] = json.dumps({**kept, "clean_up_tokenization_spaces": clean}).encode()
-    names = ["model.safetensors", *files, "config.json"]
-    staged = {name: folder / f".{name}.tmp-{os.getpid()}" for name in names}
+    staged = {n: folder / f".{n}.tmp-{os.getpid()}" for n in ["model.safetensors", *files, "config.json"]}
     stale = [] if same else [folder / name for name in TOKENIZER_FILES
                              if name not in staged and (folder / name).is_file()]
     try:
-        prefix, state, stored = "encoder." if isinstance(model, T5Encoder) else "", {}, set()
-        for key, tensor in model.state_dict().items():  # a tensor tied to one stored already: its own copy
-            tensor = tensor.detach().contiguous()
-            state[prefix + key] = tensor.clone() if tensor.untyped_storage().data_ptr() in stored else tensor
-            stored.add(tensor.untyped_storage().data_ptr())
+        prefix = "encoder." if isinstance(model, T5Encoder) else ""
+        state = {prefix + k: t for k, t in model.state_dict().items()}  # tensors tied together: each written
         write_safetensors(staged["model.safetensors"], {k: (t.shape, t.dtype) for k, t in state.items()},
                           state.items(), {"format": "pt"})
         model.config.save(staged["config.json"])  # written by Python: the permissions the umask gives
