@@ -1210,7 +1210,7 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
     embeddings' dtype, as t5.Float8Linear computes. A float16-calibrated checkpoint's out_scales
     are undone exactly (powers of two, in float32): a value that then no longer fits float16 is
     refused, naming the tensor (export it with dtype float32 or bfloat16). dtype: of the written
-    tensors (default: the embeddings')."""
+    tensors (default: the embeddings'; float32 for a float16-calibrated checkpoint)."""
     src, out = Path(src), Path(out)
     check_out(out, force, src)
     config = T5Config.load(src / "config.json")
@@ -1241,6 +1241,10 @@ def export_hf(src: str | Path, out: str | Path, *, force: bool = False, model_ty
                 raise ConversionError(f"{src / 'model.safetensors'}: {name} is missing or not {tuple(shape)}, as "
                                       "config.json says")
         compute = TORCH_DTYPES[f.get_slice("encoder.embedding.weight").get_dtype()]  # what the model computes in
+        if dtype is None and compute == torch.float16 and config.out_scales:
+            dtype = torch.float32  # transformers' T5 has no output scales: in float16 it would overflow again
+            print("convert_hf.py: a float16-calibrated checkpoint exports in float32 (transformers would run the "
+                  "unscaled weights in float16 and overflow); --dtype float16 keeps float16", file=sys.stderr)
         dtype = dtype or compute
 
         def read(name: str, dtype: torch.dtype) -> Tensor:

@@ -1568,8 +1568,10 @@ def save_ours(model: t5.T5, folder: Path, dtype: torch.dtype) -> Path:
 
 
 def test_to_hf_of_a_calibrated_checkpoint_computes_what_ours_does(tmp_path: Path) -> None:
-    """--dtype float16 --calibrate, then --to-hf: transformers (float32) computes our logits (float32
-    from the same float16 file) to 1e-5 of their range; the scales are not dropped."""
+    """--dtype float16 --calibrate, then --to-hf: the export is float32 (in float16 transformers would
+    overflow: its from_pretrained takes the file's dtype), and transformers computes our logits (float32
+    from the same float16 file) to 1e-5 of their range; the scales are not dropped. --dtype float16
+    still writes float16."""
     hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
     state = load_file(hf_dir / "model.safetensors")
     state["encoder.block.1.layer.1.DenseReluDense.wo.weight"] *= 3e4
@@ -1577,7 +1579,10 @@ def test_to_hf_of_a_calibrated_checkpoint_computes_what_ours_does(tmp_path: Path
     assert convert_hf.main([str(hf_dir), str(tmp_path / "fp16"), "--dtype", "float16", "--calibrate"]) == 0
     assert t5.T5Config.load(tmp_path / "fp16" / "config.json").out_scales
     assert convert_hf.main([str(tmp_path / "fp16"), str(tmp_path / "back"), "--to-hf"]) == 0
-    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()  # as the file says
+    assert {p.dtype for p in hf.parameters()} == {torch.float32}
+    assert convert_hf.main([str(tmp_path / "fp16"), str(tmp_path / "half"), "--to-hf", "--dtype", "float16"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "half" / "model.safetensors").values()} == {torch.float16}
     ours = t5.load(tmp_path / "fp16", dtype=torch.float32)
     ids, mask = padded_batch(103, [12, 7], seed=8)
     dec, dec_mask = padded_batch(103, [5, 3], seed=9)
