@@ -114,10 +114,13 @@ def sum_embedding_grads(model: t5.T5 | t5.T5Encoder | t5.T5Decoder) -> None:
     if not isinstance(model, t5.T5):
         return
     encoder, decoder = model.encoder.embedding.weight, model.decoder.embedding.weight
-    if encoder is decoder:  # one table already (tied by the user): autograd summed both uses
+    # one table already (tied by the user: autograd summed both uses), or both frozen: nothing to sum
+    if encoder is decoder or not (encoder.requires_grad or decoder.requires_grad):
         return
     if not (encoder.requires_grad and decoder.requires_grad):
-        raise ValueError("sum_embedding_grads: both embeddings must be trained (one has requires_grad=False)")
+        frozen = "encoder" if decoder.requires_grad else "decoder"
+        raise ValueError(f"sum_embedding_grads: both embeddings must be trained, or neither (the {frozen}'s has "
+                         "requires_grad=False)")
     if encoder.grad is None or decoder.grad is None:
         raise ValueError("sum_embedding_grads: both embeddings need a gradient (call it after backward)")
     total = encoder.grad + decoder.grad
