@@ -1571,7 +1571,7 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     if spiece and tokenizer.sp.get_piece_size() + model.config.extra_ids > model.config.vocab_size:
         raise ValueError(f"the tokenizer ({tokenizer.sp.get_piece_size()} pieces + {model.config.extra_ids} "
                          f"sentinels) does not fit the model's vocabulary of {model.config.vocab_size}")
-    created = not folder.exists()
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # innermost first
     folder.mkdir(parents=True, exist_ok=True)
     # another tokenizer's files go (transformers would read them): beside another spiece.model, or of the
     # other kind (ByT5 has no tokenizer.json; one without spiece.model is compared with ours by --to-hf)
@@ -1604,8 +1604,9 @@ def save(model: T5 | T5Encoder, folder: str | Path, tokenizer: Tokenizer | None 
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-        if created and not any(folder.iterdir()):  # a failed save leaves no folder it made
-            folder.rmdir()
+        for path in made:  # a failed save leaves no folder it made
+            if not any(path.iterdir()):
+                path.rmdir()
     return folder
 
 
