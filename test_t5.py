@@ -3284,8 +3284,8 @@ def test_finetune_matches_hf_then_saves_and_exports(name: str, tmp_path: Path) -
 
 def test_sum_embedding_grads_frozen_or_tied_tables() -> None:
     """A frozen decoder table has no gradient for another reason than a missing backward: said so;
-    both frozen, nothing to sum. Tables the user tied are one parameter, whose gradient autograd has summed already: left as it is;
-    so is an encoder's one table. packing_masks refuses shapes it cannot pair; int32 labels work."""
+    both frozen, nothing to sum. Tables the user tied are one parameter, whose gradient autograd has
+    summed already: left as it is; so is an encoder's one table. packing_masks refuses shapes it cannot pair; int32 labels work."""
     model = t5.T5(t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_encoder_layers=1,
                               num_decoder_layers=1, extra_ids=0))
     model.decoder.embedding.weight.requires_grad_(False)
