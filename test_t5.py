@@ -3853,6 +3853,12 @@ def test_quantized_layers_load_state_dict_and_refusals() -> None:
     fp8 = t5.Float8Linear(48, 40).requires_grad_(True)
     with pytest.raises(ValueError, match="fp8 weights cannot be trained"):
         fp8(x)
+    int8 = t5.quantize(torch.nn.Sequential(copy.deepcopy(dense))).train()  # README: frozen in training
+    with pytest.raises(RuntimeError, match="floating point dtype can require gradients"):
+        int8.requires_grad_(True)
+    inputs = x.clone().requires_grad_(True)
+    int8(inputs).sum().backward()  # the gradient reaches the inputs, not the weight
+    assert inputs.grad is not None and int8[0].weight.grad is None and not int8[0].weight.requires_grad
 
 
 def test_int8_compiled_decode_step() -> None:
