@@ -1647,8 +1647,8 @@ def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path,
     plain = save_ours(model, tmp_path / "plain", torch.float16)
     convert_hf.apply_out_scales(model, {block: 0.25 for block in t5.scalable_blocks(model.config)})
     scaled = save_ours(model, tmp_path / "scaled", torch.float16)
-    for folder in (plain, scaled):
-        assert convert_hf.main([str(folder), str(tmp_path / f"{folder.name}-hf"), "--to-hf"]) == 0
+    for folder in (plain, scaled):  # (a calibrated checkpoint exports in float32 unless told otherwise)
+        assert convert_hf.main([str(folder), str(tmp_path / f"{folder.name}-hf"), "--to-hf", "--dtype", "float16"]) == 0
     a, b = hf_tensors(tmp_path / "plain-hf"), hf_tensors(tmp_path / "scaled-hf")
     assert a.keys() == b.keys() and all(a[k].dtype == torch.float16 and torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(load_file(plain / "model.safetensors")["encoder.layers.0.ffn.wi.weight"],
@@ -1657,7 +1657,7 @@ def test_to_hf_undoes_every_kind_of_out_scale_exactly(name: str, tmp_path: Path,
     state["decoder.layers.0.cross_attn.kv.weight"][-1, 0] = 30000.0  # a V row: 120000 once unscaled
     save_file(state, scaled / "model.safetensors")
     capsys.readouterr()
-    assert convert_hf.main([str(scaled), str(tmp_path / "over"), "--to-hf"]) == 2
+    assert convert_hf.main([str(scaled), str(tmp_path / "over"), "--to-hf", "--dtype", "float16"]) == 2
     err = capsys.readouterr().err
     assert "decoder.layers.0.cross_attn.kv.weight" in err and "--dtype float32" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "over").exists()
