@@ -766,6 +766,56 @@ def _walk(node: object) -> Iterator[dict]:
             yield from _walk(value)
 
 
+def _varint_at(data: bytes, i: int) -> tuple[int, int]:
+    """The varint that starts at data[i], and the index after it."""
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+        if byte < 0x80:
+            return value, i
+
+
+def _fields(message: bytes) -> Iterator[tuple[int, int | bytes, bytes]]:
+    """Each field of a protobuf message: (its number, its value: an int for a varint, the payload of
+    a length-delimited field, the raw bytes of a fixed one, and the field's whole encoding)."""
+    i = 0
+    while i < len(message):
+        start = i
+        key, i = _varint_at(message, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint_at(message, i)
+        elif wire == 2:
+            size, i = _varint_at(message, i)
+            value, i = message[i:i + size], i + size
+        elif wire in (1, 5):
+            value, i = message[i:i + (8 if wire == 1 else 4)], i + (8 if wire == 1 else 4)
+        else:
+            raise ConversionError(f"not a sentencepiece model (protobuf wire type {wire})")
+        yield key >> 3, value, message[start:i]
+
+
+def without_byte_fallback(model: bytes) -> bytes:
+    """A sentencepiece model with byte fallback turned off (TrainerSpec.byte_fallback false, byte
+    pieces such as <0xE6> made normal pieces): characters it does not know become <unk>, not their
+    UTF-8 bytes. That is how transformers 5 reads mT5's and UMT5's tokenizers (its T5Tokenizer builds
+    their Unigram model without byte fallback from any file). The model as it is when it has none."""
+    fields = list(_fields(model))
+    spec = next((value for number, value, _ in fields if number == 2), b"")
+    if not any(number == 35 and value for number, value, _ in _fields(spec)):
+        return model
+    out = []
+    for number, value, raw in fields:
+        if number == 1:  # a piece: (1) its text, (2) score, (3) type
+            raw = _field(1, b"".join(_field(3, PIECE_NORMAL) if n == 3 and v == PIECE_BYTE else r
+                                     for n, v, r in _fields(value)))
+        elif number == 2:  # the trainer spec: (35) byte_fallback
+            raw = _field(2, b"".join(_field(35, False) if n == 35 else r for n, _, r in _fields(value)))
+        out.append(raw)
+    return b"".join(out)
+
+
 def sentencepiece_from_tokenizer_json(tokenizer: Mapping, path: str = "tokenizer.json") -> bytes:
     """A T5 tokenizer.json (Unigram model, sentinels as trailing added tokens) -> the bytes of the
     equivalent spiece.model, without the sentinels (t5.py numbers those itself)."""
@@ -859,16 +909,23 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
         return
     if source.is_file():
         shutil.copyfile(source, out / "spiece.model")
+    else:
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+    if config.tokenizer != "sentencepiece":
         return
-    folder = source
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
-    if config.tokenizer == "sentencepiece" and not any((out / n).is_file() for n in ("spiece.model", "tokenizer.model")) \
-            and (out / "tokenizer.json").is_file():
-        model = sentencepiece_from_tokenizer_json(read_json(folder / "tokenizer.json"),
-                                                  str(folder / "tokenizer.json"))
-        (out / "spiece.model").write_bytes(model)
+    models = [out / n for n in ("spiece.model", "tokenizer.model") if (out / n).is_file()]
+    if not models and (out / "tokenizer.json").is_file():
+        models = [out / "spiece.model"]
+        models[0].write_bytes(sentencepiece_from_tokenizer_json(read_json(out / "tokenizer.json"),
+                                                                str(source / "tokenizer.json")))
+    for path in models:  # transformers 5's T5 tokenizers have no byte fallback, whatever their files say
+        model = without_byte_fallback(path.read_bytes())
+        if model != path.read_bytes():
+            path.write_bytes(model)
+            print(f"convert_hf.py: note: {path.name}'s byte fallback turned off, as transformers reads it (a "
+                  "character outside the vocabulary is <unk>, not its bytes)", file=sys.stderr)
 
 
 ########################################################################################

@@ -1136,6 +1136,47 @@ def test_convert_tokenizer_json_only_folder(spiece_folder: Path, tmp_path: Path)
         convert_hf.sentencepiece_from_tokenizer_json(other)
 
 
+def test_convert_turns_byte_fallback_off_as_transformers_reads_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """mT5's and UMT5's sentencepiece models have byte fallback; transformers 5 reads them without it
+    (its T5Tokenizer builds the Unigram model without, whatever the files say): a character the
+    vocabulary lacks is <unk>, byte pieces decode as their names. Converted folders as the hub ships
+    them (spiece.model and tokenizer.json), as transformers 4 wrote them (spiece.model alone) and with a
+    tokenizer.json that says byte fallback: ours encodes and decodes as AutoTokenizer on each."""
+    import sentencepiece
+
+    words = ["".join(random.Random(i).choices(["ka", "to", "ri", "mo", "ne"], k=1 + i % 3)) for i in range(60)]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(words[(7 * i + j) % 60] for j in range(8)) for i in range(500)))
+    (tmp_path / "sp").mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp" / "spiece"), vocab_size=300, pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    texts = ["kato ne, 東京 ☃!", "mo <0x41> ri", "ka\u00e9to", "", "ne ne <extra_id_3> ☃☃ to"]
+    unknown_is_unk = {}
+    for layout in ("hub", "spiece only", "tokenizer.json with byte fallback"):
+        hf_dir = tmp_path / layout / "hf"
+        saved_tiny_t5(hf_dir, tmp_path / "sp", vocab_size=400)
+        (hf_dir / "spiece.model").write_bytes((tmp_path / "sp" / "spiece.model").read_bytes())
+        if layout == "spiece only":
+            (hf_dir / "tokenizer.json").unlink()
+        if layout == "tokenizer.json with byte fallback":
+            tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+            tokenizer["model"]["byte_fallback"] = True
+            (hf_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+        capsys.readouterr()
+        assert convert_hf.main([str(hf_dir), str(tmp_path / layout / "ours")]) == 0
+        assert "byte fallback turned off" in capsys.readouterr().err
+        hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        ours = t5.load_tokenizer(tmp_path / layout / "ours")
+        assert [ours.encode(text) for text in texts] == [hf(text).input_ids for text in texts], layout
+        pieces = list(range(3, 300)) + [2, 1, 297, 5]  # byte pieces <0x00>.. sit after the specials
+        assert ours.decode(pieces) == hf.decode(pieces, skip_special_tokens=True), layout
+        unknown_is_unk[layout] = ours.encode("東京")[1:-1] == [2]
+    assert all(unknown_is_unk.values())
+    assert sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp" / "spiece.model")).encode("東京") \
+        != [2], "the test's model has byte fallback"
+
+
 def test_to_hf_writes_the_tokenizer_json_a_umt5_needs(spiece_folder: Path, tmp_path: Path) -> None:
     """A UMT5 saved by `t5.save` (spiece.model only, as after fine-tuning) exports with a tokenizer.json:
     transformers 5's AutoTokenizer reads UMT5's from one only (T5's spiece.model it converts itself).
