@@ -1806,6 +1806,10 @@ def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest
     two = tmp_path / "two.safetensors"
     save_file({f"{p}.{k}": v.clone() for p in ("a", "b") for k, v in state.items()}, two)
     plain = single_file(family, tmp_path / "plain.safetensors")
+    clip = tmp_path / "tokenizer"  # CLIP's, beside a pipeline's tokenizer_2/: no T5 tokenizer in it
+    clip.mkdir()
+    for name, text in (("vocab.json", "{}"), ("merges.txt", ""), ("tokenizer_config.json", "{}")):
+        (clip / name).write_text(text)
     cases = [([str(no_bias)], "these tensors fit no T5: encoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
              ([str(not_t5)], "no T5 tensors found"),
              ([str(two)], "several T5 models in one file, under prefixes ['a.', 'b.']; choose one with --prefix"),
@@ -1817,6 +1821,8 @@ def test_convert_ecosystem_errors(family: Family, tmp_path: Path, capsys: pytest
              ([str(family.hf_dir), "--eps", "0.5"], "--scale-decoder-output are for single .safetensors files"),
              ([str(family.hf_dir), "--prefix", "a."], "are for single .safetensors files"),
              ([str(tmp_path / "typo.safetensors"), "--prefix", "a."], "typo.safetensors: no such folder")]
+    if family.name != "byt5":  # (ByT5's tokenizer is bytes: no file to look for)
+        cases.append(([str(plain), "--tokenizer", str(clip)], f"--tokenizer {clip}: no T5 tokenizer there"))
     for args, message in cases:
         assert convert_hf.main([*args, str(out), "--force"]) == 2, args
         err = capsys.readouterr().err
@@ -2060,10 +2066,12 @@ def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, mon
         assert message in err and len(err.splitlines()) == 1, (message, err)
         assert not (tmp_path / "out").exists()
     hf_dir = build_hf_checkpoint(tmp_path / "hf", "t5-v1.1")
+    (hf_dir / "tokenizer_config.json").write_text('{"model_max_length": 512}')  # settings, no tokenizer
     capsys.readouterr()
     assert convert_hf.main([str(hf_dir), str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "warning: no tokenizer" in err and "--tokenizer" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "tokenizer_config.json").exists()  # --to-hf would export it
     assert t5.load(tmp_path / "out").config.vocab_size == 103
 
 
