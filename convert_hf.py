@@ -696,7 +696,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; a p
 
 
 def fetch(src: str) -> Path:
-    """A local folder as is; otherwise a hub id (owner/name), downloaded with huggingface_hub."""
+    """A local folder as is; otherwise a hub id (owner/name), downloaded with huggingface_hub (of a
+    diffusers pipeline, its T5 text encoder and that one's tokenizer only)."""
     path = Path(src)
     if path.is_dir():
         return path
@@ -709,15 +710,20 @@ def fetch(src: str) -> Path:
     except ImportError:
         raise FileNotFoundError(f"{src}: no such folder (and huggingface_hub, to fetch it as a hub id, is not "
                                 "installed)") from None
-    try:
-        folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.model", "*.safetensors"]))
-        if not list(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.model", "*.bin"]))
-    except Exception as error:  # offline, no such repository, gated, ...: hub errors run over many lines
-        first = next((line for line in str(error).splitlines() if line.strip()), "")
-        raise FileNotFoundError(f"{src}: no such folder, and as a hub id it could not be fetched "
-                                f"({type(error).__name__}: {first.strip()})") from None
-    return folder
+    def download(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(src, allow_patterns=patterns))
+        except Exception as error:  # offline, no such repository, gated, ...: hub errors run over many lines
+            first = next((line for line in str(error).splitlines() if line.strip()), "")
+            raise FileNotFoundError(f"{src}: no such folder, and as a hub id it could not be fetched "
+                                    f"({type(error).__name__}: {first.strip()})") from None
+
+    folder = download(["*.json"])  # the configs first: a diffusers pipeline's T5 is all it needs of it
+    if (folder / "model_index.json").is_file():
+        encoder = diffusers_encoder(folder).name  # (a pattern's * matches "/": "*.safetensors" takes all)
+        return download([f"{encoder}/*", f"{encoder.replace('text_encoder', 'tokenizer')}/*"])
+    folder = download(["*.json", "*.model", "*.safetensors"])
+    return folder if list(folder.glob("*.safetensors")) else download(["*.json", "*.model", "*.bin"])
 
 
 ########################################################################################

@@ -1517,6 +1517,29 @@ def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path, monkeypat
         assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
         with torch.no_grad():
             assert_close_where(encoder(ids, mask), hf(**ref).last_hidden_state, mask, 1e-5)
+    # as a hub id: the T5 encoder and its tokenizer are fetched, not the pipeline's other weights
+    import fnmatch
+
+    import huggingface_hub
+
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(b"weights the conversion does not need")
+    cache, fetched = tmp_path / "cache", []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        for path in root.rglob("*"):
+            name = path.relative_to(root).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (cache / name).parent.mkdir(parents=True, exist_ok=True)
+                (cache / name).write_bytes(path.read_bytes())
+                fetched.append(name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert convert_hf.main(["black-forest-labs/FLUX.1-tiny", str(tmp_path / "from-hub")]) == 0
+    assert t5.load(tmp_path / "from-hub", encoder_only=True).config == encoder.config
+    assert not [name for name in fetched if name.endswith(".safetensors") and "text_encoder_2/" not in name]
 
 
 def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
