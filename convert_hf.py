@@ -1120,8 +1120,6 @@ def convert(src: str, out: str | Path, *, dtype: torch.dtype | None = None, enco
             if tokenizer:  # asked for by name: a wrong folder (CLIP's tokenizer/ beside tokenizer_2/?)
                 raise ConversionError(f"--tokenizer {tokenizer}: no T5 tokenizer there (a spiece.model, "
                                       "tokenizer.model or sentencepiece tokenizer.json)")
-            for name in TOKENIZER_FILES:  # settings of a tokenizer that is not there: --to-hf would export them
-                (tmp / name).unlink(missing_ok=True)
             print(f"convert_hf.py: warning: no tokenizer found for {src}; {out} runs on token ids only (pass "
                   "--tokenizer with a tokenizer folder or a spiece.model to include one)", file=sys.stderr)
         write_safetensors(tmp / "model.safetensors", specs, build_all(plan, tensors, dtype, specs))
