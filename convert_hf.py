@@ -926,7 +926,13 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
         models = [out / "spiece.model"]
         models[0].write_bytes(sentencepiece_from_tokenizer_json(read_json(out / "tokenizer.json"),
                                                                 str(source / "tokenizer.json")))
+    import sentencepiece
+
     for path in models:  # transformers 5's T5 tokenizers have no byte fallback, whatever their files say
+        try:
+            sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
+        except RuntimeError:
+            continue  # unreadable (truncated, foreign): check_tokenizer refuses it by name
         model = without_byte_fallback(path.read_bytes())
         if model != path.read_bytes():
             path.write_bytes(model)

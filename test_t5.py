@@ -2063,7 +2063,7 @@ def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, mon
                                         capsys: pytest.CaptureFixture) -> None:
     """A mistyped local path, a hub id that cannot be fetched, a broken config.json, a tokenizer
     larger than the model's vocabulary: one line each, exit 2. No tokenizer at all: converted, with
-    a one-line warning naming --tokenizer."""
+    a one-line warning naming --tokenizer. A spiece.model cut short: one line naming it."""
     import huggingface_hub
 
     def offline(*args: object, **kwargs: object) -> None:
@@ -2094,6 +2094,15 @@ def test_convert_papercuts_are_one_line(spiece_folder: Path, tmp_path: Path, mon
     err = capsys.readouterr().err
     assert "warning: no tokenizer" in err and "--tokenizer" in err and len(err.splitlines()) == 1, err
     assert t5.load(tmp_path / "out").config.vocab_size == 103
+    data = (spiece_folder / "spiece.model").read_bytes()  # truncated inside the trainer spec's length
+    fields = list(convert_hf._fields(data))
+    spec = [number for number, _, _ in fields].index(2)  # ModelProto's field 2: the trainer spec
+    assert len(fields[spec][1]) >= 128  # so that its length takes two bytes or more
+    cut = sum(len(raw) for _, _, raw in fields[:spec]) + 2
+    (hf_dir / "spiece.model").write_bytes(data[:cut])
+    assert convert_hf.main([str(hf_dir), str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err
+    assert "spiece.model: not a readable sentencepiece model" in err and len(err.splitlines()) == 1, err
 
 
 ########################################################################################
