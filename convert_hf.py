@@ -721,7 +721,8 @@ def fetch(src: str) -> Path:
     folder = download(["*.json"])  # the configs first: a diffusers pipeline's T5 is all it needs of it
     if (folder / "model_index.json").is_file():
         encoder = diffusers_encoder(folder).name  # (a pattern's * matches "/": "*.safetensors" takes all)
-        return download([f"{encoder}/*", f"{encoder.replace('text_encoder', 'tokenizer')}/*"])
+        folder = download([f"{encoder}/*.safetensors", f"{encoder.replace('text_encoder', 'tokenizer')}/*"])
+        return folder if list((folder / encoder).glob("*.safetensors")) else download([f"{encoder}/*.bin"])
     folder = download(["*.json", "*.model", "*.safetensors"])
     return folder if list(folder.glob("*.safetensors")) else download(["*.json", "*.model", "*.bin"])
 

@@ -1522,7 +1522,8 @@ def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path, monkeypat
 
     import huggingface_hub
 
-    for name in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "text_encoder_2/pytorch_model.bin"):  # (the encoder in another format too)
         (root / name).parent.mkdir(exist_ok=True)
         (root / name).write_bytes(b"weights the conversion does not need")
     cache, fetched = tmp_path / "cache", []
@@ -1539,7 +1540,8 @@ def test_convert_diffusers_layout(spiece_folder: Path, tmp_path: Path, monkeypat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert convert_hf.main(["black-forest-labs/FLUX.1-tiny", str(tmp_path / "from-hub")]) == 0
     assert t5.load(tmp_path / "from-hub", encoder_only=True).config == encoder.config
-    assert not [name for name in fetched if name.endswith(".safetensors") and "text_encoder_2/" not in name]
+    assert not [name for name in fetched if name.endswith((".safetensors", ".bin")) and "text_encoder_2/" not in name]
+    assert "text_encoder_2/pytorch_model.bin" not in fetched and "text_encoder_2/model.safetensors" in fetched
 
 
 def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
