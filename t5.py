@@ -1417,7 +1417,7 @@ class Float8Linear(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.requires_grad:  # an fp8 gradient: mostly zeros, and no optimizer takes it
+        if self.weight.requires_grad and torch.is_grad_enabled():  # fp8 gradients: mostly zeros
             raise ValueError("fp8 weights cannot be trained (requires_grad=False): train a dense model")
         return linear(x, self.dense_weight(x.dtype))
 

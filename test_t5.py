@@ -3931,9 +3931,13 @@ def test_quantized_layers_load_state_dict_and_refusals() -> None:
     with pytest.raises(ValueError, match="1: a Linear with a bias"):
         t5.quantize(mixed)
     assert type(mixed[0]) is torch.nn.Linear  # refused before any layer was replaced
-    fp8 = t5.Float8Linear(48, 40).requires_grad_(True)
+    fp8 = t5.Float8Linear(48, 40)
+    fp8.load_state_dict({"weight": dense.weight.detach().to(torch.float8_e4m3fn), "weight_scale": torch.ones(40)})
+    fp8.requires_grad_(True)
     with pytest.raises(ValueError, match="fp8 weights cannot be trained"):
         fp8(x)
+    with torch.no_grad():  # nothing is trained there (generate runs so): it computes
+        assert torch.equal(fp8(x), t5.linear(x, fp8.dense_weight(x.dtype)))
     int8 = t5.quantize(torch.nn.Sequential(copy.deepcopy(dense))).train()  # README: frozen in training
     with pytest.raises(RuntimeError, match="floating point dtype can require gradients"):
         int8.requires_grad_(True)
