@@ -930,12 +930,13 @@ def write_tokenizer(source: Path | None, out: Path, config: T5Config) -> None:
     import sentencepiece
 
     for path in models:  # transformers 5's T5 tokenizers have no byte fallback, whatever their files say
+        data = path.read_bytes()
         try:
-            sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
+            sentencepiece.SentencePieceProcessor(model_proto=data)
         except RuntimeError:
             continue  # unreadable (truncated, foreign): check_tokenizer refuses it by name
-        model = without_byte_fallback(path.read_bytes())
-        if model != path.read_bytes():
+        model = without_byte_fallback(data)
+        if model != data:
             path.write_bytes(model)
             print(f"convert_hf.py: note: {path.name}'s byte fallback turned off, as transformers reads it (a "
                   "character outside the vocabulary is <unk>, not its bytes)", file=sys.stderr)
