@@ -414,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cli.py {args.command}: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as error:  # torch's CPU allocator, or CUDA's (torch.OutOfMemoryError)
-        if not isinstance(error, torch.OutOfMemoryError) and "DefaultCPUAllocator" not in str(error):
+    except (RuntimeError, MemoryError) as error:  # torch's CPU allocator, CUDA's (torch.OutOfMemoryError), Python's
+        if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "DefaultCPUAllocator" not in str(error):
             raise
-        print(f"cli.py {args.command}: error: out of memory ({str(error).splitlines()[0]}): ask for less "
+        reason = (str(error) or type(error).__name__).splitlines()[0]  # Python's MemoryError has no text
+        print(f"cli.py {args.command}: error: out of memory ({reason}): ask for less "
               "(--max-new-tokens, --max-length, --max-input-tokens, --batch-size)", file=sys.stderr)
         return 2
     return 0

@@ -3008,7 +3008,7 @@ def test_cli_mistakes_are_one_line(args: list[str], message: str) -> None:
     assert_one_line_error(run_cli(*args), message)
 
 
-def test_cli_argparse_errors_have_one_error_line() -> None:
+def test_cli_argparse_errors_have_one_error_line(tmp_path: Path) -> None:
     """argparse's own mistakes (usage, then one error line); the rest are in the table of CLI mistakes."""
     result = run_cli("generate", "x", "--dtype", "float8")
     assert result.returncode != 0
@@ -3025,6 +3025,8 @@ def test_cli_argparse_errors_have_one_error_line() -> None:
     assert dashed.returncode == 0 and dashed.stdout == "four thousand seventy-one\ntwelve\n", dashed
     # more than the machine holds (a cache of ~3 TB): one line, not torch's traceback
     assert_one_line_error(run_cli("generate", "spell: 12", "--max-new-tokens", str(10**9)), "out of memory")
+    huge = run_cli("encode", "spell: 12", "--max-length", str(10**12), "--out", str(tmp_path / "x.safetensors"))
+    assert_one_line_error(huge, "out of memory (MemoryError)")  # padding lists Python cannot hold
 
 
 def test_cli_encode_out_is_checked_first_and_never_clobbered(tmp_path: Path) -> None:
